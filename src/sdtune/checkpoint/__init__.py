@@ -1,0 +1,1 @@
+"""Checkpoints: the atomic, verified store."""

@@ -1,0 +1,114 @@
+"""The `sdtune` command line: one plain function per command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sdtune.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdtune.config import load_config
+    from sdtune.rundir import prepare_run_dir
+    from sdtune.train.loop import train
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.output) if args.output else cfg.output_dir
+    prepare_run_dir(run_dir, args.overwrite)
+    print(f"run directory: {run_dir}")
+    result = train(cfg, run_dir)
+    if result.judged_accuracy is not None:
+        print(f"training took {result.train_seconds:.1f}s")
+        print(f"judged_accuracy={result.judged_accuracy:.2f}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from sdtune.config import DiffusionConfig, ModelConfig
+    from sdtune.evaluate.sampling import generate, save_grid
+    from sdtune.models import load_model
+
+    source = Path(args.model)
+    if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
+        source = source / "model"  # a run directory: its final model
+    bundle = load_model(ModelConfig(base=str(source)), DiffusionConfig(), args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle.to(device)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    images = generate(
+        bundle,
+        prompts,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+        resolution=args.resolution,
+        device=device,
+    )
+    out = save_grid(images, Path(args.out), nrow=args.num)
+    print(f"wrote {len(prompts)} image(s) as a grid to {out}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from sdtune.config import load_config, to_toml
+
+    cfg = load_config(args.config, args.set)
+    sys.stdout.write(to_toml(cfg, with_help=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train or fine-tune a model from a config file")
+    p.add_argument("config", help="TOML or YAML config file")
+    p.add_argument("--output", help="run directory (default: output_dir from the config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=100")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate a grid of images from a model or run directory")
+    p.add_argument("model", help="run directory, model folder, single file, hub id or preset:NAME")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++"], default="ddim")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("show", help="print the resolved config with defaults and help text")
+    c.add_argument("config", nargs="?", default=None, help="config file (omit for the defaults)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sdtune never downloads behind the user's back
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"sdtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sdtune: interrupted", file=sys.stderr)
+        return 130

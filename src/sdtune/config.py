@@ -1,0 +1,346 @@
+"""The one typed configuration schema, its loading from TOML/YAML and `--set` overrides.
+
+Every key is typed, defaulted and documented once: the attribute docstring is the help text
+that `sdtune config show` prints. Unknown keys, wrong types and out-of-range values fail
+before any work starts, naming the key (and the closest valid one for a typo).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdtune.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    base: str = "preset:tiny-sd"
+    """Base model: a diffusers folder, a hub id (local cache only), a single .safetensors/.ckpt file, or preset:NAME."""
+    config_source: str | None = None
+    """For a single-file base: a diffusers folder or cached hub id holding its component configs and tokenizer."""
+    trainable: list[str] = ["unet.*"]
+    """Parameters to train, as globs (or 're:' regexes) over names prefixed by component: unet., text_encoder., vae."""
+    frozen: list[str] = []
+    """Parameters to freeze even when `trainable` matches them (same pattern syntax)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability inside the UNet's residual blocks (0 keeps the base model's setting)."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass: less memory, about 30% more compute."""
+
+
+class DataConfig(Section):
+    source: Literal["folder", "digits"] = "digits"
+    """Where the images come from: 'folder' (data.path; the default when data.path is set) or 'digits' (bundled UCI handwritten digits)."""
+    path: Path | None = None
+    """Image folder with same-stem .txt captions, or holding metadata.jsonl / metadata.csv (file_name, text)."""
+    val_path: Path | None = None
+    """Held-out folder for validation; when unset, data.val_fraction of the training data is held out."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of the data held out for validation when data.val_path is unset (split fixed by seed)."""
+    resolution: int = Field(512, ge=8, le=4096)
+    """Side of the square training images, in pixels."""
+    center_crop: bool = True
+    """Crop the centre after resizing; false crops at a random (seeded) position."""
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of a horizontal flip (keep 0 for text, digits or asymmetric subjects)."""
+    rotation: float = Field(0.0, ge=0.0, le=45.0)
+    """Maximum random rotation, in degrees."""
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0)
+    """Strength of random brightness/contrast/saturation changes (0 disables)."""
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of replacing a caption by the empty string (trains classifier-free guidance)."""
+    caption_extension: str = ".txt"
+    """Extension of the same-stem caption files in a folder dataset."""
+    on_bad_file: Literal["skip", "error"] = "error"
+    """What to do with an unreadable image or a missing caption: 'error' stops, 'skip' leaves it out (both name the file)."""
+    num_workers: int = Field(0, ge=0, le=64)
+    """DataLoader worker processes (0 loads in the training process)."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N training examples (after the split): for small experiments."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _folder_when_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" not in data and data.get("path") is not None:
+            return {**data, "source": "folder"}
+        return data
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataConfig:
+        if self.source == "folder" and self.path is None:
+            raise ValueError("data.path is required when data.source = 'folder'")
+        if self.source == "digits" and self.path is not None:
+            raise ValueError("data.path is not used when data.source = 'digits': remove one of them")
+        return self
+
+
+class DiffusionConfig(Section):
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """What the UNet predicts: the noise or the velocity; unset keeps the base model's choice."""
+    noise_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None
+    """Beta schedule of the forward process; unset keeps the base model's schedule."""
+    num_train_timesteps: int = Field(1000, ge=10, le=10000)
+    """Number of diffusion timesteps T (used only when the schedule is set here or for presets)."""
+    min_snr_gamma: float | None = Field(None, gt=0.0)
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice, unset disables."""
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0)
+    """Offset noise strength: adds a per-channel constant to the noise (helps very dark/bright images)."""
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1)
+    """Number of optimizer steps to train."""
+    batch_size: int = Field(8, ge=1)
+    """Micro-batch size per process; the global batch is batch_size x grad_accum x processes."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    """Peak learning rate."""
+    text_encoder_lr: float | None = Field(None, gt=0.0, le=1.0)
+    """Learning rate for text-encoder parameters when they are trainable (unset: learning_rate)."""
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
+    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop or SGD with momentum."""
+    weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
+    """Weight decay (decoupled for AdamW, L2 for the others)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW beta1 and beta2."""
+    adam_eps: float = Field(1e-8, gt=0.0)
+    """Adam/AdamW/RMSprop epsilon."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Momentum for SGD and RMSprop."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps from 0 to learning_rate."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this value (unset disables clipping)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision on GPU; CPU always trains in float32."""
+    ema: bool = True
+    """Keep an exponential moving average of the trainable weights (used for samples and export)."""
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    """EMA decay per optimizer step."""
+    log_every: int = Field(10, ge=1)
+    """Write metrics (loss, lr, grad norm, images/s) every N steps."""
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end of training)."""
+
+
+class EvaluateConfig(Section):
+    every_steps: int = Field(0, ge=0)
+    """Validation loss and a sample grid every N steps (0: only at the end)."""
+    prompts: list[str] = []
+    """Prompts for the sample grid; empty uses the ten digit prompts for data.source='digits'."""
+    num_per_prompt: int = Field(2, ge=1, le=64)
+    """Images per prompt in the sample grid."""
+    seed: int = 1234
+    """Seed of the sample grid's noise (fixed, so grids over time are comparable)."""
+    sample_steps: int = Field(25, ge=1, le=1000)
+    """Denoising steps when sampling."""
+    guidance_scale: float = Field(3.0, ge=0.0)
+    """Classifier-free guidance scale when sampling (1 disables guidance)."""
+    scheduler: Literal["ddim", "euler", "dpm++"] = "ddim"
+    """Sampler used for grids and judging."""
+    val_batches: int = Field(4, ge=0)
+    """Batches of the held-out split used for the validation loss (0 skips it)."""
+    judge: bool = False
+    """At the end, generate judge_per_class images per digit and print judged_accuracy (digits source only)."""
+    judge_per_class: int = Field(20, ge=1, le=1000)
+    """Images per digit generated for the judge."""
+
+
+class RunConfig(Section):
+    seed: int = 0
+    """Seed of every random draw: data order, augmentations, noise, timesteps, dropout."""
+    output_dir: Path = Path("runs/run")
+    """Run directory (config, metrics, samples, checkpoints, final model); --output overrides it."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _judge_needs_digits(self) -> RunConfig:
+        if self.evaluate.judge and self.data.source != "digits":
+            raise ValueError("evaluate.judge needs data.source = 'digits' (it judges digit images)")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {first}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table of keys")
+    return data
+
+
+def _section_fields(path: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of the (nested) section at `path`, or {} if it is not a section."""
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return {}
+        model = ann
+    return model.model_fields
+
+
+def _unknown_key_message(loc: tuple[str, ...]) -> str:
+    key = ".".join(loc)
+    fields = _section_fields(loc[:-1])
+    close = difflib.get_close_matches(loc[-1], list(fields), n=1, cutoff=0.6)
+    if not close:  # a key in the wrong section, e.g. max_steps at top level
+        everywhere = [".".join(p) for p in all_keys()]
+        close = [k for k in everywhere if k.split(".")[-1] == loc[-1]][:1]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+    else:
+        hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)"
+    return f"unknown key '{key}'{hint}"
+
+
+def all_keys() -> list[tuple[str, ...]]:
+    """Every leaf key of the schema as a path tuple."""
+    out: list[tuple[str, ...]] = []
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, prefix + (name,))
+            else:
+                out.append(prefix + (name,))
+
+    walk(RunConfig, ())
+    return out
+
+
+def _format_errors(exc: ValidationError, where: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+        if err["type"] == "extra_forbidden":
+            parts.append(_unknown_key_message(loc))
+            continue
+        key = ".".join(loc) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or err["type"] == "value_error" else f" (got {got!r})"
+        parts.append(msg if err["type"] == "value_error" else f"{key}: {msg}{shown}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `--set a.b=value`; the value is read as a YAML scalar/list (1, 0.5, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: '{'.'.join(path[: i + 1])}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a config file (TOML or YAML; None for defaults), apply `--set` overrides, validate."""
+    data = _read_file(Path(path)) if path is not None else {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value, item)
+    where = str(path) if path is not None else "config"
+    if overrides:
+        where += " (with --set overrides)"
+    return validate_config(data, where)
+
+
+def validate_config(data: dict[str, Any], where: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where)) from None
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data (paths as strings, no None: TOML has no null)."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items() if v is not None}
+        if isinstance(node, list | tuple):
+            return [clean(v) for v in node]
+        return node
+
+    return clean(cfg.model_dump(mode="json"))
+
+
+def to_toml(cfg: RunConfig, with_help: bool = False) -> str:
+    """Render the resolved config as TOML, optionally with each key's help text as a comment."""
+    import tomli_w
+
+    data = to_dict(cfg)
+    if not with_help:
+        return tomli_w.dumps(data)
+    lines: list[str] = []
+
+    def emit(model: type[BaseModel], values: dict[str, Any], prefix: str) -> None:
+        subs = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                subs.append((name, ann))
+                continue
+            if field.description:
+                lines.append(f"# {field.description}")
+            if name in values:
+                lines.append(tomli_w.dumps({name: values[name]}).strip())
+            else:
+                lines.append(f"# {name} = (unset)")
+        for name, ann in subs:
+            lines.append("")
+            lines.append(f"[{prefix}{name}]")
+            emit(ann, values.get(name, {}), f"{prefix}{name}.")
+
+    emit(RunConfig, data, "")
+    return "\n".join(lines) + "\n"

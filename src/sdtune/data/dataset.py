@@ -1,0 +1,133 @@
+"""The training and validation datasets, their split, and batch collation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdtune.config import DataConfig
+from sdtune.data.order import generator
+from sdtune.data.sources import Record, ScanReport, digits_records, folder_records
+from sdtune.data.transforms import TransformSpec, apply_transform
+from sdtune.errors import DataError
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by (epoch, example index): augmentations and caption dropout
+    are drawn from a generator seeded by (seed, epoch, index), so they are reproducible."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        spec: TransformSpec,
+        seed: int,
+        caption_dropout: float = 0.0,
+        augment: bool = True,
+    ) -> None:
+        self.records = records
+        self.spec = spec
+        self.seed = seed
+        self.caption_dropout = caption_dropout
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        record = self.records[index]
+        rng = generator(self.seed, "example", epoch, index) if self.augment else None
+        pixels = apply_transform(record.open(), self.spec, rng if self.spec.is_random else None)
+        caption = record.caption
+        if rng is not None and self.caption_dropout > 0:
+            if float(torch.rand((), generator=rng)) < self.caption_dropout:
+                caption = ""
+        return {"pixel_values": pixels, "caption": caption, "label": record.label, "name": record.name}
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "labels": torch.tensor([it["label"] for it in items]),
+        "names": [it["name"] for it in items],
+    }
+
+
+@dataclass
+class DataSplit:
+    train: ImageTextDataset
+    val: ImageTextDataset | None
+    report: ScanReport
+    source: str
+
+
+def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    if fraction <= 0:
+        return records, []
+    order = np.random.default_rng([seed, 7]).permutation(len(records))
+    n_val = max(1, int(round(len(records) * fraction)))
+    val_ids = set(order[:n_val].tolist())
+    train = [r for i, r in enumerate(records) if i not in val_ids]
+    val = [r for i, r in enumerate(records) if i in val_ids]
+    return train, val
+
+
+def _apply_policy(report: ScanReport, cfg: DataConfig, say: Callable[[str], None]) -> None:
+    if not report.problems:
+        return
+    first_file, first_reason = report.problems[0]
+    n = len(report.problems)
+    if cfg.on_bad_file == "error":
+        more = f" ({n} bad files in total)" if n > 1 else ""
+        raise DataError(
+            f"{first_file}: {first_reason}{more}; fix it, or set data.on_bad_file='skip' to leave bad files out"
+        )
+    for file, reason in report.problems[:20]:
+        say(f"skipped {file}: {reason}")
+    if n > 20:
+        say(f"... and {n - 20} more (all listed in data_report.json)")
+    say(f"data: skipped {n} bad file(s) (data.on_bad_file='skip')")
+
+
+def build_datasets(
+    cfg: DataConfig, channels: int, seed: int, say: Callable[[str], None] = print
+) -> DataSplit:
+    """Scan the source, report problems, split train/validation deterministically from `seed`."""
+    report = ScanReport()
+    if cfg.source == "digits":
+        records = digits_records()
+        source = "digits (UCI handwritten digits, scikit-learn)"
+    else:
+        assert cfg.path is not None
+        records = folder_records(cfg.path, cfg.caption_extension, cfg.resolution, report)
+        source = str(cfg.path)
+    val_records: list[Record] = []
+    if cfg.val_path is not None:
+        val_records = folder_records(cfg.val_path, cfg.caption_extension, cfg.resolution, report)
+    _apply_policy(report, cfg, say)
+    if cfg.val_path is None:
+        records, val_records = _split(records, cfg.val_fraction, seed)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    if not records:
+        raise DataError(f"data: no usable training images in {source}")
+    if report.small:
+        say(
+            f"data: {len(report.small)} image(s) smaller than data.resolution={cfg.resolution} "
+            f"are upscaled (e.g. {report.small[0]})"
+        )
+    spec = TransformSpec(
+        resolution=cfg.resolution,
+        channels=channels,
+        center_crop=cfg.center_crop,
+        hflip=cfg.hflip,
+        rotation=cfg.rotation,
+        color_jitter=cfg.color_jitter,
+    )
+    train = ImageTextDataset(records, spec, seed, cfg.caption_dropout, augment=True)
+    val = ImageTextDataset(val_records, spec, seed, 0.0, augment=False) if val_records else None
+    return DataSplit(train, val, report, source)

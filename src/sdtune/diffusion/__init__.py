@@ -1,0 +1,1 @@
+"""Diffusion math: noise schedules, timestep sampling, training targets and loss weights."""

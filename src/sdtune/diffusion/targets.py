@@ -1,0 +1,68 @@
+"""Training targets and loss weights; pure functions on tensors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def velocity(
+    x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
+    ac = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps]
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    return ac.sqrt().view(shape).to(x0.dtype) * noise - (1.0 - ac).sqrt().view(shape).to(x0.dtype) * x0
+
+
+def training_target(
+    prediction_type: str,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """The tensor the model is trained to predict for `prediction_type` ('epsilon' or 'v_prediction')."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(x0, noise, timesteps, alphas_cumprod)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, eq. 9).
+
+    For an epsilon target the weight is min(SNR, gamma) / SNR; for a v target the MSE already
+    carries a factor SNR + 1, so the weight is min(SNR, gamma) / (SNR + 1).
+    """
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr.clamp(min=1e-8)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def offset_noise(
+    noise: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Add a per-sample, per-channel constant to the noise (Guttenberg 2023, "offset noise")."""
+    if strength == 0.0:
+        return noise
+    offset = torch.randn(
+        noise.shape[:2] + (1,) * (noise.ndim - 2),
+        generator=generator,
+        device=noise.device,
+        dtype=noise.dtype,
+    )
+    return noise + strength * offset
+
+
+def diffusion_loss(
+    model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error per sample, optionally weighted, averaged over the batch."""
+    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()

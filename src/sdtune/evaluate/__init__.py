@@ -1,0 +1,1 @@
+"""Evaluation: sampling, validation loss, the digits judge."""

@@ -1,0 +1,107 @@
+"""Text-to-image sampling with classifier-free guidance, for grids, judging and `sdtune sample`.
+
+One loop serves latent and pixel-space models alike; the samplers are diffusers' schedulers
+configured from the model's own training schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from PIL import Image
+from torchvision.utils import make_grid
+
+from sdtune.data.order import generator
+from sdtune.models.bundle import ModelBundle
+
+SAMPLERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+}
+
+
+def make_sampler(bundle: ModelBundle, name: str):
+    config = dict(bundle.noise_scheduler.config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(
+            config, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"
+        )
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", timestep_spacing="trailing"
+        )
+    return SAMPLERS[name].from_config(config, timestep_spacing="trailing")
+
+
+@torch.no_grad()
+def generate(
+    bundle: ModelBundle,
+    prompts: list[str],
+    *,
+    seed: int,
+    steps: int = 25,
+    guidance_scale: float = 3.0,
+    sampler: str = "ddim",
+    negative_prompt: str = "",
+    resolution: int | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Images in [0, 1] (N x C x H x W), one per prompt; image i's noise depends only on (seed, i)."""
+    unet, text_encoder = bundle.unet, bundle.text_encoder
+    was_training = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    size = resolution or int(unet.config.sample_size) * bundle.downsample_factor
+    latent_size = size // bundle.downsample_factor
+    channels = int(unet.config.in_channels)
+    dtype = next(unet.parameters()).dtype
+    guided = guidance_scale != 1.0
+    uncond = bundle.encode_prompts([negative_prompt], device) if guided else None
+    images = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            cond = bundle.encode_prompts(chunk, device)
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        channels, latent_size, latent_size, generator=generator(seed, "sample", start + i)
+                    )
+                    for i in range(len(chunk))
+                ]
+            ).to(device=device, dtype=dtype)
+            scheduler = make_sampler(bundle, sampler)
+            scheduler.set_timesteps(steps, device=device)
+            latents = noise * scheduler.init_noise_sigma
+            context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if guided else cond
+            for t in scheduler.timesteps:
+                model_in = torch.cat([latents, latents]) if guided else latents
+                model_in = scheduler.scale_model_input(model_in, t)
+                out = unet(model_in, t, encoder_hidden_states=context).sample
+                if guided:
+                    out_uncond, out_cond = out.chunk(2)
+                    out = out_uncond + guidance_scale * (out_cond - out_uncond)
+                latents = scheduler.step(out, t, latents).prev_sample
+            pixels = bundle.decode_latents(latents)
+            images.append(((pixels.float() + 1) / 2).clamp(0, 1).cpu())
+    finally:
+        unet.train(was_training[0])
+        text_encoder.train(was_training[1])
+    return torch.cat(images)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    """Save images (N x C x H x W in [0, 1]) as one PNG grid with `nrow` images per row."""
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.5)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

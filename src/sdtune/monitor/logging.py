@@ -1,0 +1,74 @@
+"""Metrics sinks: an append-only metrics.jsonl (one JSON object per line) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard event files under run_dir/tensorboard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._fh = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float | int | str]) -> None:
+        row = {"step": step, **values}
+        self._fh.write(json.dumps(row, allow_nan=True) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    if math.isfinite(float(value)):
+                        self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar (loss, lr, images/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int = 0) -> None:
+        self.total = total
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, disable=not self.interactive)
+        self.start = time.monotonic()
+        self.start_step = initial
+
+    def update(self, step: int, loss: float, lr: float, images_per_s: float, log_line: bool) -> None:
+        if self.interactive:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False)
+        elif log_line:
+            done = step - self.start_step
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(
+                f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{images_per_s:.1f} img/s eta {eta:.0f}s",
+                flush=True,
+            )
+
+    def write(self, text: str) -> None:
+        if self.interactive:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
