@@ -36,7 +36,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     source = Path(args.model)
     if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
         source = source / "model"  # a run directory: its final model
-    bundle = load_model(ModelConfig(base=str(source)), DiffusionConfig(), args.seed)
+    model_cfg = ModelConfig(base=str(source), config_source=args.config_source)
+    bundle = load_model(model_cfg, DiffusionConfig(), args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle.to(device)
     prompts = [p for p in args.prompt for _ in range(args.num)]
@@ -72,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune a model from a config file")
     p.add_argument("config", help="TOML or YAML config file")
     p.add_argument("--output", help="run directory (default: output_dir from the config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=100")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.max_steps=100",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=cmd_train)
 
@@ -85,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++"], default="ddim")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="image side in pixels (default: the model's)"
+    )
+    p.add_argument(
+        "--config-source",
+        default=None,
+        help="for a single-file model: folder or cached hub id with its configs",
+    )
     p.add_argument("--out", required=True, help="output PNG file")
     p.set_defaults(func=cmd_sample)
 
@@ -98,10 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' info chatter and progress bars out of sdtune's own output."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module="diffusers|transformers|accelerate|torch"
+    )
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sdtune never downloads behind the user's back
+    if not args.debug:
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -8,10 +8,10 @@ before any work starts, naming the key (and the closest valid one for a typo).
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -79,7 +79,9 @@ class DataConfig(Section):
         if self.source == "folder" and self.path is None:
             raise ValueError("data.path is required when data.source = 'folder'")
         if self.source == "digits" and self.path is not None:
-            raise ValueError("data.path is not used when data.source = 'digits': remove one of them")
+            raise ValueError(
+                "data.path is not used when data.source = 'digits': remove one of them"
+            )
         return self
 
 

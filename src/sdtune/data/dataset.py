@@ -45,7 +45,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if rng is not None and self.caption_dropout > 0:
             if float(torch.rand((), generator=rng)) < self.caption_dropout:
                 caption = ""
-        return {"pixel_values": pixels, "caption": caption, "label": record.label, "name": record.name}
+        return {
+            "pixel_values": pixels,
+            "caption": caption,
+            "label": record.label,
+            "name": record.name,
+        }
 
 
 def collate(items: list[dict]) -> dict:

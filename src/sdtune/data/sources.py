@@ -114,7 +114,9 @@ def folder_records(
         raise DataError(f"data.path: {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a folder")
-    meta = next((root / m for m in ("metadata.jsonl", "metadata.csv") if (root / m).is_file()), None)
+    meta = next(
+        (root / m for m in ("metadata.jsonl", "metadata.csv") if (root / m).is_file()), None
+    )
     entries: list[tuple[Path, str | None]] = []
     if meta is not None:
         for file_name, text, line in _metadata_rows(meta):

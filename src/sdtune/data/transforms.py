@@ -26,7 +26,9 @@ class TransformSpec:
 
     @property
     def is_random(self) -> bool:
-        return (not self.center_crop) or self.hflip > 0 or self.rotation > 0 or self.color_jitter > 0
+        return (
+            (not self.center_crop) or self.hflip > 0 or self.rotation > 0 or self.color_jitter > 0
+        )
 
 
 def _uniform(rng: torch.Generator, low: float, high: float) -> float:

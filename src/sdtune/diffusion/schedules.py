@@ -26,6 +26,7 @@ def make_noise_scheduler(
         beta_end=beta_end,
         prediction_type=prediction_type,
         clip_sample=False,
+        steps_offset=1,
     )
 
 

@@ -11,7 +11,9 @@ def velocity(
     """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
     ac = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps]
     shape = (-1,) + (1,) * (x0.ndim - 1)
-    return ac.sqrt().view(shape).to(x0.dtype) * noise - (1.0 - ac).sqrt().view(shape).to(x0.dtype) * x0
+    return (
+        ac.sqrt().view(shape).to(x0.dtype) * noise - (1.0 - ac).sqrt().view(shape).to(x0.dtype) * x0
+    )
 
 
 def training_target(

@@ -24,16 +24,17 @@ SAMPLERS = {
 
 
 def make_sampler(bundle: ModelBundle, name: str):
+    """A sampler on the model's training schedule. In pixel space the predicted clean image is
+    clipped to [-1, 1] (Ho et al. 2020); latents have no such range and are left alone."""
     config = dict(bundle.noise_scheduler.config)
+    pixel = bundle.vae is None
     if name == "ddim":
-        return DDIMScheduler.from_config(
-            config, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"
-        )
+        return DDIMScheduler.from_config(config, clip_sample=pixel, set_alpha_to_one=False)
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", timestep_spacing="trailing"
+            config, algorithm_type="dpmsolver++", thresholding=pixel, sample_max_value=1.0
         )
-    return SAMPLERS[name].from_config(config, timestep_spacing="trailing")
+    return SAMPLERS[name].from_config(config)
 
 
 @torch.no_grad()
@@ -69,7 +70,10 @@ def generate(
             noise = torch.stack(
                 [
                     torch.randn(
-                        channels, latent_size, latent_size, generator=generator(seed, "sample", start + i)
+                        channels,
+                        latent_size,
+                        latent_size,
+                        generator=generator(seed, "sample", start + i),
                     )
                     for i in range(len(chunk))
                 ]

@@ -40,7 +40,10 @@ def validation_loss(
             pixels = batch["pixel_values"].to(device)
             latents = bundle.encode_images(pixels, generator(VAL_SEED, "vae", start, device=device))
             noise = torch.stack(
-                [torch.randn(latents.shape[1:], generator=generator(VAL_SEED, "noise", i)) for i in idx]
+                [
+                    torch.randn(latents.shape[1:], generator=generator(VAL_SEED, "noise", i))
+                    for i in idx
+                ]
             ).to(device)
             timesteps = strata[idx].to(device)
             noisy = add_noise(latents, noise, timesteps, ac)

@@ -21,7 +21,9 @@ from sdtune.models.bundle import ModelBundle
 from sdtune.models.tokenizer import build_tiny_tokenizer
 
 
-def _text_encoder(hidden: int, layers: int, heads: int, max_length: int, tokenizer) -> CLIPTextModel:
+def _text_encoder(
+    hidden: int, layers: int, heads: int, max_length: int, tokenizer
+) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -71,15 +73,15 @@ def tiny_sd(dropout: float = 0.0) -> ModelBundle:
 
 def tiny_digits(dropout: float = 0.0) -> ModelBundle:
     """Pixel-space, single-channel, text-conditioned model for 16x16 digits (the quickstart)."""
-    tokenizer = build_tiny_tokenizer(max_length=8)
-    text_encoder = _text_encoder(64, 2, 4, 8, tokenizer)
+    tokenizer = build_tiny_tokenizer(max_length=12)
+    text_encoder = _text_encoder(64, 2, 4, 12, tokenizer)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=1,
         out_channels=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=64,
@@ -88,7 +90,9 @@ def tiny_digits(dropout: float = 0.0) -> ModelBundle:
         dropout=dropout,
     )
     scheduler = make_noise_scheduler(1000, "squaredcos_cap_v2", "epsilon")
-    return ModelBundle(unet, text_encoder, tokenizer, scheduler, None, "pixel", "preset:tiny-digits")
+    return ModelBundle(
+        unet, text_encoder, tokenizer, scheduler, None, "pixel", "preset:tiny-digits"
+    )
 
 
 PRESETS: dict[str, Callable[..., ModelBundle]] = {"tiny-sd": tiny_sd, "tiny-digits": tiny_digits}

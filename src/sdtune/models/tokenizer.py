@@ -1,13 +1,13 @@
 """A small CLIP tokenizer built locally, for the tiny presets (no hub download).
 
-Written by hand because no library builds a CLIP BPE vocabulary offline: the vocabulary is
-the 256 byte-level symbols (alone and as word ends), whole-word merges for a fixed list of
-common caption words, and CLIP's two special tokens. Unknown words fall back to characters,
-so every caption is encodable.
+The merges are learned by the `tokenizers` BPE trainer on a fixed list of common caption
+words, so each of those words is one token; the vocabulary also holds the 256 byte-level
+symbols alone and as word ends, so any text is encodable; CLIP's two special tokens close it.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 from transformers import CLIPTokenizer
@@ -28,44 +28,31 @@ high quality detailed blurry sharp simple pattern texture logo icon shape circle
 """.split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 @lru_cache(maxsize=1)
 def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The vocabulary and merge list of the tiny tokenizer (deterministic)."""
-    symbols = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            pair = (current, nxt)
-            current = current + nxt
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-                vocab.setdefault(current, len(vocab))
-        if len(pieces) == 1:
-            vocab.setdefault(pieces[0], len(vocab))
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        min_frequency=1,
+        end_of_word_suffix="</w>",
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    bpe.train_from_iterator(WORDS, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    for symbol in alphabet:  # every byte may end a word
+        vocab.setdefault(symbol, len(vocab))
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    return vocab, merges
+    return vocab, merges  # type: ignore[return-value]
 
 
 def build_tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:

@@ -46,14 +46,20 @@ class Progress:
     def __init__(self, total: int, initial: int = 0) -> None:
         self.total = total
         self.interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, disable=not self.interactive)
+        self.bar = tqdm(
+            total=total, initial=initial, dynamic_ncols=True, disable=not self.interactive
+        )
         self.start = time.monotonic()
         self.start_step = initial
 
-    def update(self, step: int, loss: float, lr: float, images_per_s: float, log_line: bool) -> None:
+    def update(
+        self, step: int, loss: float, lr: float, images_per_s: float, log_line: bool
+    ) -> None:
         if self.interactive:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False
+            )
         elif log_line:
             done = step - self.start_step
             elapsed = time.monotonic() - self.start

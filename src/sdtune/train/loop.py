@@ -103,7 +103,9 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
     use_cuda = torch.cuda.is_available()
     precision = cfg.train.mixed_precision if use_cuda else "no"
     if cfg.train.mixed_precision != "no" and not use_cuda:
-        say(f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32")
+        say(
+            f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32"
+        )
     accelerator = Accelerator(mixed_precision=precision, cpu=not use_cuda)
     device, rank = accelerator.device, accelerator.process_index
     main = accelerator.is_main_process
@@ -127,6 +129,7 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
             f"train.batch_size={micro}; lower the batch size or add images"
         )
     val_n = len(data.val) if data.val else 0
+    _report_long_captions(bundle, [r.caption for r in data.train.records], say)
     say(f"data: {num_examples} training / {val_n} validation images from {data.source}")
 
     unet, text_encoder, vae = bundle.unet, bundle.text_encoder, bundle.vae
@@ -143,7 +146,9 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
     te_params = [p for p in text_encoder.parameters() if p.requires_grad]
     groups = [{"params": unet_params, "lr": cfg.train.learning_rate}] if unet_params else []
     if te_params:
-        groups.append({"params": te_params, "lr": cfg.train.text_encoder_lr or cfg.train.learning_rate})
+        groups.append(
+            {"params": te_params, "lr": cfg.train.text_encoder_lr or cfg.train.learning_rate}
+        )
     params = unet_params + te_params
     optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
@@ -159,7 +164,7 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
     progress = Progress(cfg.train.max_steps)
     state = TrainingProgress()
     window_loss, window_images, window_start = 0.0, 0, time.monotonic()
-    last_loss, val_loss = float("nan"), None
+    last_loss = float("nan")
     train_seconds = 0.0
 
     # ---------------------------------------------------------------- train
@@ -177,19 +182,25 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
             pixels = batch["pixel_values"].to(device, non_blocking=True)
             with torch.no_grad():
                 latents = bundle.encode_images(pixels, gen)
-            noise = offset_noise(torch.randn(latents.shape, generator=gen, device=device), cfg.diffusion.noise_offset, gen)
+            noise = offset_noise(
+                torch.randn(latents.shape, generator=gen, device=device),
+                cfg.diffusion.noise_offset,
+                gen,
+            )
             timesteps = sample_timesteps(latents.shape[0], num_t, gen, device)
             noisy = add_noise(latents, noise, timesteps, ac)
             target = training_target(pred_type, latents, noise, timesteps, ac)
             ids = bundle.tokenize(batch["captions"]).to(device)
             sync = m == cfg.train.grad_accum - 1
-            with (nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
+            with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
                 with nullcontext() if train_te else torch.no_grad():
                     hidden = text_encoder(ids)[0]
                 pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
                 weights = None
                 if cfg.diffusion.min_snr_gamma is not None:
-                    weights = min_snr_weights(snr(ac, timesteps), cfg.diffusion.min_snr_gamma, pred_type)
+                    weights = min_snr_weights(
+                        snr(ac, timesteps), cfg.diffusion.min_snr_gamma, pred_type
+                    )
                 loss = diffusion_loss(pred, target, weights)
             accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
@@ -197,14 +208,18 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
         if cfg.train.max_grad_norm is not None:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in params if p.grad is not None]
+            )
         if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
             optimizer.step()
             if ema is not None:
                 ema.step()
         else:  # a non-finite loss or gradient never reaches the weights
             state.skipped_steps += 1
-            progress.write(f"step {step + 1}: non-finite loss/gradient, update skipped (batch: {', '.join(names[:8])})")
+            progress.write(
+                f"step {step + 1}: non-finite loss/gradient, update skipped (batch: {', '.join(names[:8])})"
+            )
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -234,9 +249,16 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
 
         every = cfg.evaluate.every_steps
         if main and every and state.step % every == 0 and state.step < cfg.train.max_steps:
-            val_loss = _evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device, log, progress)
+            _evaluate(
+                cfg, bundle, data, ema, prompts, run_dir, state.step, device, log, progress
+            )
         every_ckpt = cfg.checkpoint.every_steps
-        if main and every_ckpt and state.step % every_ckpt == 0 and state.step < cfg.train.max_steps:
+        if (
+            main
+            and every_ckpt
+            and state.step % every_ckpt == 0
+            and state.step < cfg.train.max_steps
+        ):
             _save_checkpoint(cfg, run_dir, state, params, bundle, optimizer, lr_scheduler, ema)
     train_seconds = time.monotonic() - t_start
     progress.close()
@@ -250,10 +272,16 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
             save_bundle(
                 bundle,
                 result.model_dir,
-                {"weights": "ema" if ema else "raw", "steps": state.step, "resolution": cfg.data.resolution},
+                {
+                    "weights": "ema" if ema else "raw",
+                    "steps": state.step,
+                    "resolution": cfg.data.resolution,
+                },
             )
         say(f"model saved to {result.model_dir}")
-        result.val_loss = _evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device, log, None)
+        result.val_loss = _evaluate(
+            cfg, bundle, data, ema, prompts, run_dir, state.step, device, log, None
+        )
         if log is not None:
             log.close()
         if cfg.evaluate.judge:
@@ -263,6 +291,17 @@ def train(cfg: RunConfig, run_dir: Path, say=print) -> TrainResult:
                 result.judged_accuracy = run_judge(bundle, cfg, run_dir, device, say)
     accelerator.end_training()
     return result
+
+
+def _report_long_captions(bundle: ModelBundle, captions: list[str], say) -> None:
+    limit = bundle.tokenizer.model_max_length
+    lengths = [len(ids) for ids in bundle.tokenizer(captions, truncation=False).input_ids]
+    long = [c for c, n in zip(captions, lengths) if n > limit]
+    if long:
+        say(
+            f"data: {len(long)} caption(s) exceed the text encoder's {limit} tokens and are "
+            f"truncated (e.g. {long[0][:60]!r})"
+        )
 
 
 def _batches(dataset, batch_size: int, seed: int, start: DataPosition, workers: int):
@@ -289,7 +328,9 @@ def _batches(dataset, batch_size: int, seed: int, start: DataPosition, workers: 
         yield from loader
 
 
-def _evaluate(cfg, bundle, data, ema, prompts, run_dir, step, device, log, progress) -> float | None:
+def _evaluate(
+    cfg, bundle, data, ema, prompts, run_dir, step, device, log, progress
+) -> float | None:
     """Validation loss (raw and EMA weights) and a sample grid from fixed prompts and seed."""
     row: dict[str, float] = {}
     with torch.no_grad():
@@ -310,7 +351,9 @@ def _evaluate(cfg, bundle, data, ema, prompts, run_dir, step, device, log, progr
                 resolution=cfg.data.resolution,
                 device=device,
             )
-    grid = save_grid(images, run_dir / "samples" / f"step-{step:07d}.png", nrow=cfg.evaluate.num_per_prompt)
+    grid = save_grid(
+        images, run_dir / "samples" / f"step-{step:07d}.png", nrow=cfg.evaluate.num_per_prompt
+    )
     text = f"step {step}: samples {grid}"
     if row:
         text += " | " + " ".join(f"{k} {v:.4f}" for k, v in row.items())
@@ -322,7 +365,12 @@ def _evaluate(cfg, bundle, data, ema, prompts, run_dir, step, device, log, progr
 
 def _save_checkpoint(cfg, run_dir, state, params, bundle, optimizer, lr_scheduler, ema) -> Path:
     """Trainable weights, EMA, optimizer, LR schedule and progress, written atomically."""
-    names = {id(p): n for c, m in bundle.components().items() for n_, p in m.named_parameters() for n in [f"{c}.{n_}"]}
+    names = {
+        id(p): n
+        for c, m in bundle.components().items()
+        for n_, p in m.named_parameters()
+        for n in [f"{c}.{n_}"]
+    }
     weights = {names[id(p)]: p.detach().cpu().contiguous() for p in params}
     writers = {
         "model.safetensors": lambda path: save_file(weights, str(path)),
@@ -330,13 +378,21 @@ def _save_checkpoint(cfg, run_dir, state, params, bundle, optimizer, lr_schedule
         "lr_scheduler.pt": lambda path: torch.save(lr_scheduler.state_dict(), path),
         "progress.json": lambda path: path.write_text(
             json.dumps(
-                {"step": state.step, "position": state.position.to_dict(), "skipped_steps": state.skipped_steps, "seed": cfg.seed},
+                {
+                    "step": state.step,
+                    "position": state.position.to_dict(),
+                    "skipped_steps": state.skipped_steps,
+                    "seed": cfg.seed,
+                },
                 indent=2,
             )
         ),
         "config.toml": lambda path: path.write_text(to_toml(cfg)),
     }
     if ema is not None:
-        ema_weights = {names[id(p)]: s.detach().cpu().contiguous() for p, s in zip(params, ema.model.shadow_params)}
+        ema_weights = {
+            names[id(p)]: s.detach().cpu().contiguous()
+            for p, s in zip(params, ema.model.shadow_params)
+        }
         writers["ema.safetensors"] = lambda path: save_file(ema_weights, str(path))
     return write_checkpoint(run_dir / "checkpoints", state.step, writers)

@@ -13,17 +13,28 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
     fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            groups, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay, fused=fused or None,
+            groups,
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            fused=fused or None,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
-            groups, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay, fused=fused or None,
+            groups,
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            fused=fused or None,
         )
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            groups, lr=cfg.learning_rate, eps=cfg.adam_eps, momentum=cfg.momentum,
+            groups,
+            lr=cfg.learning_rate,
+            eps=cfg.adam_eps,
+            momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
         )
     return torch.optim.SGD(

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path):
+    """A folder of 6 small RGB images with same-stem captions."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        colour = (40 * i, 255 - 40 * i, 128)
+        Image.new("RGB", (40, 36), colour).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of a red square number {i}\n")
+    return folder
