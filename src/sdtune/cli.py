@@ -11,15 +11,28 @@ from sdtune.errors import UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sdtune.config import load_config
+    from sdtune.checkpoint.state import CONFIG_KEY, check_resume_config, resolve_resume
+    from sdtune.config import load_config, to_dict
     from sdtune.rundir import prepare_run_dir
     from sdtune.train.loop import train
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.output) if args.output else cfg.output_dir
-    prepare_run_dir(run_dir, args.overwrite)
+    resume_from = None
+    if args.resume is not None:
+        if args.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: choose one")
+        resume_from = resolve_resume(run_dir, args.resume, args.fast_verify, print)
+    if resume_from is not None:
+        changed = check_resume_config(
+            (resume_from / CONFIG_KEY).read_text(), to_dict(cfg), resume_from
+        )
+        if changed:
+            print(f"resume: config changes allowed on resume: {', '.join(changed)}")
+    else:
+        prepare_run_dir(run_dir, args.overwrite or args.resume is not None)
     print(f"run directory: {run_dir}")
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, resume_from)
     if result.judged_accuracy is not None:
         print(f"training took {result.train_seconds:.1f}s")
         print(f"judged_accuracy={result.judged_accuracy:.2f}")
@@ -81,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. train.max_steps=100",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="latest|PATH",
+        help="continue from the newest verified checkpoint of --output (or from PATH); "
+        "with no checkpoint yet, start from scratch",
+    )
+    p.add_argument(
+        "--fast-verify", action="store_true", help="check checkpoint file sizes only, not sha256"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate a grid of images from a model or run directory")

@@ -137,7 +137,17 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0)
-    """Save a checkpoint every N steps (0: only at the end of training)."""
+    """Save a checkpoint every N steps (0: only at the end of training, on a signal, or by time)."""
+    every_minutes: float | None = Field(None, gt=0.0)
+    """Also save when this many minutes have passed since the last save (unset disables)."""
+    keep_last: int | None = Field(3, ge=1)
+    """Keep the N newest checkpoints (unset keeps all); older ones are deleted after a successful save."""
+    keep_every: int = Field(0, ge=0)
+    """Also keep every checkpoint whose step is a multiple of this (0 disables)."""
+    keep_best: str | None = None
+    """Also keep the best checkpoint by this evaluation metric (e.g. 'val_loss'); a new best is saved at once."""
+    keep_best_mode: Literal["min", "max"] = "min"
+    """Whether the keep_best metric is better when lower ('min') or higher ('max')."""
 
 
 class EvaluateConfig(Section):

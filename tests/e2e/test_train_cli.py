@@ -88,6 +88,39 @@ def test_train_latent_model_on_folder_writes_everything(cli, tmp_path, folder_co
         "evaluate.every_steps=0",
     )
 
+    # ... and so is a single-file checkpoint with original SD key names
+    from safetensors.torch import save_file
+
+    from sdtune.checkpoint.convert import bundle_to_single_file
+    from sdtune.config import DiffusionConfig, ModelConfig
+    from sdtune.models import load_model
+
+    single = tmp_path / "single.safetensors"
+    save_file(
+        bundle_to_single_file(
+            load_model(ModelConfig(base=str(run / "model")), DiffusionConfig(), 0)
+        ),
+        str(single),
+    )
+    proc = cli(
+        "train",
+        folder_config,
+        "--output",
+        tmp_path / "run3",
+        *TINY_SD,
+        "--set",
+        f"model.base={single}",
+        "--set",
+        f"model.config_source={run / 'model'}",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "checkpoint.every_steps=0",
+        "--set",
+        "evaluate.every_steps=0",
+    )
+    assert f"model: {single}" in proc.stdout
+
     out = tmp_path / "grid.png"
     proc = cli(
         "sample",

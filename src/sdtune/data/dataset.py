@@ -14,6 +14,8 @@ from sdtune.data.sources import Record, ScanReport, digits_records, folder_recor
 from sdtune.data.transforms import TransformSpec, apply_transform
 from sdtune.errors import DataError
 
+MEMO_BYTES = 512 * 2**20
+
 
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by (epoch, example index): augmentations and caption dropout
@@ -32,6 +34,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.caption_dropout = caption_dropout
         self.augment = augment
+        # Without random augmentation an image's tensor never changes: keep it when it fits.
+        size = len(records) * spec.channels * spec.resolution**2 * 4
+        self._memo: dict[int, torch.Tensor] | None = (
+            {} if not spec.is_random and size <= MEMO_BYTES else None
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -40,7 +47,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index]
         rng = generator(self.seed, "example", epoch, index) if self.augment else None
-        pixels = apply_transform(record.open(), self.spec, rng if self.spec.is_random else None)
+        pixels = self._memo.get(index) if self._memo is not None else None
+        if pixels is None:
+            pixels = apply_transform(record.open(), self.spec, rng if self.spec.is_random else None)
+            if self._memo is not None:
+                self._memo[index] = pixels
         caption = record.caption
         if rng is not None and self.caption_dropout > 0:
             if float(torch.rand((), generator=rng)) < self.caption_dropout:

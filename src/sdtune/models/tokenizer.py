@@ -1,13 +1,13 @@
 """A small CLIP tokenizer built locally, for the tiny presets (no hub download).
 
-The merges are learned by the `tokenizers` BPE trainer on a fixed list of common caption
-words, so each of those words is one token; the vocabulary also holds the 256 byte-level
-symbols alone and as word ends, so any text is encodable; CLIP's two special tokens close it.
+Written by hand because no library learns a CLIP BPE vocabulary deterministically offline:
+the merges are learned on a fixed list of common caption words, so each of those words is one
+token; the vocabulary also holds the 256 byte-level symbols alone and as word ends, so any text
+is encodable; CLIP's two special tokens close it.
 """
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 from transformers import CLIPTokenizer
@@ -28,31 +28,59 @@ high quality detailed blurry sharp simple pattern texture logo icon shape circle
 """.split()
 
 
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters."""
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
 @lru_cache(maxsize=1)
 def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The vocabulary and merge list of the tiny tokenizer (deterministic)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """Vocabulary and merges of the tiny tokenizer: byte-pair encoding learned on WORDS.
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,
-        min_frequency=1,
-        end_of_word_suffix="</w>",
-        initial_alphabet=alphabet,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(WORDS, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    for symbol in alphabet:  # every byte may end a word
+    Plain BPE (Sennrich et al. 2016) with ties broken by the pair itself, so the result is the
+    same in every process (the `tokenizers` trainer breaks ties by hash order).
+    """
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [a + "</w>" for a in alphabet]:
         vocab.setdefault(symbol, len(vocab))
-        vocab.setdefault(symbol + "</w>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(WORDS)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for i, word in enumerate(words):
+            j, merged = 0, []
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == best:
+                    merged.append(word[j] + word[j + 1])
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            words[i] = merged
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    return vocab, merges  # type: ignore[return-value]
+    return vocab, merges
 
 
 def build_tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:

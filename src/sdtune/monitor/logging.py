@@ -14,14 +14,17 @@ from tqdm import tqdm
 class MetricsLog:
     """metrics.jsonl plus TensorBoard event files under run_dir/tensorboard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self._fh = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step drops events a crashed run wrote after the checkpoint it resumes from
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, values: dict[str, float | int | str]) -> None:
         row = {"step": step, **values}

@@ -1,0 +1,332 @@
+"""What a training checkpoint holds, how it is saved, found, verified and restored.
+
+The keys are named constants (one file each); the frozen base weights are referenced by
+their sha256, never copied, so a partial or LoRA checkpoint stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdtune.checkpoint.store import (
+    LATEST,
+    TMP_PREFIX,
+    CheckpointError,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from sdtune.data.order import DataPosition
+
+MODEL_KEY = "model.safetensors"
+EMA_KEY = "ema.safetensors"
+OPT_KEY = "optimizer.pt"
+LR_KEY = "lr_scheduler.pt"
+SCALER_KEY = "grad_scaler.pt"
+PROGRESS_KEY = "progress.json"
+CONFIG_KEY = "config.toml"
+ARCH_KEY = "architecture.json"
+RNG_KEY = "rng-{rank}.pt"
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run is: the optimizer step done last, the data position after it, and the
+    counters and metric history that the rest of the run depends on."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    skipped_steps: int = 0
+    window_loss: float = 0.0
+    """Sum of step losses since the last metrics row (so a resumed row averages the same steps)."""
+    window_steps: int = 0
+    ema_steps: int = 0
+    evaluations: list[dict] = field(default_factory=list)
+    """Every evaluation row so far (step, val_loss, ...): early stopping and best tracking."""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["position"] = self.position.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingProgress:
+        data = dict(data)
+        data["position"] = DataPosition(**data["position"])
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def frozen_fingerprint(named: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes and bytes of the frozen weights (the base they came from)."""
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        tensor = named[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def architecture_record(
+    bundle, trainable: dict[str, torch.nn.Parameter], frozen_sha: str, base: str
+) -> dict:
+    """The architecture a checkpoint belongs to: configs, trainable names and shapes, base hash."""
+    record = {
+        "base": base,
+        "family": bundle.family,
+        "unet": {k: v for k, v in dict(bundle.unet.config).items() if not k.startswith("_")},
+        "text_encoder": bundle.text_encoder.config.to_diff_dict(),
+        "trainable": {name: list(p.shape) for name, p in sorted(trainable.items())},
+        "frozen_sha256": frozen_sha,
+    }
+    return json.loads(json.dumps(record, default=str))  # tuples -> lists, as saved
+
+
+def check_architecture(saved: dict, current: dict, where: Path) -> None:
+    """Refuse (never partially load) a checkpoint of another architecture or trainable set."""
+    if saved.get("trainable") != current["trainable"]:
+        ours, theirs = set(current["trainable"]), set(saved.get("trainable", {}))
+        diff = (
+            sorted(ours ^ theirs)[:3]
+            or [n for n in ours if current["trainable"][n] != saved["trainable"].get(n)][:3]
+        )
+        raise CheckpointError(
+            f"{where}: its trainable parameters differ from this config's "
+            f"({len(theirs)} vs {len(ours)}, e.g. {', '.join(diff)}); check model.trainable/model.frozen"
+        )
+    if saved.get("unet") != current["unet"]:
+        keys = sorted(
+            k
+            for k in set(saved["unet"]) | set(current["unet"])
+            if saved["unet"].get(k) != current["unet"].get(k)
+        )
+        raise CheckpointError(
+            f"{where}: UNet architecture differs from this config's ({', '.join(keys[:4])})"
+        )
+    if saved.get("frozen_sha256") != current["frozen_sha256"]:
+        raise CheckpointError(
+            f"{where}: the frozen base weights differ from those it was trained on "
+            f"(model.base {saved.get('base')!r} then, {current['base']!r} now)"
+        )
+
+
+def crash_point(kind: str, step: int, files_written: int | None = None) -> None:
+    """Test hook: SDTUNE_CRASH_AT=step:N or save:N:K kills this process with SIGKILL there."""
+    spec = os.environ.get("SDTUNE_CRASH_AT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == kind and int(parts[1]) == step:
+        if kind == "step" or (files_written is not None and int(parts[2]) == files_written):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(
+    root: Path,
+    progress: TrainingProgress,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    ema,
+    scaler,
+    config_toml: str,
+    architecture: dict,
+    rank: int = 0,
+) -> Path:
+    """Write checkpoint `progress.step` under `root` atomically (see store.write_checkpoint)."""
+    weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
+    writers = {
+        MODEL_KEY: lambda path: save_file(weights, str(path)),
+        OPT_KEY: lambda path: torch.save(optimizer.state_dict(), path),
+        LR_KEY: lambda path: torch.save(lr_scheduler.state_dict(), path),
+        RNG_KEY.format(rank=rank): lambda path: torch.save(rng_state(), path),
+        PROGRESS_KEY: lambda path: path.write_text(json.dumps(progress.to_dict(), indent=2) + "\n"),
+        CONFIG_KEY: lambda path: path.write_text(config_toml),
+        ARCH_KEY: lambda path: path.write_text(
+            json.dumps(architecture, indent=2, default=str) + "\n"
+        ),
+    }
+    if ema is not None:
+        shadow = {n: s.detach().cpu().contiguous() for n, s in zip(trainable, ema.shadow_params)}
+        writers[EMA_KEY] = lambda path: save_file(shadow, str(path))
+    if scaler is not None:
+        writers[SCALER_KEY] = lambda path: torch.save(scaler.state_dict(), path)
+    counter = {"n": 0}
+
+    def hooked(write):
+        def run(path: Path) -> None:
+            write(path)
+            counter["n"] += 1
+            crash_point("save", progress.step, counter["n"])
+
+        return run
+
+    writers = {name: hooked(w) for name, w in writers.items()}
+    return write_checkpoint(root, progress.step, writers, {"kind": "training"})
+
+
+def load_training_state(
+    path: Path,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    ema,
+    scaler,
+    architecture: dict,
+    rank: int = 0,
+) -> TrainingProgress:
+    """Restore everything `save_training_state` wrote (the checkpoint was verified already)."""
+    saved_arch = json.loads((path / ARCH_KEY).read_text())
+    check_architecture(saved_arch, architecture, path)
+    weights = load_file(str(path / MODEL_KEY))
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(torch.load(path / OPT_KEY, weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))
+    progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
+    if ema is not None:
+        if not (path / EMA_KEY).is_file():
+            raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
+        shadow = load_file(str(path / EMA_KEY))
+        with torch.no_grad():
+            for name, s in zip(trainable, ema.shadow_params):
+                s.copy_(shadow[name].to(s.device, s.dtype))
+        ema.optimization_step = progress.ema_steps
+    if scaler is not None and (path / SCALER_KEY).is_file():
+        scaler.load_state_dict(torch.load(path / SCALER_KEY, weights_only=True))
+    rng_file = path / RNG_KEY.format(rank=rank)
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return progress
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def clean_temporaries(root: Path, say) -> None:
+    """Remove half-written checkpoints left by a crash during a save."""
+    if not root.is_dir():
+        return
+    for tmp in root.iterdir():
+        if tmp.name.startswith(TMP_PREFIX) or tmp.name == f"{LATEST}.tmp":
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            say(f"checkpoint: removed {tmp.name}, left by an interrupted save")
+
+
+def find_checkpoint(root: Path, say, fast: bool = False) -> Path | None:
+    """The checkpoint `latest` names if it verifies; else the newest one that does (said)."""
+    candidates = checkpoint_dirs(root)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    order = ([named] if named is not None and named.is_dir() else []) + [
+        p for p in reversed(candidates) if p != named
+    ]
+    for i, path in enumerate(order):
+        try:
+            verify_checkpoint(path, fast=fast)
+        except CheckpointError as exc:
+            say(f"checkpoint: refusing {path.name}: {exc}")
+            continue
+        if i > 0:
+            say(f"checkpoint: falling back to {path.name}, the newest checkpoint that verifies")
+        return path
+    return None
+
+
+# Keys a resumed run may change: they alter when things happen or are shown, not the maths.
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.log_every",
+    "output_dir",
+    "checkpoint.",
+    "evaluate.",
+    "data.num_workers",
+)
+
+
+def check_resume_config(saved_toml: str, current: dict, where: Path) -> list[str]:
+    """Keys whose change is allowed on resume (returned); any other change is refused."""
+    import tomllib
+
+    def flat(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    before, now = flat(tomllib.loads(saved_toml)), flat(current)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    refused = [
+        k
+        for k in changed
+        if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
+    ]
+    if refused:
+        raise CheckpointError(
+            f"--resume: the config differs from the one {where.name} was trained with in "
+            f"{', '.join(refused[:5])}; resume with the same settings or start a new run"
+        )
+    return changed
+
+
+def resolve_resume(run_dir: Path, spec: str, fast: bool, say) -> Path | None:
+    """The verified checkpoint `--resume SPEC` means, or None to start from scratch (said)."""
+    if spec != "latest":
+        path = Path(spec)
+        if (path / "checkpoints").is_dir():
+            path = path / "checkpoints"
+        if path.name == "checkpoints" or (path / LATEST).is_file():
+            found = find_checkpoint(path, say, fast)
+            if found is None:
+                raise CheckpointError(f"--resume {spec}: no checkpoint there verifies")
+            return found
+        verify_checkpoint(path, fast=fast)
+        return path
+    root = run_dir / "checkpoints"
+    clean_temporaries(root, say)
+    if not checkpoint_dirs(root):
+        say(f"--resume latest: no checkpoint in {run_dir} yet; starting from scratch")
+        return None
+    found = find_checkpoint(root, say, fast)
+    if found is None:
+        raise CheckpointError(
+            f"--resume latest: no checkpoint in {root} verifies; inspect them with `sdtune inspect`, "
+            "or start again with --overwrite"
+        )
+    return found

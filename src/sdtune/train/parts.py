@@ -1,0 +1,152 @@
+"""Small pieces the loop calls: EMA, batch iteration, evaluation, signals, the metrics log on resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from sdtune.data import DataPosition, collate, digit_prompt, next_batch
+from sdtune.evaluate.sampling import generate, save_grid
+from sdtune.evaluate.validation import validation_loss
+from sdtune.models.bundle import ModelBundle
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; resume to continue
+
+
+class EMA:
+    """EMA of the trainable weights (diffusers' EMAModel), with a swap-in for evaluation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        from diffusers.training_utils import EMAModel
+
+        self.params = params
+        self.model = EMAModel(params, decay=decay)
+
+    def step(self) -> None:
+        self.model.step(self.params)
+
+    def swapped_in(self):
+        ema = self
+
+        class _Swap:
+            def __enter__(self):
+                ema.model.store(ema.params)
+                ema.model.copy_to(ema.params)
+
+            def __exit__(self, *exc):
+                ema.model.restore(ema.params)
+
+        return _Swap()
+
+
+def maybe_ema(ema: EMA | None):
+    return ema.swapped_in() if ema is not None else nullcontext()
+
+
+def batches(dataset, batch_size: int, seed: int, start: DataPosition, workers: int):
+    """Collated batches in the exact order of `next_batch`, from `start`, forever."""
+
+    def keys():
+        position = start
+        while True:
+            batch_keys, position = next_batch(position, batch_size, len(dataset), seed)
+            yield batch_keys
+
+    if workers == 0:
+        for batch_keys in keys():
+            yield collate([dataset[k] for k in batch_keys])
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=keys(),
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=True,
+        )
+        yield from loader
+
+
+def grid_prompts(cfg, captions: list[str]) -> list[str]:
+    if cfg.evaluate.prompts:
+        return list(cfg.evaluate.prompts)
+    if cfg.data.source == "digits":
+        return [digit_prompt(k) for k in range(10)]
+    return sorted(set(captions))[:4] or [""]
+
+
+def evaluate(
+    cfg, bundle: ModelBundle, data, ema, prompts, run_dir: Path, step: int, device
+) -> tuple[dict, Path]:
+    """Validation loss (raw and EMA weights) and a sample grid from fixed prompts and seed."""
+    row: dict[str, float] = {}
+    with torch.no_grad():
+        if data.val is not None and cfg.evaluate.val_batches > 0:
+            args = (bundle, data.val, cfg.train.batch_size, cfg.evaluate.val_batches, device)
+            row["val_loss"] = validation_loss(*args)
+            if ema is not None:
+                with ema.swapped_in():
+                    row["val_loss_ema"] = validation_loss(*args)
+        with maybe_ema(ema):
+            images = generate(
+                bundle,
+                [p for p in prompts for _ in range(cfg.evaluate.num_per_prompt)],
+                seed=cfg.evaluate.seed,
+                steps=cfg.evaluate.sample_steps,
+                guidance_scale=cfg.evaluate.guidance_scale,
+                sampler=cfg.evaluate.scheduler,
+                resolution=cfg.data.resolution,
+                device=device,
+            )
+    grid = save_grid(
+        images, run_dir / "samples" / f"step-{step:07d}.png", nrow=cfg.evaluate.num_per_prompt
+    )
+    return row, grid
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows after `step` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to finish the step, save and exit; a second Ctrl+C exits now."""
+
+    def __init__(self, say) -> None:
+        self.requested: str | None = None
+        self.say = say
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        self.say(
+            f"{name}: finishing this step, then saving a checkpoint (Ctrl+C again to quit at once)"
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
