@@ -145,3 +145,22 @@ def test_loop_options_train_and_log(tmp_path, config, options):
     lrs = [r["lr"] for r in rows if "lr" in r]
     if "cosine" in " ".join(options):
         assert lrs[0] > lrs[-1]  # warmed up, then decayed toward 0
+
+
+def test_a_full_disk_skips_the_save_with_a_message(tmp_path, config, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    run = tmp_path / "run"
+    assert (
+        main(
+            ["train", str(config), "--output", str(run), *BASE, "--set", "checkpoint.every_steps=1"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "NOT saving step 2" in out and "free space (training goes on)" in out
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000001"]
+    assert (run / "model" / "unet").is_dir()

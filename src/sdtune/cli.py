@@ -70,6 +70,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sdtune.checkpoint.export import export_model, load_checkpoint_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
+    bundle, meta = load_checkpoint_model(ckpt, args.weights)
+    out = export_model(bundle, meta, args.format, Path(args.out), args.overwrite)
+    print(
+        f"exported {ckpt} ({meta['weights']} weights, step {meta['steps']}) as {args.format} to {out}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sdtune.checkpoint.inspect import inspect_path
+
+    return inspect_path(Path(args.path), args.fast_verify)
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from sdtune.config import load_config, to_toml
 
@@ -127,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output PNG file")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="export a checkpoint as a diffusers folder or single file")
+    p.add_argument("checkpoint", help="run directory or checkpoints/step-NNNNNNN")
+    p.add_argument("--format", required=True, choices=["diffusers", "single-file", "ckpt"])
+    p.add_argument(
+        "--out", required=True, help="output folder (diffusers) or file (.safetensors/.ckpt)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=["auto", "ema", "raw"],
+        default="auto",
+        help="EMA or raw weights (auto: EMA when present)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="show and verify what a checkpoint (or run) holds")
+    p.add_argument("path", help="checkpoint directory, checkpoints/ folder or run directory")
+    p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)

@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from sdtune.config import DiffusionConfig, ModelConfig
 from sdtune.diffusion.schedules import make_noise_scheduler
 from sdtune.errors import ModelError
-from sdtune.models.bundle import MODEL_FILE, ModelBundle
+from sdtune.models.bundle import MODEL_FILE, ModelBundle, save_bundle
 from sdtune.models.presets import build_preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,6 +110,8 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
     """
     from diffusers import StableDiffusionPipeline
 
+    if config_source is None:  # an sdtune export names its base, which has the configs
+        config_source = _exported_base(path)
     if config_source is None:
         raise ModelError(
             f"model.base: single-file checkpoint {path} needs its component configs: set "
@@ -117,7 +119,12 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
         )
     config_dir = Path(config_source).expanduser()
-    if not config_dir.is_dir():
+    if config_source.startswith("preset:"):
+        import tempfile
+
+        config_dir = Path(tempfile.mkdtemp(prefix="sdtune-preset-"))
+        save_bundle(build_preset(config_source.removeprefix("preset:"), 0), config_dir)
+    elif not config_dir.is_dir():
         if HUB_ID.match(config_source):
             config_dir = resolve_hub_id(config_source)
         else:
@@ -138,6 +145,24 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
     return ModelBundle(
         pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, pipe.vae, family, source
     )
+
+
+def _exported_base(path: Path) -> str | None:
+    """The base model an sdtune export names in its metadata (None for other files)."""
+    if path.suffix == ".ckpt":
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable file is reported when it is loaded
+            return None
+        meta = data.get("sdtune", {}) if isinstance(data, dict) else {}
+        return meta.get("sdtune.base_model")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("sdtune.base_model")
+    except Exception:  # an unreadable header is reported when the file is loaded
+        return None
 
 
 def _apply_diffusion_overrides(bundle: ModelBundle, diffusion: DiffusionConfig) -> None:

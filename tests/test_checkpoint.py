@@ -1,0 +1,131 @@
+import json
+import os
+
+import pytest
+
+from sdtune.checkpoint.rotation import best_step, rotate
+from sdtune.checkpoint.state import (
+    CheckpointError,
+    check_resume_config,
+    clean_temporaries,
+    find_checkpoint,
+)
+from sdtune.checkpoint.store import verify_checkpoint, write_checkpoint
+
+
+def _write(root, step, payload=b"x" * 100):
+    return write_checkpoint(
+        root,
+        step,
+        {"a.bin": lambda p: p.write_bytes(payload), "b.json": lambda p: p.write_text("{}")},
+    )
+
+
+def test_write_is_complete_and_verifies(tmp_path):
+    path = _write(tmp_path, 5)
+    assert path.name == "step-0000005"
+    manifest = verify_checkpoint(path)
+    assert manifest["step"] == 5 and set(manifest["files"]) == {"a.bin", "b.json"}
+    assert manifest["files"]["a.bin"]["size"] == 100
+    assert (tmp_path / "latest").read_text().strip() == "step-0000005"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "bitflip", "manifest"])
+def test_every_corruption_is_detected_and_named(tmp_path, damage):
+    path = _write(tmp_path, 1)
+    target = path / "a.bin"
+    if damage == "missing":
+        target.unlink()
+        expected = "a.bin: missing"
+    elif damage == "truncated":
+        target.write_bytes(b"x" * 99)
+        expected = "a.bin: size 99 != 100"
+    elif damage == "bitflip":
+        data = bytearray(target.read_bytes())
+        data[50] ^= 0x01
+        target.write_bytes(bytes(data))
+        expected = "a.bin: sha256 does not match"
+    else:
+        (path / "manifest.json").unlink()
+        expected = "no manifest.json"
+    with pytest.raises(CheckpointError, match=expected):
+        verify_checkpoint(path)
+
+
+def test_fast_verify_checks_sizes_only(tmp_path):
+    path = _write(tmp_path, 1)
+    data = bytearray((path / "a.bin").read_bytes())
+    data[0] ^= 0x01
+    (path / "a.bin").write_bytes(bytes(data))
+    verify_checkpoint(path, fast=True)
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(path)
+
+
+def test_latest_falls_back_to_newest_good(tmp_path):
+    _write(tmp_path, 1)
+    _write(tmp_path, 2)
+    bad = _write(tmp_path, 3)
+    (bad / "a.bin").write_bytes(b"short")
+    said = []
+    found = find_checkpoint(tmp_path, said.append)
+    assert found.name == "step-0000002"
+    assert any("refusing step-0000003" in s for s in said)
+    assert any("falling back to step-0000002" in s for s in said)
+
+
+def test_temporaries_are_cleaned_with_a_message(tmp_path):
+    _write(tmp_path, 1)
+    (tmp_path / ".tmp-step-0000002-99").mkdir()
+    said = []
+    clean_temporaries(tmp_path, said.append)
+    assert not (tmp_path / ".tmp-step-0000002-99").exists()
+    assert said == ["checkpoint: removed .tmp-step-0000002-99, left by an interrupted save"]
+
+
+def test_rotation_keeps_last_every_and_best(tmp_path):
+    for step in range(1, 11):
+        _write(tmp_path, step)
+    evaluations = [{"step": s, "val_loss": abs(s - 3) + 0.5} for s in range(1, 11)]
+    removed = rotate(
+        tmp_path,
+        keep_last=2,
+        keep_every=5,
+        keep_best="val_loss",
+        mode="min",
+        evaluations=evaluations,
+    )
+    kept = sorted(p.name for p in tmp_path.glob("step-*"))
+    assert kept == ["step-0000003", "step-0000005", "step-0000009", "step-0000010"]
+    assert len(removed) == 6
+    assert rotate(tmp_path, None, 0, None, "min", []) == []  # keep_last unset keeps all
+
+
+def test_best_step_modes():
+    rows = [{"step": 1, "acc": 0.5}, {"step": 2, "acc": 0.9}, {"step": 3, "acc": float("nan")}]
+    assert best_step(rows, "acc", "max", {1, 2, 3}) == 2
+    assert best_step(rows, "acc", "min", {1, 2, 3}) == 1
+    assert best_step(rows, "acc", "max", {1}) == 1
+
+
+def test_resume_config_changes(tmp_path):
+    saved = "seed = 1\n[train]\nmax_steps = 10\nlearning_rate = 0.001\n"
+    assert check_resume_config(
+        saved, {"seed": 1, "train": {"max_steps": 20, "learning_rate": 0.001}}, tmp_path
+    ) == ["train.max_steps"]
+    with pytest.raises(CheckpointError, match="differs from the one .* in train.learning_rate"):
+        check_resume_config(
+            saved, {"seed": 1, "train": {"max_steps": 10, "learning_rate": 0.01}}, tmp_path
+        )
+
+
+def test_write_fsyncs_and_replaces_latest_atomically(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    _write(tmp_path, 1)
+    assert len(calls) >= 5  # each file, manifest, the directory, the parent, latest
+    assert (
+        json.loads((tmp_path / "step-0000001" / "manifest.json").read_text())["format_version"] == 1
+    )
