@@ -31,7 +31,18 @@ def test_write_is_complete_and_verifies(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "bitflip", "manifest"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "missing",
+        "truncated",
+        "bitflip",
+        "manifest",
+        "manifest-edit",
+        "manifest-garbage",
+        "manifest-shape",
+    ],
+)
 def test_every_corruption_is_detected_and_named(tmp_path, damage):
     path = _write(tmp_path, 1)
     target = path / "a.bin"
@@ -46,9 +57,20 @@ def test_every_corruption_is_detected_and_named(tmp_path, damage):
         data[50] ^= 0x01
         target.write_bytes(bytes(data))
         expected = "a.bin: sha256 does not match"
-    else:
+    elif damage == "manifest":
         (path / "manifest.json").unlink()
         expected = "no manifest.json"
+    elif damage == "manifest-edit":
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["files"]["a.bin"]["sha256"] = "0" * 64
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        expected = "a.bin: sha256 does not match"
+    elif damage == "manifest-garbage":
+        (path / "manifest.json").write_bytes(b"\xff\x00{")
+        expected = "unreadable manifest"
+    else:
+        (path / "manifest.json").write_text('{"files": [1, 2]}')
+        expected = "malformed manifest"
     with pytest.raises(CheckpointError, match=expected):
         verify_checkpoint(path)
 
@@ -129,3 +151,21 @@ def test_write_fsyncs_and_replaces_latest_atomically(tmp_path, monkeypatch):
     assert (
         json.loads((tmp_path / "step-0000001" / "manifest.json").read_text())["format_version"] == 1
     )
+
+
+def test_truncate_metrics_on_resume(tmp_path):
+    from sdtune.train.parts import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.9},
+        {"step": 2, "val_loss": 0.8},
+        {"step": 3, "loss": 0.7},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo'
+    path.write_text(text)
+    truncate_metrics(path, 2, evaluated_at_step=True)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
+    truncate_metrics(path, 2, evaluated_at_step=False)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]

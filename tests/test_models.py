@@ -164,3 +164,68 @@ def test_single_file_checkpoint_loads_exactly(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelError, match="cannot load single-file checkpoint"):
         _load(str(tmp_path / "broken.safetensors"), f"model.config_source={tmp_path / 'config'}")
+
+
+def test_single_file_layout_of_a_full_sd15_shaped_model(tmp_path):
+    """The LDM key map on SD 1.5's block layout (4 levels, 2 layers per block), small channels."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from sdtune.checkpoint.convert import bundle_to_single_file
+    from sdtune.models.bundle import ModelBundle
+
+    base = _load("preset:tiny-sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    bundle = ModelBundle(
+        unet, base.text_encoder, base.tokenizer, base.noise_scheduler, vae, "custom", "test"
+    )
+    save_bundle(bundle, tmp_path / "config")
+    state = bundle_to_single_file(bundle)
+    assert "model.diffusion_model.input_blocks.3.0.op.weight" in state  # SD 1.5's first downsampler
+    assert (
+        "model.diffusion_model.output_blocks.2.1.conv.weight" in state
+    )  # first upsampler, no attention
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in state
+    assert "first_stage_model.decoder.up.3.upsample.conv.weight" in state
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+    save_file(state, str(tmp_path / "m.safetensors"))
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "m.safetensors"),
+        config=str(tmp_path / "config"),
+        local_files_only=True,
+        safety_checker=None,
+    )
+    for name in ("unet", "vae"):
+        ours, theirs = getattr(bundle, name).state_dict(), getattr(pipe, name).state_dict()
+        assert set(ours) == set(theirs)
+        assert all(torch.equal(ours[k], theirs[k].reshape(ours[k].shape)) for k in ours)

@@ -97,9 +97,12 @@ def test_killed_anywhere_then_resumed_is_bit_identical(straight, tmp_path):
     third = _train(config, run, "--resume", crash="step:5")
     assert third.returncode == -signal.SIGKILL
     assert "left by an interrupted save" in third.stdout
+    fourth = _train(config, run, "--resume", crash="end:6")  # killed after the final save and eval
+    assert fourth.returncode == -signal.SIGKILL
+    assert "resumed from" in fourth.stdout and "step-0000004" in fourth.stdout
     last = _train(config, run, "--resume")
     assert last.returncode == 0, last.stderr
-    assert "resumed from" in last.stdout and "step-0000004" in last.stdout
+    assert "resumed from" in last.stdout and "step-0000006" in last.stdout
     _assert_identical(_final_state(reference), _final_state(run))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "latest",

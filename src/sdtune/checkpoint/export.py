@@ -97,6 +97,11 @@ def export_model(
             f"--format {fmt}: {meta['base_model']} is a pixel-space model (no VAE) and has no "
             "Stable Diffusion single-file layout; export it with --format diffusers"
         )
+    if fmt != "diffusers" and bundle.family == "sd2":
+        raise UserError(
+            f"--format {fmt}: SD 2.x single files keep the text encoder in OpenCLIP layout, which "
+            "sdtune does not write yet; export with --format diffusers"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():

@@ -94,8 +94,17 @@ def verify_checkpoint(path: Path, fast: bool = False) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        well_formed = isinstance(files, dict) and all(
+            isinstance(info, dict)
+            and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str)
+            and Path(name).name == name
+            for name, info in files.items()
+        )
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if not well_formed or not files:
+        raise CheckpointError(f"{manifest_path}: malformed manifest (no valid file list)")
     for name, info in files.items():
         file = path / name
         if not file.is_file():

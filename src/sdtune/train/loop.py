@@ -161,7 +161,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         )
         say(f"resumed from {resume_from} (step {state.step}, epoch {state.position.epoch})")
         if main:
-            truncate_metrics(run_dir / "metrics.jsonl", state.step)
+            evaluated = any(r["step"] == state.step for r in state.evaluations)
+            truncate_metrics(run_dir / "metrics.jsonl", state.step, evaluated)
     last_saved = state.step if resume_from is not None else -1
 
     def save() -> None:
@@ -313,6 +314,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         say(f"model saved to {result.model_dir}")
         row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
         _record_evaluation(state, row, grid, log, say)
+        crash_point("end", state.step)
         result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
         if log is not None:
             log.close()

@@ -108,15 +108,25 @@ def evaluate(
     return row, grid
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows after `step` (written after the checkpoint a resume starts from)."""
+def truncate_metrics(path: Path, step: int, evaluated_at_step: bool) -> None:
+    """Drop the metric rows written after the checkpoint at `step`: later steps, and an
+    evaluation at `step` itself unless it came before the save (`evaluated_at_step`)."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
+
+    def keep(row: dict) -> bool:
+        if row["step"] != step:
+            return row["step"] < step
+        return "loss" in row or evaluated_at_step
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
+        if keep(row):
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
