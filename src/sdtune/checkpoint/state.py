@@ -120,13 +120,14 @@ def check_architecture(saved: dict, current: dict, where: Path) -> None:
 
 
 def crash_point(kind: str, step: int, files_written: int | None = None) -> None:
-    """Test hook: SDTUNE_CRASH_AT=step:N or save:N:K kills this process with SIGKILL there."""
+    """Test hook: SDTUNE_CRASH_AT=step:N (after step N), save:N:K (after the K-th file of the
+    save of step N) or end:N (after the final evaluation) kills this process with SIGKILL."""
     spec = os.environ.get("SDTUNE_CRASH_AT")
     if not spec:
         return
     parts = spec.split(":")
     if parts[0] == kind and int(parts[1]) == step:
-        if kind == "step" or (files_written is not None and int(parts[2]) == files_written):
+        if kind != "save" or (files_written is not None and int(parts[2]) == files_written):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -11,17 +11,9 @@ from sdtune.config import TrainConfig
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (decoupled decay, Loshchilov & Hutter 2019), Adam, RMSprop or SGD over param groups."""
     fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            groups,
-            lr=cfg.learning_rate,
-            betas=cfg.adam_betas,
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-            fused=fused or None,
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(
+    if cfg.optimizer in ("adamw", "adam"):
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(
             groups,
             lr=cfg.learning_rate,
             betas=cfg.adam_betas,
