@@ -150,6 +150,17 @@ class CheckpointConfig(Section):
     """Whether the keep_best metric is better when lower ('min') or higher ('max')."""
 
 
+class EarlyStopConfig(Section):
+    metric: str | None = None
+    """Evaluation metric to watch, e.g. 'val_loss_ema' or 'val_loss'; unset disables early stopping."""
+    mode: Literal["min", "max"] = "min"
+    """Whether the metric is better when lower ('min') or higher ('max')."""
+    patience: int = Field(3, ge=1)
+    """Stop after this many evaluations in a row without improvement."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """An evaluation improves only when it beats the best so far by more than this."""
+
+
 class EvaluateConfig(Section):
     every_steps: int = Field(0, ge=0)
     """Validation loss and a sample grid every N steps (0: only at the end)."""
@@ -171,6 +182,9 @@ class EvaluateConfig(Section):
     """At the end, generate judge_per_class images per digit and print judged_accuracy (digits source only)."""
     judge_per_class: int = Field(20, ge=1, le=1000)
     """Images per digit generated for the judge."""
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+    overfit_patience: int = Field(3, ge=0)
+    """Warn when validation loss rises this many evaluations in a row while training loss falls (0: never)."""
 
 
 class RunConfig(Section):

@@ -51,6 +51,11 @@ class TrainingProgress:
     """Sum of step losses since the last metrics row (so a resumed row averages the same steps)."""
     window_steps: int = 0
     ema_steps: int = 0
+    eval_loss_sum: float = 0.0
+    """Sum of step losses since the last evaluation (its train_loss, for the overfitting check)."""
+    eval_loss_steps: int = 0
+    stop_reason: str | None = None
+    """Why training stopped early (early stopping), or None."""
     evaluations: list[dict] = field(default_factory=list)
     """Every evaluation row so far (step, val_loss, ...): early stopping and best tracking."""
 

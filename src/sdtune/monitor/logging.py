@@ -18,6 +18,7 @@ class MetricsLog:
         self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.events_path = run_dir / "events.jsonl"
         self._fh = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -35,6 +36,11 @@ class MetricsLog:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     if math.isfinite(float(value)):
                         self._tb.add_scalar(key, value, step)
+
+    def event(self, step: int, kind: str, message: str) -> None:
+        """Something a person should know about (skipped step, early stop, warning): events.jsonl."""
+        with self.events_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "event": kind, "message": message}) + "\n")
 
     def close(self) -> None:
         self._fh.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from sdtune.checkpoint.rotation import rotate
 from sdtune.checkpoint.state import (
@@ -34,6 +35,7 @@ from sdtune.data.order import derive_seed, generator
 from sdtune.diffusion.schedules import add_noise, sample_timesteps, snr
 from sdtune.diffusion.targets import diffusion_loss, min_snr_weights, offset_noise, training_target
 from sdtune.errors import ConfigError, DataError, UserError
+from sdtune.evaluate.early_stop import early_stop_reason, overfitting
 from sdtune.models import apply_freezing, describe, load_model, save_bundle
 from sdtune.models.bundle import ModelBundle
 from sdtune.monitor.logging import MetricsLog, Progress
@@ -46,6 +48,7 @@ from sdtune.train.parts import (
     evaluate,
     grid_prompts,
     maybe_ema,
+    poisoned,
     truncate_metrics,
 )
 
@@ -163,6 +166,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         if main:
             evaluated = any(r["step"] == state.step for r in state.evaluations)
             truncate_metrics(run_dir / "metrics.jsonl", state.step, evaluated)
+            truncate_metrics(run_dir / "events.jsonl", state.step, True)
     last_saved = state.step if resume_from is not None else -1
 
     def save() -> None:
@@ -202,7 +206,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     # ---------------------------------------------------------------- train
     t_start = time.monotonic()
     with StopRequest(progress.write) as stop:
-        while state.step < cfg.train.max_steps:
+        while state.step < cfg.train.max_steps and state.stop_reason is None:
             step = state.step
             torch.manual_seed(
                 derive_seed(seed, "step", step, rank)
@@ -234,6 +238,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                             snr(ac, timesteps), cfg.diffusion.min_snr_gamma, pred_type
                         )
                     loss = diffusion_loss(pred, target, weights)
+                    if poisoned(step + 1):
+                        loss = loss * float("nan")
                 accelerator.backward(loss / cfg.train.grad_accum)
                 step_loss += loss.detach() / cfg.train.grad_accum
 
@@ -249,9 +255,10 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                     ema.step()
             else:  # a non-finite loss or gradient never reaches the weights
                 state.skipped_steps += 1
-                progress.write(
-                    f"step {step + 1}: non-finite loss/gradient, update skipped (batch: {', '.join(names[:8])})"
-                )
+                what = f"non-finite loss/gradient, update skipped (batch: {', '.join(names)})"
+                progress.write(f"step {step + 1}: {what}")
+                if log is not None:
+                    log.event(step + 1, "skipped_step", what)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -261,6 +268,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             last_loss = float(step_loss)
             state.window_loss += last_loss
             state.window_steps += 1
+            state.eval_loss_sum += last_loss
+            state.eval_loss_steps += 1
             window_images += micro * cfg.train.grad_accum * accelerator.num_processes
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 elapsed = time.monotonic() - window_start
@@ -284,8 +293,27 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             if main and every and state.step % every == 0 and not done:
                 row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
                 _record_evaluation(state, row, grid, log, progress.write)
+                _check_metric_names(cfg, row)
                 if _is_new_best(cfg, state):
                     save()
+                if overfitting(state.evaluations, cfg.evaluate.overfit_patience):
+                    warning = (
+                        f"validation loss rose for {cfg.evaluate.overfit_patience} evaluations in a "
+                        "row while training loss fell: the model is overfitting"
+                    )
+                    progress.write(f"warning: {warning}")
+                    if log is not None:
+                        log.event(state.step, "overfitting", warning)
+                state.stop_reason = early_stop_reason(state.evaluations, cfg.evaluate.early_stop)
+            if accelerator.num_processes > 1:  # every process stops together
+                flag = [state.stop_reason]
+                broadcast_object_list(flag)
+                state.stop_reason = flag[0]
+            if state.stop_reason is not None:
+                progress.write(f"early stop at step {state.step}: {state.stop_reason}")
+                if log is not None:
+                    log.event(state.step, "early_stop", state.stop_reason)
+                done = True
             every_ckpt, minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
             due = (every_ckpt and state.step % every_ckpt == 0) or (
                 minutes is not None and time.monotonic() - last_save_time >= minutes * 60
@@ -312,10 +340,14 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         with maybe_ema(ema):
             _save_final_model(bundle, result.model_dir, ema, state.step, cfg)
         say(f"model saved to {result.model_dir}")
-        row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
-        _record_evaluation(state, row, grid, log, say)
+        if state.evaluations and state.evaluations[-1]["step"] == state.step:
+            row = state.evaluations[-1]  # evaluated at this step already (early stop)
+        else:
+            row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
+            _record_evaluation(state, row, grid, log, say)
         crash_point("end", state.step)
         result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
+        _write_summary(run_dir, cfg, state, result, say)
         if log is not None:
             log.close()
         if cfg.evaluate.judge:
@@ -330,11 +362,61 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
 def _record_evaluation(state: TrainingProgress, row: dict, grid: Path, log, say) -> None:
     text = f"step {state.step}: samples {grid}"
     if row:
-        text += " | " + " ".join(f"{k} {v:.4f}" for k, v in row.items())
+        if state.eval_loss_steps:
+            row["train_loss"] = state.eval_loss_sum / state.eval_loss_steps
+        state.eval_loss_sum, state.eval_loss_steps = 0.0, 0
+        shown = [k for k in ("val_loss", "val_loss_ema", "train_loss") if k in row]
+        text += " | " + " ".join(f"{k} {row[k]:.4f}" for k in shown)
+        if "val_loss_low" in row:
+            buckets = "/".join(f"{row[f'val_loss_{b}']:.4f}" for b in ("low", "mid", "high"))
+            text += f" (low/mid/high noise {buckets})"
         if log is not None:
             log.log(state.step, row)
         state.evaluations.append({"step": state.step, **row})
     say(text)
+
+
+def _write_summary(run_dir: Path, cfg: RunConfig, state: TrainingProgress, result, say) -> None:
+    """run_summary.json: how the run ended and which checkpoint is best."""
+    from sdtune.checkpoint.rotation import best_step
+
+    metric = cfg.checkpoint.keep_best or cfg.evaluate.early_stop.metric or "val_loss"
+    mode = (
+        cfg.checkpoint.keep_best_mode if cfg.checkpoint.keep_best else cfg.evaluate.early_stop.mode
+    )
+    saved = {int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")}
+    best = best_step(state.evaluations, metric, mode, saved)
+    summary = {
+        "steps": state.step,
+        "stopped": state.stop_reason or "reached train.max_steps",
+        "skipped_steps": state.skipped_steps,
+        "final_val_loss": result.val_loss,
+        "best_checkpoint": None if best is None else f"checkpoints/step-{best:07d}",
+        "best_metric": {
+            "name": metric,
+            "value": next(r[metric] for r in state.evaluations if r["step"] == best),
+        }
+        if best is not None
+        else None,
+        "train_seconds": result.train_seconds,
+    }
+    (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if best is not None:
+        say(
+            f"best checkpoint by {metric}: {summary['best_checkpoint']} ({summary['best_metric']['value']:.4f})"
+        )
+
+
+def _check_metric_names(cfg: RunConfig, row: dict) -> None:
+    """A metric named in the config must be one the evaluation measures."""
+    for key, metric in (
+        ("evaluate.early_stop.metric", cfg.evaluate.early_stop.metric),
+        ("checkpoint.keep_best", cfg.checkpoint.keep_best),
+    ):
+        if metric is not None and metric not in row:
+            raise ConfigError(
+                f"{key}: '{metric}' is not measured; the evaluation gives {', '.join(sorted(row))}"
+            )
 
 
 def _is_new_best(cfg: RunConfig, state: TrainingProgress) -> bool:

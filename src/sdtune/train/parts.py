@@ -87,10 +87,10 @@ def evaluate(
     with torch.no_grad():
         if data.val is not None and cfg.evaluate.val_batches > 0:
             args = (bundle, data.val, cfg.train.batch_size, cfg.evaluate.val_batches, device)
-            row["val_loss"] = validation_loss(*args)
+            row.update(validation_loss(*args))
             if ema is not None:
                 with ema.swapped_in():
-                    row["val_loss_ema"] = validation_loss(*args)
+                    row.update({f"{k}_ema": v for k, v in validation_loss(*args).items()})
         with maybe_ema(ema):
             images = generate(
                 bundle,
@@ -106,6 +106,14 @@ def evaluate(
         images, run_dir / "samples" / f"step-{step:07d}.png", nrow=cfg.evaluate.num_per_prompt
     )
     return row, grid
+
+
+def poisoned(step: int) -> bool:
+    """Test hook: SDTUNE_POISON_STEPS=3,7 makes the loss of those steps NaN (to test the guard)."""
+    import os
+
+    spec = os.environ.get("SDTUNE_POISON_STEPS", "")
+    return str(step) in spec.split(",")
 
 
 def truncate_metrics(path: Path, step: int, evaluated_at_step: bool) -> None:

@@ -1,0 +1,170 @@
+import json
+
+import torch
+
+from sdtune.cli import main
+from sdtune.config import EarlyStopConfig, load_config
+from sdtune.data import build_datasets
+from sdtune.evaluate.early_stop import early_stop_reason, overfitting
+from sdtune.evaluate.validation import bucket_timesteps, validation_loss
+from sdtune.models import load_model
+
+
+def test_validation_loss_is_exactly_repeatable_with_buckets():
+    cfg = load_config(None, ["model.base=preset:tiny-sd", "data.resolution=32"])
+    bundle = load_model(cfg.model, cfg.diffusion, 0)
+    split = build_datasets(cfg.data, 3, 0, lambda s: None)
+    first = validation_loss(bundle, split.val, 4, 2, "cpu")
+    second = validation_loss(bundle, split.val, 4, 2, "cpu")
+    assert first == second
+    assert set(first) == {"val_loss", "val_loss_low", "val_loss_mid", "val_loss_high"}
+    assert (
+        abs(
+            first["val_loss"]
+            - (first["val_loss_low"] + first["val_loss_mid"] + first["val_loss_high"]) / 3
+        )
+        < 1e-6
+    )
+    with torch.no_grad():
+        next(bundle.unet.parameters()).add_(0.01)
+    assert validation_loss(bundle, split.val, 4, 2, "cpu") != first
+    t = bucket_timesteps(5, 1000)
+    assert 0 <= t[0] < 333 <= t[1] < 666 <= t[2] < 1000
+    assert torch.equal(t, bucket_timesteps(5, 1000))
+
+
+def _rows(values, train=None):
+    return [
+        {"step": 10 * (i + 1), "val_loss": v, **({"train_loss": train[i]} if train else {})}
+        for i, v in enumerate(values)
+    ]
+
+
+def test_early_stop_reason():
+    cfg = EarlyStopConfig(metric="val_loss", patience=2)
+    assert early_stop_reason(_rows([3, 2, 1, 1.5]), cfg) is None
+    reason = early_stop_reason(_rows([3, 2, 1, 1.5, 1.2]), cfg)
+    assert "for 2 evaluations (best 1 at step 30)" in reason
+    assert early_stop_reason(
+        _rows([3, 2.95, 2.9]), EarlyStopConfig(metric="val_loss", patience=2, min_delta=0.1)
+    )
+    assert (
+        early_stop_reason(
+            _rows([1, 2, 3]), EarlyStopConfig(metric="val_loss", patience=2, mode="max")
+        )
+        is None
+    )
+    assert early_stop_reason(_rows([1, 2, 3]), EarlyStopConfig()) is None
+
+
+def test_overfitting_needs_rising_val_and_falling_train():
+    assert overfitting(_rows([1, 1.1, 1.2, 1.3], [1, 0.9, 0.8, 0.7]), 3)
+    assert not overfitting(_rows([1, 1.1, 1.05, 1.3], [1, 0.9, 0.8, 0.7]), 3)
+    assert not overfitting(_rows([1, 1.1, 1.2, 1.3], [1, 0.9, 0.95, 0.7]), 3)
+    assert not overfitting(_rows([1, 1.1, 1.2], [1, 0.9, 0.8]), 3)
+    assert not overfitting(_rows([1, 1.1, 1.2, 1.3], [1, 0.9, 0.8, 0.7]), 0)
+
+
+OVERFIT = [
+    "--set",
+    "model.base=preset:tiny-digits",
+    "--set",
+    "data.resolution=16",
+    "--set",
+    "data.limit=16",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.learning_rate=3e-3",
+    "--set",
+    "train.ema=false",
+    "--set",
+    "train.max_steps=1500",
+    "--set",
+    "checkpoint.keep_best=val_loss",
+    "--set",
+    "evaluate.every_steps=25",
+    "--set",
+    "evaluate.val_batches=2",
+    "--set",
+    "evaluate.sample_steps=2",
+    "--set",
+    "evaluate.num_per_prompt=1",
+    "--set",
+    "evaluate.early_stop.metric=val_loss",
+    "--set",
+    "evaluate.early_stop.patience=2",
+]
+
+
+def test_early_stop_on_an_overfitting_run_keeps_the_best(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "examples/quickstart.toml",
+                "--output",
+                str(run),
+                *OVERFIT,
+                "--set",
+                "evaluate.judge=false",
+                "--set",
+                "checkpoint.every_steps=0",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    stop_step = evals[-1]["step"]
+    assert stop_step < 1500, "the run should have stopped early"
+    assert stop_step == best["step"] + 2 * 25  # within two evaluations of the minimum
+    assert len({r["step"] for r in evals}) == len(evals)  # the last evaluation is not repeated
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["best_checkpoint"] == f"checkpoints/step-{best['step']:07d}"
+    assert (run / summary["best_checkpoint"] / "manifest.json").is_file()
+    assert "has not improved" in summary["stopped"]
+    assert f"early stop at step {stop_step}" in out
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "early_stop" for e in events)
+
+
+def test_a_nan_loss_is_skipped_and_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDTUNE_POISON_STEPS", "2")
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "examples/quickstart.toml",
+        "--output",
+        str(run),
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "evaluate.judge=false",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "evaluate.sample_steps=1",
+        "--set",
+        "evaluate.num_per_prompt=1",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss/gradient, update skipped (batch: digits#" in out
+    rows = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "checkpoints" / "step-0000003" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "skipped_step" and events[0]["step"] == 2
