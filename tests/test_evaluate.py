@@ -168,3 +168,62 @@ def test_a_nan_loss_is_skipped_and_named(tmp_path, monkeypatch, capsys):
     assert all(torch.isfinite(w).all() for w in weights.values())
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "skipped_step" and events[0]["step"] == 2
+
+
+GUARDED = [
+    "train",
+    "examples/quickstart.toml",
+    "--set",
+    "train.max_steps=10",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "evaluate.judge=false",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "evaluate.sample_steps=1",
+    "--set",
+    "evaluate.num_per_prompt=1",
+    "--set",
+    "checkpoint.every_steps=3",
+    "--set",
+    "evaluate.every_steps=0",
+    "--set",
+    "train.spike_factor=3",
+    "--set",
+    "train.spike_window=5",
+    "--set",
+    "train.lr_schedule=constant",
+    "--set",
+    "train.warmup_steps=0",
+]
+
+
+def test_a_forced_divergence_rolls_back_and_recovers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDTUNE_SPIKE_AT", "8")
+    run = tmp_path / "run"
+    assert main([*GUARDED, "--output", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "diverged at step 8: rolled back to step-0000006 with the learning rate x0.5" in out
+    rows = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    lrs = {r["step"]: r["lr"] for r in rows}
+    assert lrs[10] == 0.5 * lrs[1]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["skipped_step", "rollback"]
+    progress = json.loads((run / "checkpoints" / "step-0000010" / "progress.json").read_text())
+    assert progress["rollbacks"] == 1 and progress["lr_scale"] == 0.5
+
+
+def test_rollbacks_are_limited(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDTUNE_SPIKE_AT", "8")
+    assert (
+        main([*GUARDED, "--output", str(tmp_path / "run"), "--set", "train.max_rollbacks=0"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "training diverged at step 8 after 0 rollback(s) (train.max_rollbacks=0)" in err

@@ -131,6 +131,16 @@ class TrainConfig(Section):
     """Keep an exponential moving average of the trainable weights (used for samples and export)."""
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     """EMA decay per optimizer step."""
+    spike_factor: float | None = Field(None, gt=1.0)
+    """Roll back when a step's loss exceeds this multiple of the running median (unset: no spike check)."""
+    spike_window: int = Field(50, ge=5)
+    """Steps in the running median of the spike check (it starts once the window is full)."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Roll back after this many non-finite steps in a row (each one is skipped)."""
+    rollback_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    """Multiply the learning rate by this at each rollback to the last verified checkpoint."""
+    max_rollbacks: int = Field(3, ge=0)
+    """Stop with an error after this many rollbacks (0: never roll back, stop at once)."""
     log_every: int = Field(10, ge=1)
     """Write metrics (loss, lr, grad norm, images/s) every N steps."""
 

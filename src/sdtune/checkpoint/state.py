@@ -56,6 +56,12 @@ class TrainingProgress:
     eval_loss_steps: int = 0
     stop_reason: str | None = None
     """Why training stopped early (early stopping), or None."""
+    recent_losses: list[float] = field(default_factory=list)
+    """The last train.spike_window step losses (the spike check's running median)."""
+    bad_streak: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0
+    """Product of the rollback LR factors applied so far."""
     evaluations: list[dict] = field(default_factory=list)
     """Every evaluation row so far (step, val_loss, ...): early stopping and best tracking."""
 

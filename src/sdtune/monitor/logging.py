@@ -37,6 +37,14 @@ class MetricsLog:
                     if math.isfinite(float(value)):
                         self._tb.add_scalar(key, value, step)
 
+    def rewind(self, step: int, evaluated_at_step: bool) -> None:
+        """Drop the rows after `step` (a rollback), keeping the file open for what follows."""
+        from sdtune.train.parts import truncate_metrics
+
+        self._fh.close()
+        truncate_metrics(self.path, step, evaluated_at_step)
+        self._fh = self.path.open("a", encoding="utf-8")
+
     def event(self, step: int, kind: str, message: str) -> None:
         """Something a person should know about (skipped step, early stop, warning): events.jsonl."""
         with self.events_path.open("a", encoding="utf-8") as fh:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from sdtune.train.parts import (
     grid_prompts,
     maybe_ema,
     poisoned,
+    spiked,
     truncate_metrics,
 )
 
@@ -150,18 +152,22 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema else None
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
 
-    state = TrainingProgress()
-    if resume_from is not None:
-        state = load_training_state(
-            resume_from,
+    def restore(path: Path) -> TrainingProgress:
+        ema_model = ema.model if ema else None
+        return load_training_state(
+            path,
             trainable,
             optimizer,
             lr_scheduler,
-            ema.model if ema else None,
+            ema_model,
             accelerator.scaler,
             architecture,
             rank,
         )
+
+    state = TrainingProgress()
+    if resume_from is not None:
+        state = restore(resume_from)
         say(f"resumed from {resume_from} (step {state.step}, epoch {state.position.epoch})")
         if main:
             evaluated = any(r["step"] == state.step for r in state.evaluations)
@@ -240,6 +246,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                     loss = diffusion_loss(pred, target, weights)
                     if poisoned(step + 1):
                         loss = loss * float("nan")
+                    if spiked(step + 1, state.rollbacks):
+                        loss = loss * 1000.0
                 accelerator.backward(loss / cfg.train.grad_accum)
                 step_loss += loss.detach() / cfg.train.grad_accum
 
@@ -249,16 +257,48 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in params if p.grad is not None]
                 )
-            if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
+            finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
+            spike = finite and _is_spike(float(step_loss), state.recent_losses, cfg)
+            if finite and not spike:
                 optimizer.step()
                 if ema is not None:
                     ema.step()
-            else:  # a non-finite loss or gradient never reaches the weights
+                state.bad_streak = 0
+                state.recent_losses = (state.recent_losses + [float(step_loss)])[
+                    -cfg.train.spike_window :
+                ]
+            else:  # a non-finite loss or gradient, or a spike, never reaches the weights
                 state.skipped_steps += 1
-                what = f"non-finite loss/gradient, update skipped (batch: {', '.join(names)})"
+                state.bad_streak += not finite
+                what = "loss spike" if spike else "non-finite loss/gradient"
+                what = (
+                    f"{what} ({float(step_loss):.4g}), update skipped (batch: {', '.join(names)})"
+                )
                 progress.write(f"step {step + 1}: {what}")
                 if log is not None:
                     log.event(step + 1, "skipped_step", what)
+                if spike or state.bad_streak >= cfg.train.max_bad_steps:
+                    optimizer.zero_grad(set_to_none=True)
+                    state = _roll_back(
+                        state,
+                        step + 1,
+                        ckpt_root,
+                        restore,
+                        optimizer,
+                        lr_scheduler,
+                        cfg,
+                        log,
+                        progress.write,
+                    )
+                    if log is not None:
+                        log.rewind(
+                            state.step, any(r["step"] == state.step for r in state.evaluations)
+                        )
+                    loader_iter = batches(
+                        data.train, micro, seed, state.position, cfg.data.num_workers
+                    )
+                    last_saved = state.step
+                    continue
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -405,6 +445,48 @@ def _write_summary(run_dir: Path, cfg: RunConfig, state: TrainingProgress, resul
         say(
             f"best checkpoint by {metric}: {summary['best_checkpoint']} ({summary['best_metric']['value']:.4f})"
         )
+
+
+def _is_spike(loss: float, recent: list[float], cfg: RunConfig) -> bool:
+    factor = cfg.train.spike_factor
+    if factor is None or len(recent) < cfg.train.spike_window:
+        return False
+    return loss > factor * statistics.median(recent)
+
+
+def _roll_back(
+    state, at_step, root, restore, optimizer, lr_scheduler, cfg, log, say
+) -> TrainingProgress:
+    """Back to the newest verified checkpoint with the learning rate scaled down, or a clear stop."""
+    from sdtune.checkpoint.state import find_checkpoint
+
+    if state.rollbacks >= cfg.train.max_rollbacks:
+        raise UserError(
+            f"training diverged at step {at_step} after {state.rollbacks} rollback(s) "
+            f"(train.max_rollbacks={cfg.train.max_rollbacks}); lower train.learning_rate or check the data"
+        )
+    path = find_checkpoint(root, say)
+    if path is None:
+        raise UserError(
+            f"training diverged at step {at_step} and there is no checkpoint to roll back to; "
+            "lower train.learning_rate or set checkpoint.every_steps"
+        )
+    rollbacks, scale = state.rollbacks + 1, state.lr_scale * cfg.train.rollback_lr_factor
+    restored = restore(path)
+    ratio = scale / restored.lr_scale  # the checkpoint's LRs carry its own scale already
+    lr_scheduler.base_lrs = [lr * ratio for lr in lr_scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+        group["lr"] = lr * ratio
+    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    restored.rollbacks, restored.lr_scale = rollbacks, scale
+    message = (
+        f"diverged at step {at_step}: rolled back to {path.name} with the learning rate "
+        f"x{scale:g} (rollback {rollbacks} of at most {cfg.train.max_rollbacks})"
+    )
+    say(message)
+    if log is not None:
+        log.event(at_step, "rollback", message)
+    return restored
 
 
 def _check_metric_names(cfg: RunConfig, row: dict) -> None:

@@ -116,6 +116,13 @@ def poisoned(step: int) -> bool:
     return str(step) in spec.split(",")
 
 
+def spiked(step: int, rollbacks: int) -> bool:
+    """Test hook: SDTUNE_SPIKE_AT=N multiplies the loss of step N by 1000, before any rollback."""
+    import os
+
+    return rollbacks == 0 and os.environ.get("SDTUNE_SPIKE_AT") == str(step)
+
+
 def truncate_metrics(path: Path, step: int, evaluated_at_step: bool) -> None:
     """Drop the metric rows written after the checkpoint at `step`: later steps, and an
     evaluation at `step` itself unless it came before the save (`evaluated_at_step`)."""
