@@ -88,6 +88,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_path(Path(args.path), args.fast_verify)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sdtune.errors import RunDirError
+    from sdtune.monitor.report import write_report
+
+    run_dir = Path(args.run)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise RunDirError(f"{run_dir}: not a run directory (no metrics.jsonl)")
+    out = write_report(run_dir, Path(args.out) if args.out else None)
+    print(f"report written to {out}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from sdtune.config import load_config, to_toml
 
@@ -166,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint directory, checkpoints/ folder or run directory")
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", default=None, help="output file (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)

@@ -40,6 +40,7 @@ from sdtune.evaluate.early_stop import early_stop_reason, overfitting
 from sdtune.models import apply_freezing, describe, load_model, save_bundle
 from sdtune.models.bundle import ModelBundle
 from sdtune.monitor.logging import MetricsLog, Progress
+from sdtune.monitor.report import write_report
 from sdtune.train.optim import build_lr_scheduler, build_optimizer
 from sdtune.train.parts import (
     EMA,
@@ -388,6 +389,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         crash_point("end", state.step)
         result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
         _write_summary(run_dir, cfg, state, result, say)
+        say(f"report: {write_report(run_dir)}")
         if log is not None:
             log.close()
         if cfg.evaluate.judge:
@@ -414,6 +416,8 @@ def _record_evaluation(state: TrainingProgress, row: dict, grid: Path, log, say)
             log.log(state.step, row)
         state.evaluations.append({"step": state.step, **row})
     say(text)
+    if log is not None:  # the report follows the run
+        write_report(log.path.parent)
 
 
 def _write_summary(run_dir: Path, cfg: RunConfig, state: TrainingProgress, result, say) -> None:
