@@ -155,7 +155,7 @@ def test_a_nan_loss_is_skipped_and_named(tmp_path, monkeypatch, capsys):
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "step 2: non-finite loss/gradient, update skipped (batch: digits#" in out
+    assert "step 2: non-finite loss/gradient (nan), update skipped (batch: digits#" in out
     rows = [
         json.loads(line)
         for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -227,3 +227,76 @@ def test_rollbacks_are_limited(tmp_path, monkeypatch, capsys):
     )
     err = capsys.readouterr().err
     assert "training diverged at step 8 after 0 rollback(s) (train.max_rollbacks=0)" in err
+
+
+def test_generator_metrics_see_collapse_and_copying():
+    from sdtune.evaluate.metrics import (
+        MetricUnavailable,
+        diversity,
+        fid_kid,
+        image_features,
+        memorisation,
+        precision_recall,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(60, 1, 16, 16, generator=g)
+    train = torch.rand(200, 1, 16, 16, generator=g)
+    fr, ft = image_features(real), image_features(train)
+    p, r = precision_recall(fr, fr.clone())
+    assert p == 1.0 and r == 1.0
+    collapsed = image_features(
+        real[:1].repeat(60, 1, 1, 1) + 1e-3 * torch.rand(60, 1, 16, 16, generator=g)
+    )
+    p, r = precision_recall(fr, collapsed)
+    assert r < 0.2 and diversity(fr, collapsed) < 0.05
+    assert 0.8 < diversity(fr, image_features(torch.rand(60, 1, 16, 16, generator=g))) < 1.2
+    assert memorisation(ft, fr, ft[:30]) == 1.0
+    assert memorisation(ft, fr, fr) < 0.2
+    try:
+        fid_kid(real, real)
+    except MetricUnavailable as exc:
+        assert "torchmetrics" in str(exc) or "Inception weights" in str(exc)
+
+
+def test_sdtune_eval_and_metrics_during_training(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "examples/quickstart.toml",
+        "--output",
+        str(run),
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "evaluate.judge=false",
+        "--set",
+        "evaluate.sample_steps=2",
+        "--set",
+        "evaluate.num_per_prompt=1",
+        "--set",
+        "evaluate.every_steps=2",
+        "--set",
+        "evaluate.metrics_every=2",
+        "--set",
+        "evaluate.metrics_images=20",
+        "--set",
+        "evaluate.early_stop.metric=judged_accuracy",
+        "--set",
+        "evaluate.early_stop.mode=max",
+        "--set",
+        "evaluate.early_stop.patience=5",
+    ]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if "gen_recall" in r]
+    assert [r["step"] for r in measured] == [2, 4]
+    assert all(0 <= r["judged_accuracy"] <= 1 and r["diversity"] > 0 for r in measured)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--num-images", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "gen_precision" in out and "judged_accuracy" in out and "FID/KID skipped" in out
+    saved = json.loads((run / "checkpoints" / "step-0000004" / "eval.json").read_text())
+    assert saved["weights"] == "ema" and 0 <= saved["memorisation"] <= 1

@@ -88,6 +88,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_path(Path(args.path), args.fast_verify)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import tomllib
+    import torch
+
+    from sdtune.checkpoint.export import load_checkpoint_model, resolve_checkpoint
+    from sdtune.config import validate_config
+    from sdtune.data import build_datasets
+    from sdtune.evaluate.assess import assess
+
+    ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
+    cfg = validate_config(
+        tomllib.loads((ckpt / "config.toml").read_text()), str(ckpt / "config.toml")
+    )
+    bundle, meta = load_checkpoint_model(ckpt, args.weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle.to(device)
+    data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, print)
+    values, notes = assess(bundle, cfg, data, device, args.num_images)
+    for note in notes:
+        print(note)
+    for key, value in values.items():
+        print(f"{key:<18} {value:.4f}")
+    out = ckpt / "eval.json"
+    out.write_text(
+        json.dumps(
+            {"checkpoint": str(ckpt), "weights": meta["weights"], **values, "notes": notes},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sdtune.errors import RunDirError
     from sdtune.monitor.report import write_report
@@ -178,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint directory, checkpoints/ folder or run directory")
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "eval", help="generator metrics of a checkpoint (precision/recall, diversity, ...)"
+    )
+    p.add_argument("checkpoint", help="run directory or checkpoints/step-NNNNNNN")
+    p.add_argument("--num-images", type=int, default=100, help="images to generate")
+    p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto")
+    p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a run")
     p.add_argument("run", help="run directory")

@@ -192,6 +192,10 @@ class EvaluateConfig(Section):
     """At the end, generate judge_per_class images per digit and print judged_accuracy (digits source only)."""
     judge_per_class: int = Field(20, ge=1, le=1000)
     """Images per digit generated for the judge."""
+    metrics_every: int = Field(0, ge=0)
+    """Generator metrics (precision/recall, diversity, memorisation, judged accuracy) every N steps (0: off)."""
+    metrics_images: int = Field(100, ge=10, le=10000)
+    """Images generated for the generator metrics."""
     early_stop: EarlyStopConfig = EarlyStopConfig()
     overfit_patience: int = Field(3, ge=0)
     """Warn when validation loss rises this many evaluations in a row while training loss falls (0: never)."""

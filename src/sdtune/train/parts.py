@@ -91,6 +91,13 @@ def evaluate(
             if ema is not None:
                 with ema.swapped_in():
                     row.update({f"{k}_ema": v for k, v in validation_loss(*args).items()})
+        every = cfg.evaluate.metrics_every
+        if every and (step % every == 0 or step >= cfg.train.max_steps):
+            from sdtune.evaluate.assess import assess
+
+            with maybe_ema(ema):
+                values, _ = assess(bundle, cfg, data, device, cfg.evaluate.metrics_images)
+            row.update(values)
         with maybe_ema(ema):
             images = generate(
                 bundle,
