@@ -164,3 +164,41 @@ def test_a_full_disk_skips_the_save_with_a_message(tmp_path, config, monkeypatch
     assert "NOT saving step 2" in out and "free space (training goes on)" in out
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000001"]
     assert (run / "model" / "unet").is_dir()
+
+
+def test_update_ratio_is_logged(tmp_path, config):
+    run = tmp_path / "run"
+    assert (
+        main(["train", str(config), "--output", str(run), *BASE, "--set", "train.log_every=1"]) == 0
+    )
+    rows = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert all(0 < r["update_ratio"] < 0.1 for r in rows)
+
+
+def test_missing_tracker_is_a_clear_error(tmp_path, config, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert (
+        main(
+            [
+                "train",
+                str(config),
+                "--output",
+                str(tmp_path / "r"),
+                *BASE,
+                "--set",
+                "monitor.trackers=[wandb]",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "monitor.trackers: 'wandb' is asked for but not installed (pip install wandb)"
+        in capsys.readouterr().err
+    )

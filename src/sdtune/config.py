@@ -201,6 +201,13 @@ class EvaluateConfig(Section):
     """Warn when validation loss rises this many evaluations in a row while training loss falls (0: never)."""
 
 
+class MonitorConfig(Section):
+    trackers: list[Literal["wandb", "mlflow"]] = []
+    """Extra experiment trackers through Accelerate (TensorBoard and metrics.jsonl are always written)."""
+    project: str = "sdtune"
+    """Project (W&B) or experiment (MLflow) name for the trackers."""
+
+
 class RunConfig(Section):
     seed: int = 0
     """Seed of every random draw: data order, augmentations, noise, timesteps, dropout."""
@@ -212,6 +219,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="after")
     def _judge_needs_digits(self) -> RunConfig:

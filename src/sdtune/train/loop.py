@@ -30,7 +30,7 @@ from sdtune.checkpoint.state import (
     load_training_state,
     save_training_state,
 )
-from sdtune.config import RunConfig, to_toml
+from sdtune.config import RunConfig, to_dict, to_toml
 from sdtune.data import build_datasets, next_batch
 from sdtune.data.order import derive_seed, generator
 from sdtune.diffusion.schedules import add_noise, sample_timesteps, snr
@@ -92,7 +92,15 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         say(
             f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32"
         )
-    accelerator = Accelerator(mixed_precision=precision, cpu=not use_cuda)
+    trackers = _check_trackers(cfg.monitor.trackers)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=not use_cuda,
+        log_with=trackers or None,
+        project_dir=str(run_dir),
+    )
+    if trackers:
+        accelerator.init_trackers(cfg.monitor.project, config=json.loads(json.dumps(to_dict(cfg))))
     device, rank = accelerator.device, accelerator.process_index
     main = accelerator.is_main_process
     seed = cfg.seed
@@ -260,8 +268,13 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 )
             finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
             spike = finite and _is_spike(float(step_loss), state.recent_losses, cfg)
+            update_ratio = float("nan")
             if finite and not spike:
+                log_next = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps
+                before = [p.detach().clone() for p in params] if log_next else None
                 optimizer.step()
+                if before is not None:  # |update| / |weights|, on logged steps only (a copy)
+                    update_ratio = _update_ratio(params, before)
                 if ema is not None:
                     ema.step()
                 state.bad_streak = 0
@@ -318,12 +331,15 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                     "loss": state.window_loss / state.window_steps,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
+                    "update_ratio": update_ratio,
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "epoch": state.position.epoch,
                     "skipped_steps": state.skipped_steps,
                 }
                 if log is not None:
                     log.log(state.step, row)
+                if trackers:
+                    accelerator.log(row, step=state.step)
                 progress.update(state.step, row["loss"], row["lr"], row["images_per_s"], True)
                 state.window_loss, state.window_steps = 0.0, 0
                 window_images, window_start = 0, time.monotonic()
@@ -449,6 +465,26 @@ def _write_summary(run_dir: Path, cfg: RunConfig, state: TrainingProgress, resul
         say(
             f"best checkpoint by {metric}: {summary['best_checkpoint']} ({summary['best_metric']['value']:.4f})"
         )
+
+
+def _check_trackers(trackers: list[str]) -> list[str]:
+    """Weights & Biases / MLflow through Accelerate, only when installed (clear error if not)."""
+    import importlib.util
+
+    for name in trackers:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"monitor.trackers: '{name}' is asked for but not installed (pip install {name})"
+            )
+    return list(trackers)
+
+
+def _update_ratio(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> float:
+    delta = torch.stack(
+        [(p.detach() - b).float().pow(2).sum() for p, b in zip(params, before)]
+    ).sum()
+    norm = torch.stack([p.detach().float().pow(2).sum() for p in params]).sum()
+    return float(delta.sqrt() / norm.sqrt().clamp(min=1e-12))
 
 
 def _is_spike(loss: float, recent: list[float], cfg: RunConfig) -> bool:
