@@ -6,7 +6,7 @@ import torch
 
 from sdtune.data.dataset import collate
 from sdtune.evaluate.metrics import generator_metrics, judged_metrics
-from sdtune.evaluate.sampling import generate
+from sdtune.evaluate.sampling import generate_as_configured
 
 
 def _images(dataset, count: int) -> torch.Tensor:
@@ -26,16 +26,7 @@ def assess(bundle, cfg, data, device, num_images: int) -> tuple[dict[str, float]
     else:
         captions = [r.caption for r in data.val.records] or [r.caption for r in data.train.records]
         prompts = [captions[i % len(captions)] for i in range(num_images)]
-    fake = generate(
-        bundle,
-        prompts,
-        seed=cfg.evaluate.seed + 2,
-        steps=cfg.evaluate.sample_steps,
-        guidance_scale=cfg.evaluate.guidance_scale,
-        sampler=cfg.evaluate.scheduler,
-        resolution=cfg.data.resolution,
-        device=device,
-    )
+    fake = generate_as_configured(bundle, cfg, prompts, 2, device)
     report = generator_metrics(
         fake, _images(data.val, len(fake)), _images(data.train, 4 * len(fake))
     )

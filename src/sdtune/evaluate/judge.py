@@ -87,21 +87,12 @@ def run_judge(bundle, cfg, run_dir, device, say=print) -> float:
     """Generate judge_per_class images per digit from the prompts, judge them, save the evidence."""
     import json
 
-    from sdtune.evaluate.sampling import generate, save_grid
+    from sdtune.evaluate.sampling import generate_as_configured, save_grid
 
     judge = DigitsJudge(cfg.data.resolution, seed=cfg.seed)
     say(f"judge: SVM on the real digits, held-out accuracy {judge.held_out_accuracy:.4f}")
     prompts, labels = judge_prompts(cfg.evaluate.judge_per_class)
-    images = generate(
-        bundle,
-        prompts,
-        seed=cfg.evaluate.seed + 1,
-        steps=cfg.evaluate.sample_steps,
-        guidance_scale=cfg.evaluate.guidance_scale,
-        sampler=cfg.evaluate.scheduler,
-        resolution=cfg.data.resolution,
-        device=device,
-    )
+    images = generate_as_configured(bundle, cfg, prompts, 1, device)
     result = judge.judge(images, labels)
     per_class = " ".join(f"{k}:{a:.2f}" for k, a in enumerate(result.per_class))
     say(f"judge: {len(labels)} generated images, per-digit accuracy {per_class}")

@@ -98,6 +98,23 @@ def generate(
     return torch.cat(images)
 
 
+def generate_as_configured(
+    bundle, cfg, prompts: list[str], seed_offset: int, device
+) -> torch.Tensor:
+    """`generate` with the run's evaluate.* sampler settings; seed evaluate.seed + seed_offset
+    (0 grids, 1 the judge, 2 the generator metrics, so each set stays fixed over a run)."""
+    return generate(
+        bundle,
+        prompts,
+        seed=cfg.evaluate.seed + seed_offset,
+        steps=cfg.evaluate.sample_steps,
+        guidance_scale=cfg.evaluate.guidance_scale,
+        sampler=cfg.evaluate.scheduler,
+        resolution=cfg.data.resolution,
+        device=device,
+    )
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
     """Save images (N x C x H x W in [0, 1]) as one PNG grid with `nrow` images per row."""
     grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.5)

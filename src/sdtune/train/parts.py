@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sdtune.data import DataPosition, collate, digit_prompt, next_batch
-from sdtune.evaluate.sampling import generate, save_grid
+from sdtune.evaluate.sampling import generate_as_configured, save_grid
 from sdtune.evaluate.validation import validation_loss
 from sdtune.models.bundle import ModelBundle
 
@@ -99,15 +99,12 @@ def evaluate(
                 values, _ = assess(bundle, cfg, data, device, cfg.evaluate.metrics_images)
             row.update(values)
         with maybe_ema(ema):
-            images = generate(
+            images = generate_as_configured(
                 bundle,
+                cfg,
                 [p for p in prompts for _ in range(cfg.evaluate.num_per_prompt)],
-                seed=cfg.evaluate.seed,
-                steps=cfg.evaluate.sample_steps,
-                guidance_scale=cfg.evaluate.guidance_scale,
-                sampler=cfg.evaluate.scheduler,
-                resolution=cfg.data.resolution,
-                device=device,
+                0,
+                device,
             )
     grid = save_grid(
         images, run_dir / "samples" / f"step-{step:07d}.png", nrow=cfg.evaluate.num_per_prompt
