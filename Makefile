@@ -20,7 +20,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 quickstart: $(VENV)/.installed
 	$(BIN)/sdtune train examples/quickstart.toml --output runs/quickstart --overwrite
 
+# The report test renders in Debian's chromium; a fresh CI machine gets it from Debian's registry.
 test: $(VENV)/.installed-dev
+	@if [ -n "$$CI" ] && ! command -v chromium >/dev/null; then \
+		echo "installing Debian's chromium for the report's browser test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium) >/dev/null \
+			|| echo "could not install chromium: the browser test will fail"; \
+	fi
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev

@@ -202,3 +202,24 @@ def test_missing_tracker_is_a_clear_error(tmp_path, config, capsys):
         "monitor.trackers: 'wandb' is asked for but not installed (pip install wandb)"
         in capsys.readouterr().err
     )
+
+
+def test_mlflow_tracker_receives_steps_and_evaluations(tmp_path, config, monkeypatch):
+    pytest.importorskip("mlflow")  # in the dev extras (mlflow-skinny): a real local file store
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # no database needed for a test
+    args = ["--set", "monitor.trackers=[mlflow]", "--set", "train.log_every=1"]
+    assert main(["train", str(config), "--output", str(tmp_path / "r"), *BASE, *args]) == 0
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "sdtune"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert [m.value for m in losses] == pytest.approx([r["loss"] for r in logged if "loss" in r])
+    (val,) = client.get_metric_history(run.info.run_id, "val_loss")
+    assert val.step == 3
+    assert run.data.params["train.max_steps"] == "3"

@@ -99,8 +99,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         log_with=trackers or None,
         project_dir=str(run_dir),
     )
+    track = accelerator.log if trackers else None
     if trackers:
-        accelerator.init_trackers(cfg.monitor.project, config=json.loads(json.dumps(to_dict(cfg))))
+        accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
     device, rank = accelerator.device, accelerator.process_index
     main = accelerator.is_main_process
     seed = cfg.seed
@@ -338,8 +339,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 }
                 if log is not None:
                     log.log(state.step, row)
-                if trackers:
-                    accelerator.log(row, step=state.step)
+                if track is not None:
+                    track(row, step=state.step)
                 progress.update(state.step, row["loss"], row["lr"], row["images_per_s"], True)
                 state.window_loss, state.window_steps = 0.0, 0
                 window_images, window_start = 0, time.monotonic()
@@ -349,7 +350,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             every, done = cfg.evaluate.every_steps, state.step >= cfg.train.max_steps
             if main and every and state.step % every == 0 and not done:
                 row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
-                _record_evaluation(state, row, grid, log, progress.write)
+                _record_evaluation(state, row, grid, log, progress.write, track)
                 _check_metric_names(cfg, row)
                 if _is_new_best(cfg, state):
                     save()
@@ -401,7 +402,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             row = state.evaluations[-1]  # evaluated at this step already (early stop)
         else:
             row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
-            _record_evaluation(state, row, grid, log, say)
+            _record_evaluation(state, row, grid, log, say, track)
         crash_point("end", state.step)
         result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
         _write_summary(run_dir, cfg, state, result, say)
@@ -417,7 +418,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     return result
 
 
-def _record_evaluation(state: TrainingProgress, row: dict, grid: Path, log, say) -> None:
+def _record_evaluation(
+    state: TrainingProgress, row: dict, grid: Path, log, say, track=None
+) -> None:
     text = f"step {state.step}: samples {grid}"
     if row:
         if state.eval_loss_steps:
@@ -430,6 +433,8 @@ def _record_evaluation(state: TrainingProgress, row: dict, grid: Path, log, say)
             text += f" (low/mid/high noise {buckets})"
         if log is not None:
             log.log(state.step, row)
+        if track is not None:  # W&B / MLflow see the evaluations too, not only the steps
+            track({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.step)
         state.evaluations.append({"step": state.step, **row})
     say(text)
     if log is not None:  # the report follows the run
@@ -477,6 +482,19 @@ def _check_trackers(trackers: list[str]) -> list[str]:
                 f"monitor.trackers: '{name}' is asked for but not installed (pip install {name})"
             )
     return list(trackers)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"max_steps": 3}} -> {"train.max_steps": 3}: MLflow's params are flat strings."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) else str(value)
+            )
+    return flat
 
 
 def _update_ratio(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> float:
