@@ -9,9 +9,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture
 def tiny_image_folder(tmp_path):
     """A folder of 6 small RGB images with same-stem captions."""
+    return _write_images(tmp_path / "images")
+
+
+@pytest.fixture(scope="module")
+def tiny_image_folder_module(tmp_path_factory):
+    """The same folder, shared by the tests of one module."""
+    return _write_images(tmp_path_factory.mktemp("shared") / "images")
+
+
+def _write_images(folder):
     from PIL import Image
 
-    folder = tmp_path / "images"
     folder.mkdir()
     for i in range(6):
         colour = (40 * i, 255 - 40 * i, 128)

@@ -137,8 +137,12 @@ def test_freezing_errors():
         apply_freezing(bundle, ["unet.nothing.*"], [])
     with pytest.raises(ConfigError, match="the VAE stays frozen"):
         apply_freezing(bundle, ["vae.*"], [])
+    from sdtune.config import load_config
+    from sdtune.models.adapt import prepare_model
+
+    cfg = load_config(None, ["model.trainable=[unet.*]", "model.frozen=[unet.*]"])
     with pytest.raises(ConfigError, match="no parameter is trainable"):
-        apply_freezing(bundle, ["unet.*"], ["unet.*"])
+        prepare_model(bundle, cfg)
     with pytest.raises(ConfigError, match="bad regular expression"):
         apply_freezing(bundle, ["re:("], [])
 

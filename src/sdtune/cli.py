@@ -39,24 +39,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaled(spec: str, flag: str) -> tuple[Path, float]:
+    """'file.safetensors' or 'file.safetensors:0.7' -> (path, scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def _token_file(spec: str) -> tuple[Path, str | None]:
+    """'emb.safetensors' or 'emb.safetensors:<token>' -> (path, token)."""
+    path, sep, token = spec.rpartition(":")
+    if sep and path and Path(path).suffix in (".safetensors", ".pt", ".bin"):
+        return Path(path), token
+    return Path(spec), None
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file {path}: no such file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompt-file with one prompt per line")
+    return prompts
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
+    from torchvision.utils import save_image
 
     from sdtune.config import DiffusionConfig, ModelConfig
     from sdtune.evaluate.sampling import generate, save_grid
     from sdtune.models import load_model
+    from sdtune.models.embeddings import load_embedding_file
+    from sdtune.models.lora import load_lora_files
 
+    prompts = _read_prompts(args)
     source = Path(args.model)
     if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
         source = source / "model"  # a run directory: its final model
     model_cfg = ModelConfig(base=str(source), config_source=args.config_source)
     bundle = load_model(model_cfg, DiffusionConfig(), args.seed)
+    if args.lora:
+        load_lora_files(bundle, [_scaled(spec, "--lora") for spec in args.lora])
+    for spec in args.embedding or []:
+        path, token = _token_file(spec)
+        load_embedding_file(bundle, path, token or f"<{path.stem}>")
+        print(f"embedding {path} loaded as token {token or f'<{path.stem}>'}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle.to(device)
-    prompts = [p for p in args.prompt for _ in range(args.num)]
+    expanded = [p for p in prompts for _ in range(args.num)]
     images = generate(
         bundle,
-        prompts,
+        expanded,
         seed=args.seed,
         steps=args.steps,
         guidance_scale=args.guidance,
@@ -66,16 +107,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=device,
     )
     out = save_grid(images, Path(args.out), nrow=args.num)
-    print(f"wrote {len(prompts)} image(s) as a grid to {out}")
+    if args.images_dir:
+        folder = Path(args.images_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, folder / f"{i // args.num:03d}-{i % args.num:02d}.png")
+        (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        print(f"wrote {len(images)} image(s) to {folder}")
+    print(f"wrote {len(expanded)} image(s) as a grid to {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sdtune.checkpoint.export import export_model, load_checkpoint_model, resolve_checkpoint
+    from sdtune.checkpoint.export import export_model, load_checkpoint_run, resolve_checkpoint
 
     ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
-    bundle, meta = load_checkpoint_model(ckpt, args.weights)
-    out = export_model(bundle, meta, args.format, Path(args.out), args.overwrite)
+    bundle, meta, cfg = load_checkpoint_run(ckpt, args.weights)
+    out = export_model(
+        bundle,
+        meta,
+        args.format,
+        Path(args.out),
+        args.overwrite,
+        lora_scale=args.lora_scale,
+        token=cfg.textual_inversion.token,
+    )
     print(
         f"exported {ckpt} ({meta['weights']} weights, step {meta['steps']}) as {args.format} to {out}"
     )
@@ -176,7 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate a grid of images from a model or run directory")
     p.add_argument("model", help="run directory, model folder, single file, hub id or preset:NAME")
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", help="prompt (repeat for several)")
+    p.add_argument("--prompt-file", default=None, help="text file with one prompt per line")
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="LoRA file (diffusers/peft or kohya format) with an optional scale; repeatable",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        metavar="FILE[:TOKEN]",
+        help="textual-inversion embedding (default token <file stem>); repeatable",
+    )
     p.add_argument("--num", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
@@ -191,14 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="for a single-file model: folder or cached hub id with its configs",
     )
-    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--out", required=True, help="output PNG file (the grid: one row a prompt)")
+    p.add_argument("--images-dir", default=None, help="also write each image to this folder")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("export", help="export a checkpoint as a diffusers folder or single file")
+    p = sub.add_parser(
+        "export", help="export a checkpoint: full model, merged LoRA, LoRA file or embedding"
+    )
     p.add_argument("checkpoint", help="run directory or checkpoints/step-NNNNNNN")
-    p.add_argument("--format", required=True, choices=["diffusers", "single-file", "ckpt"])
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["diffusers", "single-file", "ckpt", "merged", "lora", "kohya", "embedding"],
+        help="diffusers folder | single-file/ckpt SD checkpoint | merged (LoRA baked in: folder, "
+        "or single file for a .safetensors --out) | lora (diffusers/peft) | kohya (A1111/ComfyUI "
+        "LoRA) | embedding (textual inversion)",
+    )
     p.add_argument(
         "--out", required=True, help="output folder (diffusers) or file (.safetensors/.ckpt)"
+    )
+    p.add_argument(
+        "--lora-scale", type=float, default=1.0, help="strength of the LoRA baked into full models"
     )
     p.add_argument(
         "--weights",

@@ -66,6 +66,8 @@ class DataConfig(Section):
     """DataLoader worker processes (0 loads in the training process)."""
     limit: int | None = Field(None, ge=1)
     """Use only the first N training examples (after the split): for small experiments."""
+    labels: list[int] | None = None
+    """Keep only examples with these class labels (data.source='digits'), e.g. [9] or [0, 1, 2]."""
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +84,10 @@ class DataConfig(Section):
             raise ValueError(
                 "data.path is not used when data.source = 'digits': remove one of them"
             )
+        if self.labels is not None and self.source != "digits":
+            raise ValueError("data.labels filters the digits source only (data.source = 'digits')")
+        if self.labels is not None and not all(0 <= k <= 9 for k in self.labels):
+            raise ValueError(f"data.labels: digit labels are 0..9 (got {self.labels})")
         return self
 
 
@@ -109,6 +115,8 @@ class TrainConfig(Section):
     """Peak learning rate."""
     text_encoder_lr: float | None = Field(None, gt=0.0, le=1.0)
     """Learning rate for text-encoder parameters when they are trainable (unset: learning_rate)."""
+    text_encoder_steps: int | None = Field(None, ge=0)
+    """Stop training the text encoder (weights or LoRA) after this many steps; the UNet goes on (unset: never)."""
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
     """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop or SGD with momentum."""
     weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
@@ -208,6 +216,72 @@ class MonitorConfig(Section):
     """Project (W&B) or experiment (MLflow) name for the trackers."""
 
 
+class ParamGroup(Section):
+    params: list[str]
+    """Globs (or 're:' regexes) over trainable parameter names, as in model.trainable."""
+    lr: float | None = Field(None, gt=0.0, le=1.0)
+    """Learning rate of this group (unset: the component's default)."""
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0)
+    """Weight decay of this group (unset: train.weight_decay)."""
+
+
+class OptimizerConfig(Section):
+    param_groups: list[ParamGroup] = []
+    """Per-group settings; a parameter joins the first group whose pattern matches it, the rest keep the defaults."""
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train low-rank adapters (peft LoRA) instead of the base weights, which stay frozen."""
+    rank: int = Field(16, ge=1, le=1024)
+    """Rank r of each adapter."""
+    alpha: float | None = Field(None, gt=0.0)
+    """Scale numerator: the update is (alpha / rank) * B A (unset: alpha = rank)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    unet_targets: list[str] = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ]
+    """UNet module names (suffixes) that get adapters: attention and feed-forward projections."""
+    text_encoder: bool = False
+    """Also put adapters on the text encoder (its learning rate is train.text_encoder_lr)."""
+    text_encoder_targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    """Text-encoder module names (suffixes) that get adapters."""
+
+
+class TextualInversionConfig(Section):
+    token: str | None = None
+    """The new token to learn, e.g. '<my-cat>' (unset disables textual inversion)."""
+    init_word: str = "a"
+    """Word whose embedding initialises the new vectors (a single token, e.g. the class: 'cat')."""
+    num_vectors: int = Field(1, ge=1, le=64)
+    """Embedding vectors behind the token (more vectors, more capacity)."""
+
+
+class DreamBoothConfig(Section):
+    instance_prompt: str | None = None
+    """Prompt of every instance image, with the identifier, e.g. 'a photo of sks dog' (unset disables DreamBooth)."""
+    class_prompt: list[str] = []
+    """Prompt(s) of the class images, e.g. ['a photo of a dog']; several are cycled."""
+    class_path: Path | None = None
+    """Folder of class images; unset uses RUN/class_images. Missing images are generated from the base model."""
+    num_class_images: int = Field(100, ge=0)
+    """Class images wanted; fewer on disk are topped up by sampling the base model (kept for resume)."""
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of the prior-preservation loss on class images (0 disables prior preservation)."""
+    class_guidance_scale: float = Field(5.0, ge=0.0)
+    """Guidance scale for generating class images."""
+    class_sample_steps: int = Field(25, ge=1, le=1000)
+    """Denoising steps for generating class images (the sampler is evaluate.scheduler)."""
+
+
 class RunConfig(Section):
     seed: int = 0
     """Seed of every random draw: data order, augmentations, noise, timesteps, dropout."""
@@ -220,6 +294,37 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     monitor: MonitorConfig = MonitorConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lora: LoraConfig = LoraConfig()
+    textual_inversion: TextualInversionConfig = TextualInversionConfig()
+    dreambooth: DreamBoothConfig = DreamBoothConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapters_freeze_the_base(cls, data: Any) -> Any:
+        """LoRA and textual inversion train their own parameters: model.trainable defaults to []."""
+        if not isinstance(data, dict):
+            return data
+        lora = data.get("lora") or {}
+        ti = data.get("textual_inversion") or {}
+        model = data.get("model") or {}
+        adapted = (isinstance(lora, dict) and lora.get("enabled")) or (
+            isinstance(ti, dict) and ti.get("token")
+        )
+        if adapted and isinstance(model, dict) and "trainable" not in model:
+            return {**data, "model": {**model, "trainable": []}}
+        return data
+
+    @model_validator(mode="after")
+    def _dreambooth_needs_class_prompts(self) -> RunConfig:
+        db = self.dreambooth
+        if db.instance_prompt is not None and db.prior_loss_weight > 0 and db.num_class_images:
+            if not db.class_prompt:
+                raise ValueError(
+                    "dreambooth.class_prompt is required for prior preservation "
+                    "(or set dreambooth.prior_loss_weight = 0)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _judge_needs_digits(self) -> RunConfig:

@@ -28,10 +28,12 @@ from sdtune.checkpoint.state import (
 from sdtune.checkpoint.store import MANIFEST, CheckpointError, verify_checkpoint
 from sdtune.config import validate_config
 from sdtune.errors import UserError
-from sdtune.models import apply_freezing, load_model, save_bundle
+from sdtune.models import load_model, save_bundle
+from sdtune.models.adapt import prepare_model
 from sdtune.models.bundle import ModelBundle
 
-FORMATS = ("diffusers", "single-file", "ckpt")
+FORMATS = ("diffusers", "single-file", "ckpt", "merged", "lora", "kohya", "embedding")
+ADAPTER_FORMATS = ("lora", "kohya", "embedding")
 
 
 def resolve_checkpoint(path: Path, say, fast: bool = False) -> Path:
@@ -50,9 +52,15 @@ def resolve_checkpoint(path: Path, say, fast: bool = False) -> Path:
 
 def load_checkpoint_model(ckpt: Path, weights: str = "auto") -> tuple[ModelBundle, dict]:
     """Rebuild the model a checkpoint belongs to and load its trained (EMA or raw) weights."""
+    bundle, meta, _ = load_checkpoint_run(ckpt, weights)
+    return bundle, meta
+
+
+def load_checkpoint_run(ckpt: Path, weights: str = "auto"):
+    """(bundle, export metadata, the checkpoint's config) for a verified checkpoint."""
     cfg = validate_config(tomllib.loads((ckpt / CONFIG_KEY).read_text()), str(ckpt / CONFIG_KEY))
     bundle = load_model(cfg.model, cfg.diffusion, cfg.seed)
-    apply_freezing(bundle, cfg.model.trainable, cfg.model.frozen)
+    prepare_model(bundle, cfg)
     named = {f"{c}.{n}": p for c, m in bundle.components().items() for n, p in m.named_parameters()}
     trainable = {n: p for n, p in named.items() if p.requires_grad}
     frozen = frozen_fingerprint({n: p for n, p in named.items() if not p.requires_grad})
@@ -80,29 +88,54 @@ def load_checkpoint_model(ckpt: Path, weights: str = "auto") -> tuple[ModelBundl
         "config_sha256": hashlib.sha256((ckpt / CONFIG_KEY).read_bytes()).hexdigest(),
         "family": bundle.family,
     }
-    return bundle, meta
+    return bundle, meta, cfg
 
 
 def export_model(
-    bundle: ModelBundle, meta: dict, fmt: str, out: Path, overwrite: bool = False
+    bundle: ModelBundle,
+    meta: dict,
+    fmt: str,
+    out: Path,
+    overwrite: bool = False,
+    lora_scale: float = 1.0,
+    token: str | None = None,
 ) -> Path:
-    """Write `bundle` as `fmt` to `out` (through a temporary sibling, then renamed)."""
+    """Write `bundle` as `fmt` to `out` (through a temporary sibling, then renamed).
+
+    Full-model formats bake a LoRA in (times lora_scale) and fold new tokens into the table;
+    'merged' is a diffusers folder, or a single file when `out` ends in .safetensors."""
+    from sdtune.checkpoint import adapters
+
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if out.exists():
-        if not overwrite:
-            raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
-    if fmt != "diffusers" and bundle.vae is None:
-        raise UserError(
-            f"--format {fmt}: {meta['base_model']} is a pixel-space model (no VAE) and has no "
-            "Stable Diffusion single-file layout; export it with --format diffusers"
-        )
-    if fmt != "diffusers" and bundle.family == "sd2":
-        raise UserError(
-            f"--format {fmt}: SD 2.x single files keep the text encoder in OpenCLIP layout, which "
-            "sdtune does not write yet; export with --format diffusers"
-        )
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    if fmt in ADAPTER_FORMATS and out.suffix != ".safetensors":
+        raise UserError(f"--format {fmt}: --out must be a .safetensors file (got {out})")
+    if fmt == "merged":
+        fmt = "single-file" if out.suffix == ".safetensors" else "diffusers"
+    if fmt not in ADAPTER_FORMATS:
+        if fmt != "diffusers" and bundle.extra_tokens:
+            raise UserError(
+                f"--format {fmt}: this model has learned tokens ({', '.join(bundle.extra_tokens)}), "
+                "which SD single files cannot hold; export them with --format embedding (and "
+                "the rest with --format diffusers)"
+            )
+        _check_single_file(bundle, fmt, meta)
+        bundle = adapters.merged_copy(bundle, lora_scale)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ADAPTER_FORMATS:  # single files, each written atomically
+        if out.exists():
+            out.unlink()
+        if fmt == "lora":
+            return adapters.save_lora_diffusers(bundle, out, meta)
+        if fmt == "kohya":
+            return adapters.save_lora_kohya(bundle, out, meta)
+        if token is None:
+            raise UserError(
+                "--format embedding: this checkpoint learned no textual-inversion token"
+            )
+        return adapters.save_embedding(bundle, out, token, meta)
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
@@ -119,6 +152,19 @@ def export_model(
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
     return out
+
+
+def _check_single_file(bundle: ModelBundle, fmt: str, meta: dict) -> None:
+    if fmt != "diffusers" and bundle.vae is None:
+        raise UserError(
+            f"--format {fmt}: {meta['base_model']} is a pixel-space model (no VAE) and has no "
+            "Stable Diffusion single-file layout; export it with --format diffusers"
+        )
+    if fmt != "diffusers" and bundle.family == "sd2":
+        raise UserError(
+            f"--format {fmt}: SD 2.x single files keep the text encoder in OpenCLIP layout, which "
+            "sdtune does not write yet; export with --format diffusers"
+        )
 
 
 def single_file_metadata(path: Path) -> dict[str, str]:

@@ -61,6 +61,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "caption": caption,
             "label": record.label,
             "name": record.name,
+            "weight": record.weight,
         }
 
 
@@ -70,6 +71,7 @@ def collate(items: list[dict]) -> dict:
         "captions": [it["caption"] for it in items],
         "labels": torch.tensor([it["label"] for it in items]),
         "names": [it["name"] for it in items],
+        "weights": torch.tensor([it.get("weight", 1.0) for it in items]),
     }
 
 
@@ -117,6 +119,9 @@ def build_datasets(
     if cfg.source == "digits":
         records = digits_records()
         source = "digits (UCI handwritten digits, scikit-learn)"
+        if cfg.labels is not None:
+            records = [r for r in records if r.label in set(cfg.labels)]
+            source += f", digits {', '.join(map(str, sorted(set(cfg.labels))))}"
     else:
         assert cfg.path is not None
         records = folder_records(cfg.path, cfg.caption_extension, cfg.resolution, report)

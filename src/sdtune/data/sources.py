@@ -33,6 +33,8 @@ class Record:
     image: Image.Image | None = None
     path: Path | None = None
     label: int = -1
+    weight: float = 1.0
+    """Loss weight of this example (DreamBooth's class images carry the prior-loss weight)."""
 
     def open(self) -> Image.Image:
         if self.image is not None:

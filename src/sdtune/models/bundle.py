@@ -9,7 +9,7 @@ model_index.json, since no diffusers pipeline class describes them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ class ModelBundle:
     """sd1, sd2, custom (a latent model of another size) or pixel (no VAE)."""
     source: str
     """What model.base said, for the record."""
+    extra_tokens: dict[str, int] = field(default_factory=dict)
+    """Textual-inversion tokens added to the tokenizer and how many vectors each has."""
 
     @property
     def prediction_type(self) -> str:
@@ -58,6 +60,10 @@ class ModelBundle:
         return self
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        if self.extra_tokens:  # a multi-vector token stands for several tokens
+            from sdtune.models.embeddings import expand_prompt
+
+            prompts = [expand_prompt(p, self.extra_tokens) for p in prompts]
         return self.tokenizer(
             prompts,
             padding="max_length",

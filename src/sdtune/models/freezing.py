@@ -10,7 +10,7 @@ from sdtune.errors import ConfigError
 from sdtune.models.bundle import ModelBundle
 
 
-def _compile(pattern: str, key: str) -> re.Pattern[str]:
+def compile_pattern(pattern: str, key: str) -> re.Pattern[str]:
     if pattern.startswith("re:"):
         try:
             return re.compile(pattern[3:])
@@ -50,8 +50,8 @@ def _group(name: str) -> str:
 
 def apply_freezing(bundle: ModelBundle, trainable: list[str], frozen: list[str]) -> FreezeReport:
     """Set requires_grad from the patterns; the VAE always stays frozen. Returns the count table."""
-    train_res = [(p, _compile(p, "model.trainable")) for p in trainable]
-    frozen_res = [(p, _compile(p, "model.frozen")) for p in frozen]
+    train_res = [(p, compile_pattern(p, "model.trainable")) for p in trainable]
+    frozen_res = [(p, compile_pattern(p, "model.frozen")) for p in frozen]
     used: set[str] = set()
     groups: dict[str, list[int]] = {}
     for component, module in bundle.components().items():
@@ -75,7 +75,14 @@ def apply_freezing(bundle: ModelBundle, trainable: list[str], frozen: list[str])
                 f"{key}: pattern {pattern!r} matches no parameter "
                 "(names look like unet.down_blocks.0.attentions.0... or text_encoder.text_model...)"
             )
-    report = FreezeReport([(g, c[0], c[1]) for g, c in groups.items()])
-    if report.trainable == 0:
-        raise ConfigError("model.trainable: no parameter is trainable after model.frozen")
-    return report
+    return FreezeReport([(g, c[0], c[1]) for g, c in groups.items()])
+
+
+def count_parameters(bundle: ModelBundle) -> FreezeReport:
+    """The trainable/frozen table as the parameters' requires_grad flags stand now."""
+    groups: dict[str, list[int]] = {}
+    for component, module in bundle.components().items():
+        for pname, param in module.named_parameters():
+            counts = groups.setdefault(_group(f"{component}.{pname}"), [0, 0])
+            counts[0 if param.requires_grad else 1] += param.numel()
+    return FreezeReport([(g, c[0], c[1]) for g, c in groups.items()])

@@ -202,6 +202,8 @@ def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> Mod
                     f"model.base: {path} is a file but not a .safetensors or .ckpt checkpoint"
                 )
             bundle = load_single_file(path, model.config_source, base)
+        elif path.is_dir() and _is_adapter_folder(path):
+            return load_adapter_folder(path, diffusion)
         elif path.is_dir():
             bundle = load_folder(path, base)
         elif HUB_ID.match(base):
@@ -219,6 +221,31 @@ def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> Mod
     for module in bundle.components().values():
         if next(module.parameters()).dtype != torch.float32:
             module.to(torch.float32)
+    return bundle
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    info = path / MODEL_FILE
+    return info.is_file() and json.loads(info.read_text()).get("kind") == "adapters"
+
+
+def load_adapter_folder(path: Path, diffusion: DiffusionConfig) -> ModelBundle:
+    """A trained-adapters folder (sdtune's RUN/model after LoRA or textual inversion): its base
+    model with the LoRA and the embedding it names applied."""
+    from sdtune.models.embeddings import load_embedding_file
+    from sdtune.models.lora import load_lora_files
+
+    info = json.loads((path / MODEL_FILE).read_text())
+    base = ModelConfig(base=info["base"], config_source=info.get("config_source"))
+    try:
+        bundle = load_model(base, diffusion, int(info.get("seed", 0)))
+    except ModelError as exc:
+        raise ModelError(f"{path}: its base model cannot be loaded: {exc}") from None
+    if info.get("lora"):
+        load_lora_files(bundle, [(path / info["lora"], 1.0)])
+    if info.get("embedding"):
+        load_embedding_file(bundle, path / info["embedding"]["file"], info["embedding"]["token"])
+    bundle.source = str(path)
     return bundle
 
 

@@ -37,11 +37,13 @@ from sdtune.diffusion.schedules import add_noise, sample_timesteps, snr
 from sdtune.diffusion.targets import diffusion_loss, min_snr_weights, offset_noise, training_target
 from sdtune.errors import ConfigError, DataError, UserError
 from sdtune.evaluate.early_stop import early_stop_reason, overfitting
-from sdtune.models import apply_freezing, describe, load_model, save_bundle
+from sdtune.models import describe, load_model
+from sdtune.models.adapt import prepare_model
 from sdtune.models.bundle import ModelBundle
 from sdtune.monitor.logging import MetricsLog, Progress
 from sdtune.monitor.report import write_report
-from sdtune.train.optim import build_lr_scheduler, build_optimizer
+from sdtune.train.dreambooth import with_dreambooth
+from sdtune.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from sdtune.train.parts import (
     EMA,
     EXIT_INTERRUPTED,
@@ -114,7 +116,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     (run_dir / "config.toml").write_text(config_toml)
     bundle = load_model(cfg.model, cfg.diffusion, seed)
     say(describe(bundle))
-    freeze = apply_freezing(bundle, cfg.model.trainable, cfg.model.frozen)
+    freeze = prepare_model(bundle, cfg)  # textual-inversion token, freezing, LoRA
     say(freeze.table())
     (run_dir / "trainable.txt").write_text(freeze.table() + "\n")
     _check_resolution(bundle, cfg.data.resolution)
@@ -127,7 +129,10 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         cfg.model.base,
     )
 
+    bundle.to(device)
     data = build_datasets(cfg.data, bundle.image_channels, seed, say)
+    if cfg.dreambooth.instance_prompt is not None:
+        data = with_dreambooth(cfg, data, bundle, run_dir, device, accelerator, say)
     (run_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2) + "\n")
     num_examples, micro = len(data.train), cfg.train.batch_size
     if num_examples < micro:
@@ -147,15 +152,12 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     unet.train()
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    bundle.to(device)
 
-    unet_params = [p for n, p in trainable.items() if n.startswith("unet.")]
-    te_params = [p for n, p in trainable.items() if n.startswith("text_encoder.")]
-    groups = [{"params": unet_params, "lr": cfg.train.learning_rate}] if unet_params else []
-    if te_params:
-        groups.append(
-            {"params": te_params, "lr": cfg.train.text_encoder_lr or cfg.train.learning_rate}
-        )
+    groups = param_groups(trainable, cfg)
+    say(
+        "optimizer groups: "
+        + "; ".join(f"{g['name']} ({len(g['params'])} tensors, lr {g['lr']:g})" for g in groups)
+    )
     params = list(trainable.values())
     optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
@@ -229,6 +231,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             )  # dropout: a function of the step
             step_loss = torch.zeros((), device=device)
             names: list[str] = []
+            te_steps = cfg.train.text_encoder_steps
+            train_te_now = train_te and (te_steps is None or step < te_steps)
             for m in range(cfg.train.grad_accum):
                 batch = next(loader_iter)
                 _, state.position = next_batch(state.position, micro, num_examples, seed)
@@ -245,7 +249,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 ids = bundle.tokenize(batch["captions"]).to(device)
                 sync = m == cfg.train.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                    with nullcontext() if train_te else torch.no_grad():
+                    with nullcontext() if train_te_now else torch.no_grad():
                         hidden = text_encoder(ids)[0]
                     pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
                     weights = None
@@ -253,6 +257,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                         weights = min_snr_weights(
                             snr(ac, timesteps), cfg.diffusion.min_snr_gamma, pred_type
                         )
+                    if bool((batch["weights"] != 1).any()):  # DreamBooth's prior-loss weight
+                        sample_w = batch["weights"].to(device)
+                        weights = sample_w if weights is None else weights * sample_w
                     loss = diffusion_loss(pred, target, weights)
                     if poisoned(step + 1):
                         loss = loss * float("nan")
@@ -617,12 +624,16 @@ def _save(
 def _save_final_model(
     bundle: ModelBundle, directory: Path, ema, steps: int, cfg: RunConfig
 ) -> None:
-    """The final model as a diffusers-layout folder, swapped into place whole."""
+    """The final model, swapped into place whole: the adapter files alone (LoRA in diffusers and
+    kohya format, the textual-inversion embedding) when only adapters were trained, else a
+    diffusers-layout folder (with any LoRA merged and new tokens folded in)."""
+    from sdtune.checkpoint.adapters import final_model_files
+
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     meta = {"weights": "ema" if ema else "raw", "steps": steps, "resolution": cfg.data.resolution}
-    save_bundle(bundle, tmp, meta)
+    final_model_files(bundle, tmp, cfg, meta)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers.optimization import get_scheduler
 
-from sdtune.config import TrainConfig
+from sdtune.config import RunConfig, TrainConfig
+from sdtune.errors import ConfigError
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -45,3 +46,44 @@ def build_lr_scheduler(
         num_warmup_steps=cfg.warmup_steps,
         num_training_steps=cfg.max_steps,
     )
+
+
+def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig) -> list[dict]:
+    """Optimizer groups: optimizer.param_groups first (a parameter joins the first group whose
+    pattern matches), then the UNet (train.learning_rate) and the text encoder
+    (train.text_encoder_lr). Each group is named, for the log."""
+    from sdtune.models.freezing import compile_pattern
+
+    te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
+    user = [
+        (i, g, [compile_pattern(p, f"optimizer.param_groups[{i}].params") for p in g.params])
+        for i, g in enumerate(cfg.optimizer.param_groups)
+    ]
+    members: dict[str, list[torch.nn.Parameter]] = {}
+    settings: dict[str, dict] = {}
+    for name, param in trainable.items():
+        component = "text_encoder" if name.startswith("text_encoder.") else "unet"
+        default_lr = te_lr if component == "text_encoder" else cfg.train.learning_rate
+        for i, group, patterns in user:
+            if any(rx.fullmatch(name) for rx in patterns):
+                key = f"group{i}" if group.lr is not None else f"group{i}.{component}"
+                settings.setdefault(
+                    key,
+                    {
+                        "lr": group.lr if group.lr is not None else default_lr,
+                        "weight_decay": group.weight_decay
+                        if group.weight_decay is not None
+                        else cfg.train.weight_decay,
+                    },
+                )
+                break
+        else:
+            key = component
+            settings.setdefault(key, {"lr": default_lr, "weight_decay": cfg.train.weight_decay})
+        members.setdefault(key, []).append(param)
+    for i, group, _ in user:
+        if not any(k == f"group{i}" or k.startswith(f"group{i}.") for k in members):
+            raise ConfigError(
+                f"optimizer.param_groups[{i}].params: {group.params} match no trainable parameter"
+            )
+    return [{"name": k, "params": members[k], **settings[k]} for k in members]
