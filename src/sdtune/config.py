@@ -68,6 +68,12 @@ class DataConfig(Section):
     """Use only the first N training examples (after the split): for small experiments."""
     labels: list[int] | None = None
     """Keep only examples with these class labels (data.source='digits'), e.g. [9] or [0, 1, 2]."""
+    cache_latents: bool = False
+    """Encode every training image with the VAE once into data.cache_dir and train from the cached latent distributions (no random crop, rotation or colour jitter; flips are cached both ways)."""
+    cache_text: bool = False
+    """Encode every caption (and the empty one) with the frozen text encoder once into data.cache_dir."""
+    cache_dir: Path | None = None
+    """Folder of the latent/text cache; unset uses $XDG_CACHE_HOME/sdtune (~/.cache/sdtune). Entries are keyed by content, so runs can share it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +92,19 @@ class DataConfig(Section):
             )
         if self.labels is not None and self.source != "digits":
             raise ValueError("data.labels filters the digits source only (data.source = 'digits')")
+        if self.cache_latents:
+            from sdtune.data.cache import check_cacheable
+            from sdtune.data.transforms import TransformSpec
+
+            check_cacheable(
+                TransformSpec(
+                    resolution=self.resolution,
+                    center_crop=self.center_crop,
+                    hflip=self.hflip,
+                    rotation=self.rotation,
+                    color_jitter=self.color_jitter,
+                )
+            )
         if self.labels is not None and not all(0 <= k <= 9 for k in self.labels):
             raise ValueError(f"data.labels: digit labels are 0..9 (got {self.labels})")
         return self

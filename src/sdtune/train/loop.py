@@ -32,6 +32,7 @@ from sdtune.checkpoint.state import (
 )
 from sdtune.config import RunConfig, to_dict, to_toml
 from sdtune.data import build_datasets, next_batch
+from sdtune.data.cache import cached_batch
 from sdtune.data.order import derive_seed, generator
 from sdtune.diffusion.schedules import add_noise, sample_timesteps, snr
 from sdtune.diffusion.targets import diffusion_loss, min_snr_weights, offset_noise, training_target
@@ -153,6 +154,12 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
+    cache = None  # latents / text states computed once, on disk (data.cache_*)
+    if cfg.data.cache_latents or cfg.data.cache_text:
+        cache = _build_cache(cfg, data, bundle, precision, micro, accelerator, say)
+    cached_latents = cache is not None and cache.latents is not None
+    cached_text = cache is not None and cache.text is not None
+
     groups = param_groups(trainable, cfg)
     say(
         "optimizer groups: "
@@ -210,7 +217,12 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         if path is not None:
             last_saved, last_save_time = state.step, time.monotonic()
 
-    loader_iter = batches(data.train, micro, seed, state.position, cfg.data.num_workers)
+    def loader(position):  # decoded images, unless every latent comes from the cache
+        if cached_latents:
+            return None
+        return batches(data.train, micro, seed, position, cfg.data.num_workers)
+
+    loader_iter = loader(state.position)
     log = MetricsLog(run_dir, purge_step=state.step + 1) if main else None
     ac = bundle.noise_scheduler.alphas_cumprod.to(device)
     num_t = int(bundle.noise_scheduler.config.num_train_timesteps)
@@ -234,23 +246,30 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             te_steps = cfg.train.text_encoder_steps
             train_te_now = train_te and (te_steps is None or step < te_steps)
             for m in range(cfg.train.grad_accum):
-                batch = next(loader_iter)
-                _, state.position = next_batch(state.position, micro, num_examples, seed)
-                names += batch["names"]
+                keys, state.position = next_batch(state.position, micro, num_examples, seed)
                 gen = generator(seed, "noise", step, m, rank, device=device)
-                pixels = batch["pixel_values"].to(device, non_blocking=True)
-                with torch.no_grad():
-                    latents = bundle.encode_images(pixels, gen)
+                if cached_latents:  # no image decoded: the same draws from gen as encode_images
+                    batch = cached_batch(cache, data.train, keys, gen, device)
+                    latents = batch["latents"]
+                else:
+                    batch = next(loader_iter)
+                    pixels = batch["pixel_values"].to(device, non_blocking=True)
+                    with torch.no_grad():
+                        latents = bundle.encode_images(pixels, gen)
+                names += batch["names"]
                 noise = torch.randn(latents.shape, generator=gen, device=device)
                 noise = offset_noise(noise, cfg.diffusion.noise_offset, gen)
                 timesteps = sample_timesteps(latents.shape[0], num_t, gen, device)
                 noisy = add_noise(latents, noise, timesteps, ac)
                 target = training_target(pred_type, latents, noise, timesteps, ac)
-                ids = bundle.tokenize(batch["captions"]).to(device)
                 sync = m == cfg.train.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                    with nullcontext() if train_te_now else torch.no_grad():
-                        hidden = text_encoder(ids)[0]
+                    if cached_text:  # the text encoder is frozen
+                        hidden = cache.text.states(batch["captions"], device)
+                    else:
+                        ids = bundle.tokenize(batch["captions"]).to(device)
+                        with nullcontext() if train_te_now else torch.no_grad():
+                            hidden = text_encoder(ids)[0]
                     pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
                     weights = None
                     if cfg.diffusion.min_snr_gamma is not None:
@@ -316,9 +335,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                         log.rewind(
                             state.step, any(r["step"] == state.step for r in state.evaluations)
                         )
-                    loader_iter = batches(
-                        data.train, micro, seed, state.position, cfg.data.num_workers
-                    )
+                    loader_iter = loader(state.position)
                     last_saved = state.step
                     continue
             lr_scheduler.step()
@@ -619,6 +636,28 @@ def _save(
     ):
         say(f"checkpoint: removed {gone.name} (rotation)")
     return path
+
+
+def _build_cache(cfg: RunConfig, data, bundle, precision, micro, accelerator, say):
+    """The latent/text cache of the training set: built on the main process, read by all."""
+    from sdtune.data.cache import build_cache, default_cache_dir
+
+    def build():
+        return build_cache(
+            data.train.records,
+            data.train.spec,
+            bundle,
+            cfg.data.cache_dir or default_cache_dir(),
+            latents=cfg.data.cache_latents,
+            text=cfg.data.cache_text,
+            batch_size=micro,
+            precision=precision,
+            say=say,
+        )
+
+    cache = build() if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return cache if cache is not None else build()  # other ranks find every entry built
 
 
 def _save_final_model(

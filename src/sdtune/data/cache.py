@@ -1,0 +1,398 @@
+"""On-disk cache of VAE latent distributions and text-encoder hidden states (safetensors shards).
+
+A key is a sha256 over all its value depends on: a latent's on the image file's bytes, the
+VAE (weights and config) and the transform (resolution, channels, centre crop, flip); a text
+entry's on the caption's token ids, the text encoder and the autocast precision. A changed
+image, caption or model recomputes exactly the entries it affects; nothing stale is served.
+A latent entry is the posterior's parameters, not a sample: training samples them with its own
+seeded generator as `ModelBundle.encode_images` does, so cached and uncached runs agree.
+
+Layout: `cache_dir/latents/` and `cache_dir/text/` hold shards of tensors named by key; the
+index is the union of the shards' headers. Each shard is written to a temporary file, fsynced
+and renamed, so a killed build leaves every finished shard and the next one computes only
+what is missing. Written by hand: no library caches model outputs with content-exact
+invalidation and crash-safe shards. One builder at a time (under DDP, the main process first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from sdtune.data.order import generator
+from sdtune.data.sources import Record
+from sdtune.data.transforms import TransformSpec, apply_transform
+from sdtune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from sdtune.data.dataset import ImageTextDataset
+    from sdtune.models.bundle import ModelBundle
+
+FORMAT = "sdtune-cache-1"  # bump when what an entry means changes (transforms, layout)
+_CONFIG_NOISE = {"transformers_version", "architectures", "torch_dtype", "dtype"}
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/sdtune` (or ~/.cache/sdtune): entries are keyed by content, so runs share it."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdtune"
+
+
+def component_hash(module: torch.nn.Module) -> str:
+    """sha256 over a model component: its class, its config, and every state-dict tensor
+    (name, dtype, shape, raw bytes) in name order. Equal for a saved and reloaded copy."""
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n".encode())
+    config = getattr(module, "config", None)
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    # private keys and versions say where a config came from, not what the model computes
+    items = {k: v for k, v in items.items() if not k.startswith("_") and k not in _CONFIG_NOISE}
+    h.update(json.dumps(items, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes: any dtype, bf16 included
+    return h.hexdigest()
+
+
+def image_hash(record: Record) -> str:
+    """sha256 of the image file's bytes (or, for an in-memory image, of its mode, size and pixels)."""
+    h = hashlib.sha256()
+    if record.path is not None:
+        try:
+            with record.path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as exc:
+            raise DataError(f"{record.path}: cannot read image for the cache: {exc}") from exc
+        return h.hexdigest()
+    assert record.image is not None
+    h.update(f"{record.image.mode}|{record.image.size}\n".encode())
+    h.update(record.image.tobytes())
+    return h.hexdigest()
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(
+        json.dumps({"format": FORMAT, **parts}, sort_keys=True).encode()
+    ).hexdigest()
+
+
+def latent_key(image: str, vae: str, spec: TransformSpec, flipped: bool) -> str:
+    """Key of one latent entry: image hash + VAE hash + the transform it went through."""
+    size = {"resolution": spec.resolution, "channels": spec.channels, "crop": "center"}
+    return _key({"kind": "latents", "image": image, "vae": vae, **size, "flip": flipped})
+
+
+def text_key(ids: torch.Tensor, text_encoder: str, precision: str) -> str:
+    """Key of one text entry: the token ids the encoder sees + its hash + the autocast precision."""
+    tokens = [int(i) for i in ids.reshape(-1)]
+    parts = {"kind": "text", "ids": tokens, "text_encoder": text_encoder, "precision": precision}
+    return _key(parts)
+
+
+def check_cacheable(spec: TransformSpec) -> None:
+    """Raise ConfigError when a random transform would make cached latents wrong.
+
+    A flip has two outcomes, so both orientations are cached; a random crop, rotation or
+    colour jitter has a new outcome every epoch, so its latents cannot be computed once.
+    """
+    random = []
+    if not spec.center_crop:
+        random.append("data.center_crop=false (random crop)")
+    if spec.rotation > 0:
+        random.append(f"data.rotation={spec.rotation:g}")
+    if spec.color_jitter > 0:
+        random.append(f"data.color_jitter={spec.color_jitter:g}")
+    if random:
+        raise ConfigError(
+            f"data.cache_latents: {' and '.join(random)} changes every image each epoch, so its "
+            "latents cannot be cached; turn that augmentation off or set data.cache_latents=false"
+        )
+
+
+def _autocast(device: torch.device, precision: str):
+    """The autocast context the training loop runs the text encoder in (as Accelerate sets it)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, fsync it, rename it into place, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    finally:
+        os.close(fd)
+
+
+class ShardStore:
+    """The shards of one kind (latents or text): key -> tensor, read lazily (memory-mapped)."""
+
+    def __init__(self, folder: Path, say: Callable[[str], None] = print) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for tmp in folder.glob(".*.tmp"):  # a killed build's unfinished shard
+            tmp.unlink(missing_ok=True)
+        self.where: dict[str, Path] = {}
+        self._handles: dict[Path, safe_open] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(path, "pt") as f:
+                    keys, meta = list(f.keys()), f.metadata() or {}
+            except (OSError, SafetensorError) as exc:
+                say(f"cache: {path} is unreadable ({exc}); removed, its entries will be recomputed")
+                path.unlink(missing_ok=True)
+                continue
+            if meta.get("format") == FORMAT:  # another format's shards are left alone, unused
+                self.where.update(dict.fromkeys(keys, path))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self.where[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path].get_tensor(key)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> Path:
+        """Add one shard atomically; its name is a hash of its keys."""
+        name = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:24]
+        path = self.folder / f"{name}.safetensors"
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        _atomic_write(path, save_safetensors(data, metadata={"format": FORMAT}))
+        self._handles.pop(path, None)
+        self.where.update(dict.fromkeys(tensors, path))
+        return path
+
+
+class LatentCache:
+    """Cached VAE posteriors of a record list, by (record index, flipped)."""
+
+    def __init__(self, store: ShardStore, keys: list[dict[bool, str]], scaling_factor: float):
+        self.store, self.keys, self.scaling_factor = store, keys, scaling_factor
+
+    def parameters(self, index: int, flipped: bool = False) -> torch.Tensor:
+        """The posterior's parameters (mean and log-variance stacked on channels), 2C x h x w."""
+        if flipped not in self.keys[index]:
+            raise KeyError(f"record {index}: flipped latents are cached only when data.hflip > 0")
+        return self.store.get(self.keys[index][flipped])
+
+    def sample(
+        self,
+        indices: Sequence[int],
+        flipped: Sequence[bool],
+        generator: torch.Generator | None,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        """Scaled latents of a batch, drawn as `ModelBundle.encode_images(pixels, generator)` draws
+        them: one normal draw of the batch's shape from `generator`, then mean + std * draw."""
+        params = torch.stack([self.parameters(i, f) for i, f in zip(indices, flipped)])
+        dist = DiagonalGaussianDistribution(params.to(device))
+        return dist.sample(generator=generator) * self.scaling_factor
+
+
+class TextCache:
+    """Cached text-encoder hidden states, by caption."""
+
+    def __init__(self, store: ShardStore, tokenize: Callable, te_hash: str, precision: str):
+        self.store = store
+        self._tokenize = tokenize
+        self._hash, self._precision = te_hash, precision
+        self.keys: dict[str, str] = {}
+
+    def key(self, caption: str) -> str:
+        if caption not in self.keys:
+            ids = self._tokenize([caption])[0]
+            self.keys[caption] = text_key(ids, self._hash, self._precision)
+        return self.keys[caption]
+
+    def states(self, captions: Sequence[str], device: torch.device | str) -> torch.Tensor:
+        """Hidden states of `captions` (B x tokens x width), as `text_encoder(ids)[0]` gives them."""
+        keys = [self.key(c) for c in captions]
+        missing = [c for c, k in zip(captions, keys) if k not in self.store]
+        if missing:
+            raise KeyError(
+                f"captions not in the text cache (build it from these records): {missing}"
+            )
+        return torch.stack([self.store.get(k) for k in keys]).to(device)
+
+
+@dataclass
+class BuildStats:
+    """What a build did: entries computed now and entries found already cached."""
+
+    latents_computed: int = 0
+    latents_reused: int = 0
+    text_computed: int = 0
+    text_reused: int = 0
+
+
+@dataclass
+class DataCache:
+    """A built cache; `latents` is None for pixel-space models or when not asked for."""
+
+    latents: LatentCache | None = None
+    text: TextCache | None = None
+    stats: BuildStats = field(default_factory=BuildStats)
+
+
+def _fill(store: ShardStore, wanted: dict, encode: Callable, sizes: tuple[int, int], what, say):
+    """Compute the entries of `wanted` (key -> input) that `store` lacks, `encode` taking a
+    list of inputs; each `shard_size` entries are one shard. Returns (computed, reused)."""
+    batch_size, shard_size = sizes
+    todo = [(key, x) for key, x in wanted.items() if key not in store]
+    reused = len(wanted) - len(todo)
+    say(f"cache: {what}: {len(todo)} to encode, {reused} already in {store.folder}")
+    with tqdm(total=len(todo), desc=f"cache {what}", disable=None) as bar:
+        for start in range(0, len(todo), shard_size):
+            chunk, shard = todo[start : start + shard_size], {}
+            for first in range(0, len(chunk), batch_size):
+                part = chunk[first : first + batch_size]
+                with torch.no_grad():
+                    out = encode([x for _, x in part]).cpu()
+                shard.update(zip([key for key, _ in part], out))
+                bar.update(len(part))
+            store.write(shard)
+    return len(todo), reused
+
+
+def _build_latents(records, spec, bundle, cache_dir, sizes, stats, say) -> LatentCache:
+    check_cacheable(spec)
+    vae = bundle.vae
+    vae_hash = component_hash(vae)
+    flips = (False, True) if spec.hflip > 0 else (False,)
+    keys = []
+    for record in records:
+        digest = image_hash(record)
+        keys.append({f: latent_key(digest, vae_hash, spec, f) for f in flips})
+    store = ShardStore(cache_dir / "latents", say)
+    wanted = {k: (i, f) for i, ks in enumerate(keys) for f, k in ks.items()}  # equal images: once
+    device = next(vae.parameters()).device
+
+    def encode(items: list[tuple[int, bool]]) -> torch.Tensor:
+        pixels = torch.stack([apply_transform(records[i].open(), spec, None) for i, _ in items])
+        flip = torch.tensor([f for _, f in items]).view(-1, 1, 1, 1)
+        # the dataset flips after the crop; a flip commutes with the final [-1, 1] scaling
+        pixels = torch.where(flip, TF.horizontal_flip(pixels), pixels)
+        return vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
+
+    was_training = vae.training
+    vae.eval()
+    try:
+        computed = _fill(store, wanted, encode, sizes, "latents", say)
+    finally:
+        vae.train(was_training)
+    stats.latents_computed, stats.latents_reused = computed
+    return LatentCache(store, keys, float(vae.config.scaling_factor))
+
+
+def _build_text(records, bundle, cache_dir, sizes, precision, stats, say) -> TextCache:
+    encoder = bundle.text_encoder
+    if any(p.requires_grad for p in encoder.parameters()):
+        raise ConfigError(
+            "data.cache_text: the text encoder has trainable parameters (model.trainable, a LoRA or "
+            "a textual-inversion token), so its outputs change every step; set data.cache_text=false"
+        )
+    te_hash = component_hash(encoder)
+    text = TextCache(ShardStore(cache_dir / "text", say), bundle.tokenize, te_hash, precision)
+    captions = sorted({r.caption for r in records} | {""})  # "" is what caption dropout feeds
+    wanted = {}
+    for caption, ids in zip(captions, bundle.tokenize(captions)):
+        text.keys[caption] = text_key(ids, te_hash, precision)
+        wanted[text.keys[caption]] = ids
+    device = next(encoder.parameters()).device
+
+    def encode(ids: list[torch.Tensor]) -> torch.Tensor:
+        with _autocast(device, precision):
+            return encoder(torch.stack(ids).to(device))[0]
+
+    stats.text_computed, stats.text_reused = _fill(text.store, wanted, encode, sizes, "text", say)
+    return text
+
+
+def build_cache(
+    records: Sequence[Record],
+    spec: TransformSpec,
+    bundle: ModelBundle,
+    cache_dir: Path,
+    *,
+    latents: bool = True,
+    text: bool = True,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    precision: str = "no",
+    say: Callable[[str], None] = print,
+) -> DataCache:
+    """Compute the missing cache entries of `records` (on the device the bundle is on) and return
+    lookups for all of them. `precision` is the training's mixed precision ('no', 'fp16',
+    'bf16'): the text encoder runs under the same autocast as in the loop. Resumable: every
+    `shard_size` entries are one atomic shard, and a rerun computes only what is missing."""
+    records, cache_dir, sizes = list(records), Path(cache_dir), (batch_size, shard_size)
+    result = DataCache()
+    if latents and bundle.vae is None:
+        say("cache: this model works in pixel space (no VAE), so there are no latents to cache")
+    elif latents:
+        result.latents = _build_latents(records, spec, bundle, cache_dir, sizes, result.stats, say)
+    if text:
+        args = (records, bundle, cache_dir, sizes, precision, result.stats, say)
+        result.text = _build_text(*args)
+    return result
+
+
+def example_choices(dataset: ImageTextDataset, epoch: int, index: int) -> tuple[bool, bool]:
+    """(flipped, caption dropped) of example `index` in `epoch`: the draws `ImageTextDataset`
+    makes for it, in its order (valid for cacheable transforms, where a flip is the only one)."""
+    spec = dataset.spec
+    check_cacheable(spec)
+    if not dataset.augment:
+        return False, False
+    rng = generator(dataset.seed, "example", epoch, index)
+    flipped = spec.hflip > 0 and float(torch.rand((), generator=rng)) < spec.hflip
+    p = dataset.caption_dropout
+    dropped = p > 0 and float(torch.rand((), generator=rng)) < p
+    return flipped, dropped
+
+
+def cached_batch(
+    cache: DataCache,
+    dataset: ImageTextDataset,
+    keys: Sequence[tuple[int, int]],
+    gen: torch.Generator | None,
+    device: torch.device | str,
+) -> dict:
+    """The training inputs of the batch `keys` ((epoch, index) pairs from `next_batch`) from the
+    cache, without decoding an image: latents sampled from `gen` as `encode_images` would,
+    captions after dropout, and their hidden states when the text cache is built."""
+    assert cache.latents is not None, "cached_batch needs cached latents"
+    choices = [example_choices(dataset, epoch, index) for epoch, index in keys]
+    indices = [index for _, index in keys]
+    latents = cache.latents.sample(indices, [f for f, _ in choices], gen, device)
+    captions = ["" if d else dataset.records[i].caption for i, (_, d) in zip(indices, choices)]
+    hidden = cache.text.states(captions, device) if cache.text is not None else None
+    records = [dataset.records[i] for i in indices]
+    return {
+        "latents": latents,
+        "captions": captions,
+        "encoder_hidden_states": hidden,
+        "names": [r.name for r in records],
+        "weights": torch.tensor([r.weight for r in records]),  # as `collate` gives them
+    }
