@@ -10,7 +10,7 @@ from tests.e2e.test_resume import _assert_identical, _final_state, _train
 @pytest.mark.parametrize("hflip", [0.5])  # flips: both orientations cached
 def test_cached_training_matches_and_resumes_exactly(tmp_path, tiny_image_folder, hflip):
     cache = tmp_path / "cache"
-    extra = f'[data]\nhflip = {hflip}\ncaption_dropout = 0.3\n'
+    extra = f"[data]\nhflip = {hflip}\ncaption_dropout = 0.3\n"
     config = _config(tmp_path, tiny_image_folder, "")
     text = config.read_text().replace("[data]\n", extra, 1)
     text = text.replace("learning_rate = 0.01", "learning_rate = 0.0001")  # Adam at 1e-2 would
