@@ -300,3 +300,32 @@ def test_sdtune_eval_and_metrics_during_training(tmp_path, capsys):
     assert "gen_precision" in out and "judged_accuracy" in out and "FID/KID skipped" in out
     saved = json.loads((run / "checkpoints" / "step-0000004" / "eval.json").read_text())
     assert saved["weights"] == "ema" and 0 <= saved["memorisation"] <= 1
+
+
+def test_deferred_guard_gives_the_run_of_an_immediate_one(tmp_path, monkeypatch, capsys):
+    """The host learns of a bad step one step late unless it logs: the run must not differ."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SDTUNE_SPIKE_AT", "8")
+    monkeypatch.setenv("SDTUNE_POISON_STEPS", "2")
+    runs = {}
+    for log_every in (1, 100):
+        run = tmp_path / f"log{log_every}"
+        args = [*GUARDED, "--output", str(run), "--set", f"train.log_every={log_every}"]
+        assert main(args) == 0
+        runs[log_every] = run
+    out = capsys.readouterr().out
+    assert out.count("diverged at step 8: rolled back to step-0000006") == 2
+    final = "checkpoints/step-0000010"
+    a, b = (load_file(str(runs[k] / final / "model.safetensors")) for k in (1, 100))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema = [load_file(str(runs[k] / final / "ema.safetensors")) for k in (1, 100)]
+    assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    events = [
+        [(e["step"], e["event"]) for e in map(json.loads, (r / "events.jsonl").open())]
+        for r in runs.values()
+    ]
+    assert events[0] == events[1] == [(2, "skipped_step"), (8, "skipped_step"), (8, "rollback")]
+    progress = [json.loads((r / final / "progress.json").read_text()) for r in runs.values()]
+    for key in ("skipped_steps", "recent_losses", "rollbacks", "lr_scale", "bad_streak"):
+        assert progress[0][key] == progress[1][key], key

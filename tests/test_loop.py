@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
@@ -223,3 +224,63 @@ def test_mlflow_tracker_receives_steps_and_evaluations(tmp_path, config, monkeyp
     (val,) = client.get_metric_history(run.info.run_id, "val_loss")
     assert val.step == 3
     assert run.data.params["train.max_steps"] == "3"
+
+
+class HostReads:
+    """Reads of tensor values by the host (`.item()`, `bool()`, `float()`: a host-device sync on
+    a GPU) while it is `active`, other than the data pipeline's own (CPU tensors) and the
+    guard's deferred reports. Counted at the dispatcher, so it works on a CPU."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.active, self.found = False, []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if outer.active and func is torch.ops.aten._local_scalar_dense.default:
+                    outer.record()
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def record(self):
+        import traceback
+
+        ours = [f for f in traceback.extract_stack() if "/src/sdtune/" in f.filename]
+        where = ours[-1] if ours else None
+        if where is None or "/sdtune/data/" in where.filename or where.name == "reports":
+            return
+        self.found.append(
+            f"{where.filename.split('/src/')[-1]}:{where.lineno} {where.name}: {where.line}"
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_a_step_reads_nothing_back_from_the_device(tmp_path, config, optimizer):
+    """Between the 2nd and the 8th optimizer step (no metrics row, evaluation or checkpoint in
+    between), the loop never waits on a tensor's value: the guard decides on the device. Only
+    an optimizer without a fused kernel (RMSprop) must read the guard's flag at every step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    reads, steps = HostReads(), []
+
+    def after_step(optimizer, args, kwargs):
+        steps.append(1)
+        reads.active = 2 <= len(steps) < 8
+
+    handle = register_optimizer_step_post_hook(after_step)
+    extra = ["--set", "train.max_steps=8", "--set", "train.log_every=100"]
+    extra += ["--set", "train.spike_factor=3", "--set", "train.spike_window=5"]
+    extra += ["--set", f"train.optimizer={optimizer}"]
+    try:
+        with reads.mode:
+            assert main(["train", str(config), "--output", str(tmp_path / "r"), *BASE, *extra]) == 0
+    finally:
+        handle.remove()
+    assert len(steps) == 8
+    if optimizer == "adamw":
+        assert reads.found == []
+    else:  # one read of the flag per step, and nothing else
+        assert len(reads.found) == 6 and all("read_now" in r for r in reads.found), reads.found

@@ -63,7 +63,9 @@ class DataConfig(Section):
     on_bad_file: Literal["skip", "error"] = "error"
     """What to do with an unreadable image or a missing caption: 'error' stops, 'skip' leaves it out (both name the file)."""
     num_workers: int = Field(0, ge=0, le=64)
-    """DataLoader worker processes (0 loads in the training process)."""
+    """DataLoader worker processes (0 loads in the training process); they are kept alive across epochs."""
+    pin_memory: bool = True
+    """Put batches in page-locked memory so that their copy to the GPU overlaps compute (GPU only)."""
     limit: int | None = Field(None, ge=1)
     """Use only the first N training examples (after the split): for small experiments."""
     labels: list[int] | None = None
@@ -136,8 +138,10 @@ class TrainConfig(Section):
     """Learning rate for text-encoder parameters when they are trainable (unset: learning_rate)."""
     text_encoder_steps: int | None = Field(None, ge=0)
     """Stop training the text encoder (weights or LoRA) after this many steps; the UNet goes on (unset: never)."""
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
-    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop or SGD with momentum."""
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adamw8bit"] = "adamw"
+    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop, SGD with momentum, or AdamW with 8-bit states (bitsandbytes: pip install 'sdtune[bnb]'; a quarter of AdamW's state memory)."""
+    fused_optimizer: bool = True
+    """Use PyTorch's fused AdamW/Adam/SGD kernel (CPU and GPU): faster, and it skips a bad step on the device, without a host-device sync."""
     weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
     """Weight decay (decoupled for AdamW, L2 for the others)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -153,7 +157,15 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     """Clip the global gradient norm to this value (unset disables clipping)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision on GPU; CPU always trains in float32."""
+    """Autocast precision on GPU (bf16 on Ampere and newer; fp16 adds a loss scaler); CPU always trains in float32."""
+    tf32: bool = True
+    """Let float32 matmuls and convolutions use TF32 tensor cores (Ampere and newer GPUs; no effect on CPU)."""
+    attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "xformers"] = "sdpa"
+    """Attention kernel: 'sdpa' lets PyTorch pick (flash where available); flash, efficient, cudnn or math force one SDPA backend; xformers needs pip install xformers."""
+    channels_last: bool = False
+    """Keep the UNet's activations in channels-last memory order (often faster convolutions on GPU tensor cores)."""
+    compile: bool = False
+    """torch.compile the UNet: faster steps after a compilation of a minute or more at the first step."""
     ema: bool = True
     """Keep an exponential moving average of the trainable weights (used for samples and export)."""
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
@@ -170,6 +182,8 @@ class TrainConfig(Section):
     """Stop with an error after this many rollbacks (0: never roll back, stop at once)."""
     log_every: int = Field(10, ge=1)
     """Write metrics (loss, lr, grad norm, images/s) every N steps."""
+    log_update_ratio: bool = True
+    """Also log |update| / |weights| on those steps (it copies the trainable weights for that step: turn off when memory is tight)."""
 
 
 class CheckpointConfig(Section):

@@ -9,7 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from tests.e2e.test_resume import _assert_identical, _final_state, _train
+from tests.e2e.test_resume import (
+    _assert_identical,
+    _assert_resume_is_exact,
+    _final_state,
+    _train,
+)
 
 BASE = """
 seed = 3
@@ -169,13 +174,7 @@ def test_lora_run_model_and_sample_cli(lora_run, tmp_path):
 
 def test_lora_resume_is_bit_identical(tmp_path, tiny_image_folder):
     config = _config(tmp_path, tiny_image_folder, LORA)
-    straight = _train(config, tmp_path / "a")
-    assert straight.returncode == 0, straight.stderr
-    killed = _train(config, tmp_path / "b", crash="step:4")
-    assert killed.returncode != 0
-    resumed = _train(config, tmp_path / "b", "--resume", "latest")
-    assert resumed.returncode == 0, resumed.stderr
-    _assert_identical(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+    _assert_resume_is_exact(config, tmp_path, crash="step:4")
 
 
 def test_textual_inversion_trains_only_its_vectors_and_loads_in_diffusers(

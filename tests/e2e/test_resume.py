@@ -66,10 +66,33 @@ def _assert_identical(a, b):
     wb, eb, ob, rb = b
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert oa["state"].keys() == ob["state"].keys()
     for pid, state in oa["state"].items():
-        for key, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][pid][key]))
+        _assert_same_state(state, ob["state"][pid])
     assert ra == rb, "metrics.jsonl differs (duplicated, missing or different rows)"
+
+
+def _assert_resume_is_exact(config, root, crash: str, step: int = 6):
+    """Train straight into root/a; train into root/b killed at `crash`, resumed; same state."""
+    straight = _train(config, root / "a")
+    assert straight.returncode == 0, straight.stderr
+    killed = _train(config, root / "b", crash=crash)
+    assert killed.returncode != 0
+    resumed = _train(config, root / "b", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _final_state(root / "a", step), _final_state(root / "b", step)
+    _assert_identical(a, b)
+    return a
+
+
+def _assert_same_state(x, y):
+    """Optimizer state, exactly: tensors, numbers and nested dicts (bitsandbytes' quant state)."""
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys()
+        for key in x:
+            _assert_same_state(x[key], y[key])
+    else:
+        assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
 
 
 @pytest.fixture(scope="module")

@@ -282,10 +282,12 @@ def find_checkpoint(root: Path, say, fast: bool = False) -> Path | None:
 RESUMABLE_CHANGES = (
     "train.max_steps",
     "train.log_every",
+    "train.log_update_ratio",
     "output_dir",
     "checkpoint.",
     "evaluate.",
     "data.num_workers",
+    "data.pin_memory",
 )
 
 

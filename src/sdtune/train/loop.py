@@ -4,6 +4,10 @@ Built for exact resume: every random draw of step s (timesteps, noise, VAE sampl
 comes from generators seeded by (seed, s, micro-batch, process), and the data order is a pure
 function of (seed, epoch); so the state of a run at step s is its weights, optimizer, LR
 schedule, EMA, data position and counters, all of which a checkpoint holds.
+
+Built for speed: a step reads nothing back from the GPU. The stability guard decides on the
+device whether the update is applied (see train/guard.py) and the host learns the outcome one
+step later, or at once where it must (a metrics row, an evaluation, a checkpoint, the end).
 """
 
 from __future__ import annotations
@@ -44,18 +48,31 @@ from sdtune.models.bundle import ModelBundle
 from sdtune.monitor.logging import MetricsLog, Progress
 from sdtune.monitor.report import write_report
 from sdtune.train.dreambooth import with_dreambooth
-from sdtune.train.optim import build_lr_scheduler, build_optimizer, param_groups
+from sdtune.train.ema import EMA, maybe_ema
+from sdtune.train.guard import StepGuard
+from sdtune.train.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    param_groups,
+    skips_on_device,
+    step_unless,
+)
 from sdtune.train.parts import (
-    EMA,
     EXIT_INTERRUPTED,
     StopRequest,
     batches,
     evaluate,
     grid_prompts,
-    maybe_ema,
     poisoned,
     spiked,
     truncate_metrics,
+)
+from sdtune.train.speed import (
+    attention_kernel,
+    check_speed_options,
+    prepare_unet,
+    set_tf32,
+    training_forward,
 )
 
 
@@ -96,6 +113,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32"
         )
     trackers = _check_trackers(cfg.monitor.trackers)
+    check_speed_options(cfg.train, use_cuda)
+    if use_cuda:
+        set_tf32(cfg.train.tf32)
     accelerator = Accelerator(
         mixed_precision=precision,
         cpu=not use_cuda,
@@ -153,6 +173,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     unet.train()
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    prepare_unet(unet, cfg.train)
 
     cache = None  # latents / text states computed once, on disk (data.cache_*)
     if cfg.data.cache_latents or cfg.data.cache_text:
@@ -170,15 +191,18 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema else None
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    unet_forward = training_forward(unet, cfg.train)
+    # fused optimizers skip a bad step on the device; others (and fp16's loss scaler) read it
+    device_skip = skips_on_device(optimizer) and accelerator.scaler is None
+    guard = StepGuard(cfg.train.spike_factor, cfg.train.spike_window, device)
 
     def restore(path: Path) -> TrainingProgress:
-        ema_model = ema.model if ema else None
         return load_training_state(
             path,
             trainable,
             optimizer,
             lr_scheduler,
-            ema_model,
+            ema,
             accelerator.scaler,
             architecture,
             rank,
@@ -192,14 +216,16 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             evaluated = any(r["step"] == state.step for r in state.evaluations)
             truncate_metrics(run_dir / "metrics.jsonl", state.step, evaluated)
             truncate_metrics(run_dir / "events.jsonl", state.step, True)
+    guard.load(state)
     last_saved = state.step if resume_from is not None else -1
 
     def save() -> None:
         nonlocal last_saved, last_save_time
         if not main or last_saved == state.step:
             return
+        guard.store(state)
         if ema is not None:
-            state.ema_steps = ema.model.optimization_step
+            state.ema_steps = ema.optimization_step
         path = _save(
             ckpt_root,
             state,
@@ -232,15 +258,14 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     window_images, window_start = 0, time.monotonic()
     last_loss = float("nan")
     last_save_time = time.monotonic()
+    log_ratio = cfg.train.log_update_ratio
 
     # ---------------------------------------------------------------- train
     t_start = time.monotonic()
     with StopRequest(progress.write) as stop:
         while state.step < cfg.train.max_steps and state.stop_reason is None:
             step = state.step
-            torch.manual_seed(
-                derive_seed(seed, "step", step, rank)
-            )  # dropout: a function of the step
+            torch.manual_seed(derive_seed(seed, "step", step, rank))  # dropout: a function of step
             step_loss = torch.zeros((), device=device)
             names: list[str] = []
             te_steps = cfg.train.text_encoder_steps
@@ -267,18 +292,16 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                     if cached_text:  # the text encoder is frozen
                         hidden = cache.text.states(batch["captions"], device)
                     else:
-                        ids = bundle.tokenize(batch["captions"]).to(device)
+                        ids = bundle.tokenize(batch["captions"]).to(device, non_blocking=True)
                         with nullcontext() if train_te_now else torch.no_grad():
                             hidden = text_encoder(ids)[0]
-                    pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-                    weights = None
+                    with attention_kernel(cfg.train):
+                        pred = unet_forward(noisy, timesteps, encoder_hidden_states=hidden).sample
+                    # per-image weights: DreamBooth's prior-loss weight, else ones (exact)
+                    weights = batch["weights"].to(device, non_blocking=True)
                     if cfg.diffusion.min_snr_gamma is not None:
-                        weights = min_snr_weights(
-                            snr(ac, timesteps), cfg.diffusion.min_snr_gamma, pred_type
-                        )
-                    if bool((batch["weights"] != 1).any()):  # DreamBooth's prior-loss weight
-                        sample_w = batch["weights"].to(device)
-                        weights = sample_w if weights is None else weights * sample_w
+                        gamma = cfg.diffusion.min_snr_gamma
+                        weights = min_snr_weights(snr(ac, timesteps), gamma, pred_type) * weights
                     loss = diffusion_loss(pred, target, weights)
                     if poisoned(step + 1):
                         loss = loss * float("nan")
@@ -290,39 +313,64 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             if cfg.train.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
             else:
+                accelerator.unscale_gradients()  # fp16: the norm in true units (else a no-op)
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in params if p.grad is not None]
                 )
-            finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
-            spike = finite and _is_spike(float(step_loss), state.recent_losses, cfg)
-            update_ratio = float("nan")
-            if finite and not spike:
-                log_next = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps
-                before = [p.detach().clone() for p in params] if log_next else None
-                optimizer.step()
-                if before is not None:  # |update| / |weights|, on logged steps only (a copy)
-                    update_ratio = _update_ratio(params, before)
-                if ema is not None:
-                    ema.step()
-                state.bad_streak = 0
-                state.recent_losses = (state.recent_losses + [float(step_loss)])[
-                    -cfg.train.spike_window :
-                ]
-            else:  # a non-finite loss or gradient, or a spike, never reaches the weights
+            if accelerator.num_processes > 1:  # every process decides on the same numbers
+                step_loss = accelerator.reduce(step_loss, reduction="mean")
+            log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps
+            before = [p.detach().clone() for p in params] if log_now and log_ratio else None
+            if accelerator.scaler is None:
+                skip = guard.check(step_loss, grad_norm)  # on the device: no sync
+                if device_skip:
+                    step_unless(optimizer, skip)
+                elif not guard.read_now(skip):
+                    optimizer.step()
+            else:  # fp16: an overflowing gradient is the loss scaler's to skip, not a bad step
+                skip = guard.check(step_loss)
+                if not guard.read_now(skip):
+                    optimizer.step()
+                else:
+                    accelerator.scaler.update()  # its bookkeeping, without the step
+                skip = torch.maximum(skip, (~torch.isfinite(grad_norm)).float())
+            if ema is not None:
+                ema.step(skip)  # left as it was where the update was skipped
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            guard.push(state.step, names)
+            crash_point("step", state.step)
+
+            # -------------------------------------------------------- watch
+            every, done = cfg.evaluate.every_steps, state.step >= cfg.train.max_steps
+            evaluate_now = bool(every) and state.step % every == 0 and not done
+            every_ckpt, minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
+            save_due = (every_ckpt and state.step % every_ckpt == 0) or (
+                minutes is not None and time.monotonic() - last_save_time >= minutes * 60
+            )
+            # the host reads the previous step's outcome; all of them where it must know now
+            host_point = log_now or evaluate_now or save_due or done or bool(stop.requested)
+            reports = guard.reports(all_steps=host_point)
+            rolled_back = False
+            for report in reports:
+                last_loss = report.loss
+                if not report.bad:
+                    state.bad_streak = 0
+                    continue
                 state.skipped_steps += 1
-                state.bad_streak += not finite
-                what = "loss spike" if spike else "non-finite loss/gradient"
+                state.bad_streak += not report.finite
+                what = "loss spike" if report.spike else "non-finite loss/gradient"
                 what = (
-                    f"{what} ({float(step_loss):.4g}), update skipped (batch: {', '.join(names)})"
+                    f"{what} ({report.loss:.4g}), update skipped (batch: {', '.join(report.names)})"
                 )
-                progress.write(f"step {step + 1}: {what}")
+                progress.write(f"step {report.step}: {what}")
                 if log is not None:
-                    log.event(step + 1, "skipped_step", what)
-                if spike or state.bad_streak >= cfg.train.max_bad_steps:
-                    optimizer.zero_grad(set_to_none=True)
+                    log.event(report.step, "skipped_step", what)
+                if report.spike or state.bad_streak >= cfg.train.max_bad_steps:
                     state = _roll_back(
                         state,
-                        step + 1,
+                        report.step,
                         ckpt_root,
                         restore,
                         optimizer,
@@ -331,32 +379,30 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                         log,
                         progress.write,
                     )
+                    guard.load(state)
                     if log is not None:
-                        log.rewind(
-                            state.step, any(r["step"] == state.step for r in state.evaluations)
-                        )
+                        evaluated = any(r["step"] == state.step for r in state.evaluations)
+                        log.rewind(state.step, evaluated)
                     loader_iter = loader(state.position)
                     last_saved = state.step
-                    continue
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            crash_point("step", state.step)
+                    rolled_back = True
+                    break
+            if rolled_back:
+                continue
 
-            # -------------------------------------------------------- watch
-            last_loss = float(step_loss)
-            state.window_loss += last_loss
             state.window_steps += 1
-            state.eval_loss_sum += last_loss
             state.eval_loss_steps += 1
             window_images += micro * cfg.train.grad_accum * accelerator.num_processes
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            if log_now:
                 elapsed = time.monotonic() - window_start
+                ratio = float("nan")
+                if before is not None and not reports[-1].bad:  # |update| / |weights|
+                    ratio = _update_ratio(params, before)
                 row = {
-                    "loss": state.window_loss / state.window_steps,
+                    "loss": guard.take_row_sum() / state.window_steps,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
-                    "update_ratio": update_ratio,
+                    "update_ratio": ratio,
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "epoch": state.position.epoch,
                     "skipped_steps": state.skipped_steps,
@@ -366,15 +412,16 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 if track is not None:
                     track(row, step=state.step)
                 progress.update(state.step, row["loss"], row["lr"], row["images_per_s"], True)
-                state.window_loss, state.window_steps = 0.0, 0
+                state.window_steps = 0
                 window_images, window_start = 0, time.monotonic()
             else:
                 progress.update(state.step, last_loss, lr_scheduler.get_last_lr()[0], 0.0, False)
 
-            every, done = cfg.evaluate.every_steps, state.step >= cfg.train.max_steps
-            if main and every and state.step % every == 0 and not done:
+            if main and evaluate_now:
+                guard.store(state)  # the train loss since the last evaluation, into `state`
                 row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
                 _record_evaluation(state, row, grid, log, progress.write, track)
+                guard.load(state)
                 _check_metric_names(cfg, row)
                 if _is_new_best(cfg, state):
                     save()
@@ -387,7 +434,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                     if log is not None:
                         log.event(state.step, "overfitting", warning)
                 state.stop_reason = early_stop_reason(state.evaluations, cfg.evaluate.early_stop)
-            if accelerator.num_processes > 1:  # every process stops together
+            if accelerator.num_processes > 1 and evaluate_now:  # every process stops together
                 flag = [state.stop_reason]
                 broadcast_object_list(flag)
                 state.stop_reason = flag[0]
@@ -396,11 +443,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 if log is not None:
                     log.event(state.step, "early_stop", state.stop_reason)
                 done = True
-            every_ckpt, minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
-            due = (every_ckpt and state.step % every_ckpt == 0) or (
-                minutes is not None and time.monotonic() - last_save_time >= minutes * 60
-            )
-            if due and not done:
+            if save_due and not done:
                 save()
             if stop.requested:
                 save()
@@ -425,6 +468,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         if state.evaluations and state.evaluations[-1]["step"] == state.step:
             row = state.evaluations[-1]  # evaluated at this step already (early stop)
         else:
+            guard.store(state)
             row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
             _record_evaluation(state, row, grid, log, say, track)
         crash_point("end", state.step)
@@ -624,7 +668,7 @@ def _save(
         trainable,
         optimizer,
         lr_scheduler,
-        ema.model if ema else None,
+        ema,
         scaler,
         config_toml,
         architecture,

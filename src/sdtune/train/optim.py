@@ -10,8 +10,10 @@ from sdtune.errors import ConfigError
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay, Loshchilov & Hutter 2019), Adam, RMSprop or SGD over param groups."""
-    fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])
+    """AdamW (decoupled decay, Loshchilov & Hutter 2019), Adam, RMSprop, SGD or 8-bit AdamW
+    (Dettmers et al. 2022, bitsandbytes) over param groups; fused kernels where asked and able."""
+    params = [p for g in groups for p in g["params"]]
+    fused = cfg.fused_optimizer and all(p.device.type in ("cuda", "cpu") for p in params)
     if cfg.optimizer in ("adamw", "adam"):
         cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         return cls(
@@ -22,6 +24,15 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
             weight_decay=cfg.weight_decay,
             fused=fused or None,
         )
+    if cfg.optimizer == "adamw8bit":
+        bnb = require_bitsandbytes()
+        return bnb.optim.AdamW8bit(
+            groups,
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
             groups,
@@ -31,8 +42,44 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
             weight_decay=cfg.weight_decay,
         )
     return torch.optim.SGD(
-        groups, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        groups,
+        lr=cfg.learning_rate,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a one-line error saying how to install it."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "train.optimizer='adamw8bit' needs bitsandbytes, which is not installed "
+            "(pip install 'sdtune[bnb]')"
+        )
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether a device flag can leave `optimizer.step()` undone: fused kernels read it as
+    `found_inf`, return early and do not count the step."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    return bool(getattr(inner, "_step_supports_amp_scaling", False))
+
+
+def step_unless(optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, left undone on the device where `skip` (a float32 flag on the
+    parameters' device) is 1.0; needs `skips_on_device(optimizer)`. Reads nothing on the host."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
 
 
 def build_lr_scheduler(

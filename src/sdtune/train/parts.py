@@ -1,10 +1,9 @@
-"""Small pieces the loop calls: EMA, batch iteration, evaluation, signals, the metrics log on resume."""
+"""Small pieces the loop calls: batch iteration, evaluation, signals, the metrics log on resume."""
 
 from __future__ import annotations
 
 import json
 import signal
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,38 +12,9 @@ from sdtune.data import DataPosition, collate, digit_prompt, next_batch
 from sdtune.evaluate.sampling import generate_as_configured, save_grid
 from sdtune.evaluate.validation import validation_loss
 from sdtune.models.bundle import ModelBundle
+from sdtune.train.ema import maybe_ema
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; resume to continue
-
-
-class EMA:
-    """EMA of the trainable weights (diffusers' EMAModel), with a swap-in for evaluation."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
-        from diffusers.training_utils import EMAModel
-
-        self.params = params
-        self.model = EMAModel(params, decay=decay)
-
-    def step(self) -> None:
-        self.model.step(self.params)
-
-    def swapped_in(self):
-        ema = self
-
-        class _Swap:
-            def __enter__(self):
-                ema.model.store(ema.params)
-                ema.model.copy_to(ema.params)
-
-            def __exit__(self, *exc):
-                ema.model.restore(ema.params)
-
-        return _Swap()
-
-
-def maybe_ema(ema: EMA | None):
-    return ema.swapped_in() if ema is not None else nullcontext()
 
 
 def batches(dataset, batch_size: int, seed: int, start: DataPosition, workers: int):

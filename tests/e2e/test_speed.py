@@ -1,0 +1,82 @@
+"""The fast-path switches end to end on CPU: each trains, 8-bit AdamW resumes bit for bit, and
+a switch this machine cannot honour is a one-line error before any work."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from sdtune.cli import main
+from tests.e2e.test_resume import CONFIG, _assert_resume_is_exact
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _config(tmp_path, extra: str = ""):
+    path = tmp_path / "cfg.toml"
+    path.write_text(CONFIG.replace("[train]\n", "[train]\n" + extra))
+    return path
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes (the 'bnb' extra) is not installed")
+def test_8bit_adamw_trains_and_resumes_bit_for_bit(tmp_path):
+    config = _config(tmp_path, 'optimizer = "adamw8bit"\n')
+    a = _assert_resume_is_exact(config, tmp_path, crash="step:3")
+    quant = [s["__bnb_optimizer_quant_state__"] for s in a[2]["state"].values()]
+    assert any(q["state1"].dtype == torch.uint8 for q in quant)  # the moments really are 8-bit
+
+
+def test_fast_path_switches_train_on_cpu(tmp_path, capsys):
+    extra = "\n".join(
+        [
+            'attention = "math"',
+            "channels_last = true",
+            "fused_optimizer = false",
+            "tf32 = false",
+            "log_update_ratio = false",
+        ]
+    )
+    config = _config(tmp_path, extra + "\n")
+    run = tmp_path / "run"
+    args = ["train", str(config), "--output", str(run), "--set", "data.pin_memory=false"]
+    assert main([*args, "--set", "train.max_steps=2", "--set", "evaluate.every_steps=0"]) == 0
+    rows = (run / "metrics.jsonl").read_text()
+    assert '"update_ratio": NaN' in rows and '"loss"' in rows
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("train.attention=efficient", "train.attention='efficient' needs a CUDA GPU"),
+        ("train.attention=xformers", "train.attention='xformers' needs a CUDA GPU"),
+        ("train.optimizer=adamw8bit", "needs bitsandbytes, which is not installed"),
+    ],
+)
+def test_unavailable_switch_is_a_one_line_error(tmp_path, capsys, monkeypatch, setting, message):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("bitsandbytes", "xformers") else real(name, *a),
+    )
+    config = _config(tmp_path)
+    assert main(["train", str(config), "--output", str(tmp_path / "r"), "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_like_the_eager_one(tmp_path):
+    """torch.compile of the UNet (about a minute to compile on CPU): the same run, to rounding."""
+    from safetensors.torch import load_file
+
+    config = _config(tmp_path)
+    for name, compile_ in (("eager", "false"), ("compiled", "true")):
+        args = ["train", str(config), "--output", str(tmp_path / name)]
+        args += ["--set", f"train.compile={compile_}", "--set", "train.max_steps=2"]
+        assert main([*args, "--set", "evaluate.every_steps=0"]) == 0
+    final = "checkpoints/step-0000002/model.safetensors"
+    eager, compiled = (load_file(str(tmp_path / n / final)) for n in ("eager", "compiled"))
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)
