@@ -1,0 +1,240 @@
+"""The models the throughput benchmark trains, and the FLOP count of one training step.
+
+- sdtune's tiny presets (`tiny-sd`, `tiny-digits`), as `model.base = "preset:NAME"` says;
+- full-size Stable Diffusion architectures built from their published component configs
+  (written out below, so nothing is downloaded) with seeded random weights: `sd15` (UNet
+  859.5M parameters, VAE 83.7M, CLIP ViT-L/14 text encoder 123.1M) and `sdxl` (UNet 2.57B,
+  two text encoders). Random weights cost the same FLOPs and memory as trained ones.
+
+`sd15` is handed to sdtune's real loader by adding it to the preset table in the benchmark's
+own process (`register_presets`); `sdxl` is counted only, since sdtune train refuses SDXL so far.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from sdtune.diffusion.schedules import make_noise_scheduler
+from sdtune.models.bundle import ModelBundle
+from sdtune.models.presets import PRESETS, build_preset
+from sdtune.models.tokenizer import build_tiny_tokenizer
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json, vae/config.json
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+SD_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+# openai/clip-vit-large-patch14, text model (SD 1.x text_encoder; SDXL text_encoder)
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, text_encoder_2 (OpenCLIP bigG)
+SDXL_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+CLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A model the benchmark knows: its sdtune `model.base`, default shape and what can run."""
+
+    name: str
+    base: str | None
+    """model.base for sdtune (None: sdtune cannot train it yet, FLOPs only)."""
+    resolution: int
+    batch_size: int
+    latent: bool
+    """True when the model has a VAE (only such models fit diffusers' text-to-image script)."""
+
+
+ARCHS = {
+    "tiny-sd": Arch("tiny-sd", "preset:tiny-sd", 32, 64, True),
+    "tiny-digits": Arch("tiny-digits", "preset:tiny-digits", 16, 64, False),
+    "sd15": Arch("sd15", "preset:bench-sd15", 512, 8, True),
+    "sdxl": Arch("sdxl", None, 1024, 4, True),
+}
+
+
+def _clip_config(fields: dict, tokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        **fields,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sd15(dropout: float = 0.0) -> ModelBundle:
+    """Stable Diffusion 1.5 at full size with random weights (sdtune's byte-level tokenizer
+    stands in for CLIP's, which would need a download; the encoder's cost is the same)."""
+    tokenizer = build_tiny_tokenizer(max_length=77)
+    text_encoder = CLIPTextModel(_clip_config(CLIP_L, tokenizer))
+    vae = AutoencoderKL(**SD_VAE)
+    unet = UNet2DConditionModel(**SD15_UNET, dropout=dropout)
+    scheduler = make_noise_scheduler(1000, "scaled_linear", "epsilon")
+    return ModelBundle(unet, text_encoder, tokenizer, scheduler, vae, "sd1", "preset:bench-sd15")
+
+
+def register_presets() -> None:
+    """Let `model.base = "preset:bench-sd15"` name the full-size SD 1.5 (this process only)."""
+    PRESETS.setdefault("bench-sd15", sd15)
+
+
+def build_bundle(arch: Arch, seed: int = 0) -> ModelBundle:
+    """The model with real (random, seeded) weights, as sdtune builds it for `arch.base`."""
+    if arch.base is None:
+        raise ValueError(f"{arch.name} has no sdtune bundle")
+    register_presets()
+    return build_preset(arch.base.removeprefix("preset:"), seed)
+
+
+def _meta_components(arch: Arch) -> tuple[UNet2DConditionModel, list, AutoencoderKL | None]:
+    """The architecture on the meta device: shapes only, no memory, no initialisation."""
+    if arch.name == "sd15":
+        unet_cfg, text_cfgs, vae_cfg = SD15_UNET, [CLIPTextConfig(**CLIP_L)], SD_VAE
+    elif arch.name == "sdxl":
+        unet_cfg, vae_cfg = SDXL_UNET, {**SD_VAE, "sample_size": 1024}
+        text_cfgs = [CLIPTextConfig(**CLIP_L), CLIPTextConfig(**CLIP_BIGG)]
+    else:  # a tiny preset is cheap to build for real; its configs are what counts
+        bundle = build_bundle(arch)
+        unet_cfg, text_cfgs = dict(bundle.unet.config), [bundle.text_encoder.config]
+        vae_cfg = dict(bundle.vae.config) if bundle.vae is not None else None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        encoders = [CLIPTextModel(text_cfgs[0])]
+        if len(text_cfgs) > 1:
+            encoders.append(CLIPTextModelWithProjection(text_cfgs[1]))
+        vae = AutoencoderKL.from_config(vae_cfg) if vae_cfg is not None else None
+    return unet, encoders, vae
+
+
+def resolution_multiple(arch: Arch) -> int:
+    """Image sides must be a multiple of this: the VAE's and the UNet's downsampling together."""
+    unet, _, vae = _meta_components(arch)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    return vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def parameter_counts(arch: Arch) -> dict[str, int]:
+    unet, encoders, vae = _meta_components(arch)
+    counts = {"unet": sum(p.numel() for p in unet.parameters())}
+    for i, encoder in enumerate(encoders):
+        counts["text_encoder" + (f"_{i + 1}" if i else "")] = sum(
+            p.numel() for p in encoder.parameters()
+        )
+    if vae is not None:
+        counts["vae"] = sum(p.numel() for p in vae.parameters())
+    return counts
+
+
+def step_flops(arch: Arch, resolution: int, batch: int, train_text: bool) -> dict[str, int]:
+    """FLOPs of one training step at this shape, counted by torch's FlopCounterMode on the meta
+    device (matmuls, convolutions and attention; elementwise work is not counted): the VAE
+    encode, the text encoder(s), the UNet forward and the whole backward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, encoders, vae = _meta_components(arch)
+    for module in [*encoders, *([vae] if vae is not None else [])]:
+        module.requires_grad_(train_text and module is not vae)
+    channels = vae.config.in_channels if vae is not None else unet.config.in_channels
+    pixels = torch.zeros(batch, channels, resolution, resolution, device="meta")
+    length = encoders[0].config.max_position_embeddings
+    ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    flops: dict[str, int] = {}
+    with FlopCounterMode(display=False) as counter:
+
+        def mark(name: str) -> None:
+            flops[name] = counter.get_total_flops() - sum(flops.values())
+
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
+        mark("vae_encode")
+        with nullcontext() if train_text else torch.no_grad():
+            outputs = [e(ids, output_hidden_states=True) for e in encoders]
+        if len(encoders) == 1:
+            hidden, extra = outputs[0].last_hidden_state, {}
+        else:  # SDXL: penultimate states of both encoders, pooled bigG embedding, size/crop ids
+            hidden = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+            time_ids = torch.zeros(batch, 6, device="meta")
+            extra = {
+                "added_cond_kwargs": {"text_embeds": outputs[1].text_embeds, "time_ids": time_ids}
+            }
+        mark("text_encoder")
+        pred = unet(latents, timesteps, encoder_hidden_states=hidden, **extra).sample
+        mark("unet_forward")
+        pred.float().pow(2).mean().backward()
+        mark("backward")
+    flops["total"] = sum(flops.values())
+    return flops

@@ -1,0 +1,184 @@
+"""What both trainers share, and the peer's side of it.
+
+The peer is diffusers' `examples/text_to_image/train_text_to_image.py`, given by path (the
+user takes it from the diffusers repository, at the tag of the installed diffusers; it is
+never kept in this repository). Both trainers read the same image folder (the digits written
+as PNGs with a metadata.jsonl) and the same diffusers pipeline folder (the model saved once
+by sdtune's `save_bundle`), with the same optimizer settings, batch and resolution.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+from sdtune.errors import UserError
+
+PEER_PATH = "examples/text_to_image/train_text_to_image.py"
+PEER_NEEDS = ("datasets", "torchvision", "tensorboard", "packaging")
+# The settings both trainers run with: the peer's defaults, spelled out for sdtune too.
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 1e-2
+MAX_GRAD_NORM = 1.0
+
+
+class BenchmarkError(UserError):
+    """The benchmark cannot run as asked; the message says what to do."""
+
+
+def check_peer(script: Path) -> dict:
+    """The peer script's facts (path, sha256, minimum diffusers), or a one-line error naming
+    what is missing."""
+    import hashlib
+
+    import diffusers
+    from packaging.version import Version
+
+    if not script.is_file():
+        raise BenchmarkError(
+            f"--peer {script}: no such file; take {PEER_PATH} from the diffusers repository "
+            f"at the tag of your diffusers (v{diffusers.__version__})"
+        )
+    text = script.read_text(encoding="utf-8")
+    if "--train_data_dir" not in text or "def main" not in text:
+        raise BenchmarkError(f"--peer {script}: this is not diffusers' {PEER_PATH}")
+    missing = [name for name in PEER_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BenchmarkError(
+            f"--peer: the peer script needs {', '.join(missing)}, not installed here "
+            f"(pip install {' '.join(missing)}; see examples/text_to_image/requirements.txt)"
+        )
+    found = re.search(r'check_min_version\("([^"]+)"\)', text)
+    needs = found.group(1) if found else None
+    if needs is not None and Version(diffusers.__version__) < Version(needs):
+        raise BenchmarkError(
+            f"--peer {script} needs diffusers>={needs} but {diffusers.__version__} is installed; "
+            f"take the script from the diffusers tag v{diffusers.__version__}"
+        )
+    return {
+        "path": str(script),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "min_diffusers": needs,
+        "has_interpolation_flag": "--image_interpolation_mode" in text,
+    }
+
+
+def write_digits_folder(folder: Path, resolution: int, channels: int, limit: int | None) -> Path:
+    """sdtune's bundled digits as PNGs already at `resolution` (bicubic, as sdtune resizes), with a
+    metadata.jsonl (file_name, text): the folder both trainers read. Reused when complete."""
+    from PIL import Image
+
+    from sdtune.data.sources import digits_records
+
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rows = []
+    for i, record in enumerate(digits_records()[:limit]):
+        image = record.open().resize((resolution, resolution), Image.Resampling.BICUBIC)
+        name = f"{i:04d}.png"
+        image.convert("RGB" if channels == 3 else "L").save(tmp / name)
+        rows.append(json.dumps({"file_name": name, "text": record.caption}))
+    (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    tmp.rename(folder)
+    return folder
+
+
+def write_model_folder(folder: Path, arch) -> Path:
+    """The model as a diffusers pipeline folder (seed 0), written once and reused: the peer
+    loads it with from_pretrained(subfolder=...), sdtune as model.base."""
+    from benchmarks.models import build_bundle
+    from sdtune.models.bundle import MODEL_FILE, save_bundle
+
+    if (folder / MODEL_FILE).is_file():  # save_bundle writes this file last
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_bundle(build_bundle(arch, seed=0), tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def peer_args(
+    peer: dict,
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    resolution: int,
+    batch: int,
+    max_steps: int,
+    precision: str,
+    ema: bool,
+) -> list[str]:
+    """The peer's command line for the benchmark's model, data and settings."""
+    args = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--train_data_dir", str(data_dir),
+        "--resolution", str(resolution),
+        "--center_crop",
+        "--train_batch_size", str(batch),
+        "--max_train_steps", str(max_steps),
+        "--learning_rate", str(LEARNING_RATE),
+        "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0",
+        "--adam_weight_decay", str(WEIGHT_DECAY),
+        "--max_grad_norm", str(MAX_GRAD_NORM),
+        "--mixed_precision", precision,
+        "--seed", "0",
+        "--output_dir", str(out_dir),
+        "--checkpointing_steps", str(10**9),
+        "--dataloader_num_workers", "0",
+        "--report_to", "tensorboard",
+    ]  # fmt: skip
+    if peer["has_interpolation_flag"]:  # sdtune resizes with bicubic
+        args += ["--image_interpolation_mode", "bicubic"]
+    if ema:
+        args.append("--use_ema")
+    return args
+
+
+def sdtune_config(
+    base: str,
+    data_dir: Path,
+    resolution: int,
+    batch: int,
+    max_steps: int,
+    precision: str,
+    ema: bool,
+    train_text: bool,
+    log_every: int,
+) -> dict:
+    """sdtune's config for the same run: no validation, samples, checkpoints or judge on the way."""
+    return {
+        "seed": 0,
+        "model": {
+            "base": base,
+            "trainable": ["unet.*"] + (["text_encoder.*"] if train_text else []),
+        },
+        "data": {
+            "source": "folder",
+            "path": str(data_dir),
+            "resolution": resolution,
+            "center_crop": True,
+            "val_fraction": 0.0,
+            "num_workers": 0,
+        },
+        "train": {
+            "max_steps": max_steps,
+            "batch_size": batch,
+            "learning_rate": LEARNING_RATE,
+            "lr_schedule": "constant",
+            "weight_decay": WEIGHT_DECAY,
+            "max_grad_norm": MAX_GRAD_NORM,
+            "mixed_precision": precision,
+            "ema": ema,
+            "log_every": log_every,
+        },
+        "checkpoint": {"every_steps": 0},
+        "evaluate": {"every_steps": 0, "val_batches": 0},
+    }

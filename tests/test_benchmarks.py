@@ -1,0 +1,129 @@
+"""The throughput benchmark: a real (short) run on the tiny preset, its result file, its errors.
+
+The side-by-side test needs diffusers' examples/text_to_image/train_text_to_image.py, which is
+not part of this repository: set SDTUNE_PEER_SCRIPT to its path to run it.
+"""
+
+import importlib.util
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks import throughput
+from benchmarks.models import ARCHS, parameter_counts, step_flops
+from benchmarks.peer import BenchmarkError, check_peer
+from benchmarks.report import BEGIN, END, update_readme
+
+SHORT = ["--resolution", "16", "--batch-size", "4", "--warmup", "1", "--steps", "2"]
+SHORT += ["--images", "16", "--threads", "1", "--cpu", "--no-readme"]
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "out"
+    argv = [*SHORT, "--work", str(tmp_path / "work"), "--out", str(out), *extra]
+    assert throughput.main(argv) == 0
+    (found,) = out.glob("throughput-*.json")
+    assert found.with_suffix(".md").is_file()
+    return json.loads(found.read_text())
+
+
+def test_tiny_preset_run_writes_a_complete_result(tmp_path):
+    result = _run(tmp_path, "--repeats", "1", "--peak-tflops", "0.5")
+    assert result["benchmark"] == "throughput"
+    assert result["command"].startswith("python -m benchmarks.throughput --resolution 16")
+    assert result["machine"]["device"] == "cpu" and result["machine"]["torch_threads"] == 1
+    assert result["versions"]["torch"] and result["versions"]["sdtune"]
+    setup = result["setup"]
+    assert (setup["model"], setup["resolution"], setup["batch_size"]) == ("tiny-sd", 16, 4)
+    assert setup["sdtune_config"]["train"]["log_every"] == 10
+    (run,) = result["runs"]
+    assert run["trainer"] == "sdtune" and len(run["step_s"]) == 2
+    assert all(s > 0 for s in run["step_s"]) and len(run["load_average_start"]) == 3
+    flops = result["flops_per_step"]
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total") > 0
+    mine = result["summary"]["sdtune"]
+    median = statistics.median(run["step_s"])
+    assert mine["images_per_s"] == pytest.approx(4 / median)
+    assert mine["step_s_p25"] <= mine["step_s_median"] <= mine["step_s_p75"]
+    assert mine["peak_rss_bytes"] > 100 * 2**20 and mine["cuda_max_allocated_bytes"] is None
+    assert mine["mfu"] == pytest.approx(flops["total"] / median / 1e12 / 0.5)
+    assert "ratio" not in result["summary"]
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\n{BEGIN}\nold table\n{END}\n\nmore text\n")
+    update_readme(readme, tmp_path / "out")
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith(f"{END}\n\nmore text\n")
+    assert "| CPU, 1 thread | tiny-sd 16 px ×4 no |" in text
+
+
+def test_compare_runs_variants_alternated_and_reports_their_ratio(tmp_path):
+    result = _run(tmp_path, "--repeats", "1", "--compare", "train.fused_optimizer=false")
+    assert [r["trainer"] for r in result["runs"]] == [
+        "sdtune",
+        "sdtune+train.fused_optimizer=false",
+    ]
+    (variant,) = result["summary"]["variants"].values()
+    assert variant["overrides"] == ["train.fused_optimizer=false"]
+    base = result["summary"]["sdtune"]["images_per_s"]
+    name = "sdtune+train.fused_optimizer=false"
+    assert variant["vs_sdtune"] == pytest.approx(result["summary"][name]["images_per_s"] / base)
+    assert variant["vs_peer"] is None
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    update_readme(readme, tmp_path / "out")
+    assert "tiny-sd 16 px ×4 no + train.fused_optimizer=false |" in readme.read_text()
+
+
+def test_flop_count_and_full_size_configs():
+    tiny = step_flops(ARCHS["tiny-sd"], 32, 2, train_text=False)
+    assert 1.9 < tiny["backward"] / tiny["unet_forward"] <= 2.0  # no input gradient at the UNet
+    assert step_flops(ARCHS["tiny-sd"], 32, 4, False)["total"] == 2 * tiny["total"]
+    counts = parameter_counts(ARCHS["sd15"])  # the published SD 1.5 sizes
+    assert counts == {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
+    assert parameter_counts(ARCHS["sdxl"])["unet"] == 2_567_463_684
+
+
+def test_missing_peer_script_is_a_one_line_error(tmp_path, capsys):
+    argv = [*SHORT, "--peer", str(tmp_path / "nope.py"), "--work", str(tmp_path)]
+    assert throughput.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "examples/text_to_image/train_text_to_image.py" in err
+
+
+def test_missing_peer_requirement_is_named(tmp_path, monkeypatch):
+    script = tmp_path / "train_text_to_image.py"
+    script.write_text('def main():\n    "--train_data_dir"\n')
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name)
+    )
+    with pytest.raises(BenchmarkError, match=r"needs datasets.*pip install datasets"):
+        check_peer(script)
+
+
+def test_bad_override_fails_before_any_run(tmp_path, capsys):
+    argv = [*SHORT, "--set", "train.max_stepz=3", "--work", str(tmp_path)]
+    assert throughput.main(argv) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+
+
+PEER = os.environ.get("SDTUNE_PEER_SCRIPT")
+
+
+@pytest.mark.skipif(
+    not PEER or not Path(PEER).is_file(),
+    reason="diffusers' train_text_to_image.py is not in this repository; "
+    "set SDTUNE_PEER_SCRIPT=PATH to run the side-by-side test",
+)
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs `datasets`")
+def test_side_by_side_with_the_peer(tmp_path):
+    result = _run(tmp_path, "--repeats", "1", "--peer", PEER)
+    assert [r["trainer"] for r in result["runs"]] == ["sdtune", "peer"]
+    summary = result["summary"]
+    ratio = summary["sdtune"]["images_per_s"] / summary["peer"]["images_per_s"]
+    assert summary["ratio"] == pytest.approx(ratio)
+    assert "--train_data_dir" in result["setup"]["peer_args"]
