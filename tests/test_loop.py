@@ -284,3 +284,14 @@ def test_a_step_reads_nothing_back_from_the_device(tmp_path, config, optimizer):
         assert reads.found == []
     else:  # one read of the flag per step, and nothing else
         assert len(reads.found) == 6 and all("read_now" in r for r in reads.found), reads.found
+
+
+def test_dataloader_workers_give_the_same_run(tmp_path, config):
+    """Batches loaded in worker processes come in the exact order, with the same augmentations."""
+    extra = ["--set", "data.hflip=0.5", "--set", "data.caption_dropout=0.5"]
+    for workers in (0, 2):
+        run = tmp_path / f"w{workers}"
+        args = ["train", str(config), "--output", str(run), *BASE, *extra]
+        assert main([*args, "--set", f"data.num_workers={workers}"]) == 0
+    a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w2")
+    assert all(torch.equal(a[k], b[k]) for k in a)

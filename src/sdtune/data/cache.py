@@ -206,7 +206,7 @@ class LatentCache:
         """Scaled latents of a batch, drawn as `ModelBundle.encode_images(pixels, generator)` draws
         them: one normal draw of the batch's shape from `generator`, then mean + std * draw."""
         params = torch.stack([self.parameters(i, f) for i, f in zip(indices, flipped)])
-        dist = DiagonalGaussianDistribution(params.to(device))
+        dist = DiagonalGaussianDistribution(params.to(device, non_blocking=True))  # no stream sync
         return dist.sample(generator=generator) * self.scaling_factor
 
 
@@ -233,7 +233,7 @@ class TextCache:
             raise KeyError(
                 f"captions not in the text cache (build it from these records): {missing}"
             )
-        return torch.stack([self.store.get(k) for k in keys]).to(device)
+        return torch.stack([self.store.get(k) for k in keys]).to(device, non_blocking=True)
 
 
 @dataclass

@@ -246,7 +246,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     def loader(position):  # decoded images, unless every latent comes from the cache
         if cached_latents:
             return None
-        return batches(data.train, micro, seed, position, cfg.data.num_workers)
+        pin = cfg.data.pin_memory and device.type == "cuda"
+        return batches(data.train, micro, seed, position, cfg.data.num_workers, pin)
 
     loader_iter = loader(state.position)
     log = MetricsLog(run_dir, purge_step=state.step + 1) if main else None

@@ -17,8 +17,11 @@ from sdtune.train.ema import maybe_ema
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; resume to continue
 
 
-def batches(dataset, batch_size: int, seed: int, start: DataPosition, workers: int):
-    """Collated batches in the exact order of `next_batch`, from `start`, forever."""
+def batches(
+    dataset, batch_size: int, seed: int, start: DataPosition, workers: int, pin: bool = False
+):
+    """Collated batches in the exact order of `next_batch`, from `start`, forever; with
+    `workers`, loaded in worker processes kept across epochs, in page-locked memory if `pin`."""
 
     def keys():
         position = start
@@ -35,7 +38,7 @@ def batches(dataset, batch_size: int, seed: int, start: DataPosition, workers: i
             batch_sampler=keys(),
             num_workers=workers,
             collate_fn=collate,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin,
             persistent_workers=True,
         )
         yield from loader
