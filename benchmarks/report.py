@@ -196,13 +196,17 @@ def render_markdown(result: dict) -> str:
 
 def update_readme(readme: Path, results: Path) -> None:
     """Rebuild the table between the markers in `readme` from every throughput result."""
-    if not readme.is_file() or BEGIN not in readme.read_text():
-        print(f"note: {readme} has no {BEGIN} marker; table not updated", file=sys.stderr)
-        return
     found = [json.loads(p.read_text()) for p in sorted(results.glob("throughput-*.json"))]
     ordered = sorted(found, key=lambda r: (r["machine"]["device"], r["created"]))
     rows = [row for r in ordered for row in _rows(r)]
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1] if END in rest else ""
-    readme.write_text(f"{head}{BEGIN}\n{_table(rows)}\n{END}{tail}")
+    replace_between(readme, BEGIN, END, _table(rows))
+
+
+def replace_between(path: Path, begin: str, end: str, text: str) -> None:
+    """Put `text` between the marker lines `begin` and `end` of `path` (said, if they are missing)."""
+    if not path.is_file() or begin not in path.read_text():
+        print(f"note: {path} has no {begin} marker; not updated", file=sys.stderr)
+        return
+    head, rest = path.read_text().split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
+    path.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")

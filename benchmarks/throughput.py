@@ -260,6 +260,10 @@ def _with_overrides(config: dict, overrides: list[str], work: Path) -> dict:
     from sdtune.errors import ConfigError
 
     config = copy.deepcopy(config)
+    keys_set = {".".join(parse_override(item)[0]) for item in overrides}
+    adapters = {"lora.enabled", "textual_inversion.token"} & keys_set
+    if adapters and "model.trainable" not in keys_set:  # adapters train alone, as in sdtune
+        config["model"].pop("trainable", None)
     for item in overrides:
         keys, value = parse_override(item)
         node = config
