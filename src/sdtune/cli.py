@@ -11,17 +11,42 @@ from sdtune.errors import UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sdtune.checkpoint.state import CONFIG_KEY, check_resume_config, resolve_resume
-    from sdtune.config import load_config, to_dict
-    from sdtune.rundir import prepare_run_dir
+    import torch
+    from accelerate import PartialState
+
+    from sdtune.checkpoint.state import resolve_resume
+    from sdtune.config import load_config
     from sdtune.train.loop import train
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.output) if args.output else cfg.output_dir
+    if args.resume is not None and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    # under `accelerate launch` / torchrun: the main process checks and prepares the run
+    # directory, the others follow once it has (alone, this is a no-op)
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    main = processes.is_main_process
+    resume_from = None
+    if main:
+        resume_from = _resolve_and_prepare(args, cfg, run_dir)
+    processes.wait_for_everyone()
+    if not main and args.resume is not None:
+        resume_from = resolve_resume(run_dir, args.resume, args.fast_verify, lambda *_: None)
+    result = train(cfg, run_dir, resume_from)
+    if result.judged_accuracy is not None:
+        print(f"training took {result.train_seconds:.1f}s")
+        print(f"judged_accuracy={result.judged_accuracy:.2f}")
+    return 0
+
+
+def _resolve_and_prepare(args: argparse.Namespace, cfg, run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` means (checked against the config), or a prepared new run."""
+    from sdtune.checkpoint.state import CONFIG_KEY, check_resume_config, resolve_resume
+    from sdtune.config import to_dict
+    from sdtune.rundir import prepare_run_dir
+
     resume_from = None
     if args.resume is not None:
-        if args.overwrite:
-            raise UserError("--resume and --overwrite contradict each other: choose one")
         resume_from = resolve_resume(run_dir, args.resume, args.fast_verify, print)
     if resume_from is not None:
         changed = check_resume_config(
@@ -32,11 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         prepare_run_dir(run_dir, args.overwrite or args.resume is not None)
     print(f"run directory: {run_dir}")
-    result = train(cfg, run_dir, resume_from)
-    if result.judged_accuracy is not None:
-        print(f"training took {result.train_seconds:.1f}s")
-        print(f"judged_accuracy={result.judged_accuracy:.2f}")
-    return 0
+    return resume_from
 
 
 def _scaled(spec: str, flag: str) -> tuple[Path, float]:

@@ -141,7 +141,7 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adamw8bit"] = "adamw"
     """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop, SGD with momentum, or AdamW with 8-bit states (bitsandbytes: pip install 'sdtune[bnb]'; a quarter of AdamW's state memory)."""
     fused_optimizer: bool = True
-    """Use PyTorch's fused AdamW/Adam/SGD kernel (CPU and GPU): faster, and it skips a bad step on the device, without a host-device sync."""
+    """Use PyTorch's fused AdamW/Adam/SGD kernel (CPU and GPU): faster, and AdamW/Adam skip a bad step on the device, without a host-device sync (not under fp16's loss scaler)."""
     weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
     """Weight decay (decoupled for AdamW, L2 for the others)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)

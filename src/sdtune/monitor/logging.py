@@ -60,9 +60,10 @@ class MetricsLog:
 class Progress:
     """A tqdm bar (loss, lr, images/s, ETA) on a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int, initial: int = 0) -> None:
+    def __init__(self, total: int, initial: int = 0, quiet: bool = False) -> None:
         self.total = total
-        self.interactive = sys.stderr.isatty()
+        self.quiet = quiet  # the processes other than the main one show nothing
+        self.interactive = sys.stderr.isatty() and not quiet
         self.bar = tqdm(
             total=total, initial=initial, dynamic_ncols=True, disable=not self.interactive
         )
@@ -77,7 +78,7 @@ class Progress:
             self.bar.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False
             )
-        elif log_line:
+        elif log_line and not self.quiet:
             done = step - self.start_step
             elapsed = time.monotonic() - self.start
             eta = elapsed / max(done, 1) * (self.total - step)
@@ -90,7 +91,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.interactive:
             self.bar.write(text)
-        else:
+        elif not self.quiet:
             print(text, flush=True)
 
     def close(self) -> None:

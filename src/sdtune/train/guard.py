@@ -9,9 +9,10 @@ without blocking; the loop reads them one step later (when the GPU has long fini
 step) to count, log and roll back, or at once where it must know (a metrics row, an evaluation,
 a checkpoint, the end). Written by hand: no training library decides this without a sync.
 
-The device state (the window of recent losses and the loss sums of the current metrics row and
-evaluation) is the `TrainingProgress` fields of the same names, kept on the device between
-`load` and `store`; a checkpoint stores them, so a resumed run decides exactly as before.
+The device state, the window of recent losses, is `TrainingProgress.recent_losses` kept on the
+device between `load` and `store`; a checkpoint stores it, so a resumed run decides exactly as
+before. The loss sums of a metrics row and of an evaluation are kept by the host from the
+reports, which it has all read by then.
 """
 
 from __future__ import annotations
@@ -48,35 +49,19 @@ class StepGuard:
 
     # ------------------------------------------------------------ device state <-> progress
     def load(self, progress: TrainingProgress) -> None:
-        """Take the window and the sums from `progress` (a fresh run, a resume, a rollback)."""
-        f64 = {"dtype": torch.float64, "device": self.device}
+        """Take the window of recent losses from `progress` (a fresh run, a resume, a rollback)
+        and forget the pending reports (a rollback abandons the steps they belong to)."""
         recent = progress.recent_losses[-self.window :]
-        self._recent = torch.zeros(self.window, **f64)
+        self._recent = torch.zeros(self.window, dtype=torch.float64, device=self.device)
         if recent:
             self._recent[-len(recent) :] = torch.tensor(recent, dtype=torch.float64)
         self._count = torch.tensor(len(recent), device=self.device)
-        self._row_sum = torch.tensor(progress.window_loss, **f64)
-        self._eval_sum = torch.tensor(progress.eval_loss_sum, **f64)
         self._pending.clear()
 
     def store(self, progress: TrainingProgress) -> None:
-        """Write the window and the sums into `progress` (reads the device: a sync)."""
+        """Write the window into `progress` (reads the device: at checkpoints only)."""
         count = int(self._count)
         progress.recent_losses = self._recent[self.window - count :].tolist() if count else []
-        progress.window_loss = float(self._row_sum)
-        progress.eval_loss_sum = float(self._eval_sum)
-
-    def take_row_sum(self) -> float:
-        """The loss sum of the metrics row that ends now, and a new row (reads the device)."""
-        total = float(self._row_sum)
-        self._row_sum.zero_()
-        return total
-
-    def take_eval_sum(self) -> float:
-        """The loss sum since the last evaluation, and a new one (reads the device)."""
-        total = float(self._eval_sum)
-        self._eval_sum.zero_()
-        return total
 
     # ------------------------------------------------------------ per step, on the device
     @torch.no_grad()
@@ -100,8 +85,6 @@ class StepGuard:
         shifted = torch.cat([self._recent[1:], loss64.reshape(1)])
         self._recent = torch.where(applied, shifted, self._recent)
         self._count = torch.clamp(self._count + applied.long(), max=self.window)
-        self._row_sum += loss64
-        self._eval_sum += loss64
         self._last = torch.stack([loss64, finite.to(torch.float64), spike.to(torch.float64)])
         return (~applied).to(torch.float32)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -108,25 +107,34 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     # ---------------------------------------------------------------- setup
     use_cuda = torch.cuda.is_available()
     precision = cfg.train.mixed_precision if use_cuda else "no"
-    if cfg.train.mixed_precision != "no" and not use_cuda:
-        say(
-            f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32"
-        )
     trackers = _check_trackers(cfg.monitor.trackers)
     check_speed_options(cfg.train, use_cuda)
     if use_cuda:
         set_tf32(cfg.train.tf32)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # the text encoder may stop training midway (train.text_encoder_steps): DDP must allow it
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=cfg.train.text_encoder_steps is not None
+    )
     accelerator = Accelerator(
         mixed_precision=precision,
         cpu=not use_cuda,
         log_with=trackers or None,
         project_dir=str(run_dir),
+        kwargs_handlers=[ddp],
     )
     track = accelerator.log if trackers else None
     if trackers:
         accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
     device, rank = accelerator.device, accelerator.process_index
-    main = accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    if not main:  # one voice: the main process speaks and writes the run directory
+        say = _silent
+    if cfg.train.mixed_precision != "no" and not use_cuda:
+        say(
+            f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32"
+        )
     seed = cfg.seed
     torch.manual_seed(derive_seed(seed, "setup", rank))
     ckpt_root = run_dir / "checkpoints"
@@ -134,12 +142,14 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         clean_temporaries(ckpt_root, say)
 
     config_toml = to_toml(cfg)
-    (run_dir / "config.toml").write_text(config_toml)
+    if main:
+        (run_dir / "config.toml").write_text(config_toml)
     bundle = load_model(cfg.model, cfg.diffusion, seed)
     say(describe(bundle))
     freeze = prepare_model(bundle, cfg)  # textual-inversion token, freezing, LoRA
     say(freeze.table())
-    (run_dir / "trainable.txt").write_text(freeze.table() + "\n")
+    if main:
+        (run_dir / "trainable.txt").write_text(freeze.table() + "\n")
     _check_resolution(bundle, cfg.data.resolution)
     named = {f"{c}.{n}": p for c, m in bundle.components().items() for n, p in m.named_parameters()}
     trainable = {n: p for n, p in named.items() if p.requires_grad}
@@ -154,12 +164,14 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     data = build_datasets(cfg.data, bundle.image_channels, seed, say)
     if cfg.dreambooth.instance_prompt is not None:
         data = with_dreambooth(cfg, data, bundle, run_dir, device, accelerator, say)
-    (run_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2) + "\n")
+    if main:
+        report = json.dumps(data.report.to_dict(), indent=2) + "\n"
+        (run_dir / "data_report.json").write_text(report)
     num_examples, micro = len(data.train), cfg.train.batch_size
-    if num_examples < micro:
+    if num_examples < micro * world:
         raise DataError(
             f"data: {num_examples} training image(s) in {data.source}, fewer than "
-            f"train.batch_size={micro}; lower the batch size or add images"
+            f"train.batch_size={micro} x {world} process(es); lower the batch size or add images"
         )
     val_n = len(data.val) if data.val else 0
     _report_long_captions(bundle, [r.caption for r in data.train.records], say)
@@ -190,7 +202,10 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema else None
-    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    if train_te:  # only modules that train are wrapped (DDP refuses one without gradients)
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
     unet_forward = training_forward(unet, cfg.train)
     # fused optimizers skip a bad step on the device; others (and fp16's loss scaler) read it
     device_skip = skips_on_device(optimizer) and accelerator.scaler is None
@@ -247,7 +262,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         if cached_latents:
             return None
         pin = cfg.data.pin_memory and device.type == "cuda"
-        return batches(data.train, micro, seed, position, cfg.data.num_workers, pin)
+        shard = (rank, world)
+        return batches(data.train, micro, seed, position, cfg.data.num_workers, pin, shard)
 
     loader_iter = loader(state.position)
     log = MetricsLog(run_dir, purge_step=state.step + 1) if main else None
@@ -255,7 +271,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     num_t = int(bundle.noise_scheduler.config.num_train_timesteps)
     pred_type = bundle.prediction_type
     prompts = grid_prompts(cfg, [r.caption for r in data.train.records])
-    progress = Progress(cfg.train.max_steps, initial=state.step)
+    progress = Progress(cfg.train.max_steps, initial=state.step, quiet=not main)
     window_images, window_start = 0, time.monotonic()
     last_loss = float("nan")
     last_save_time = time.monotonic()
@@ -272,7 +288,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             te_steps = cfg.train.text_encoder_steps
             train_te_now = train_te and (te_steps is None or step < te_steps)
             for m in range(cfg.train.grad_accum):
-                keys, state.position = next_batch(state.position, micro, num_examples, seed)
+                # the global batch at this position; this process takes its own share of it
+                keys, state.position = next_batch(state.position, micro * world, num_examples, seed)
+                keys = keys[rank * micro : (rank + 1) * micro]
                 gen = generator(seed, "noise", step, m, rank, device=device)
                 if cached_latents:  # no image decoded: the same draws from gen as encode_images
                     batch = cached_batch(cache, data.train, keys, gen, device)
@@ -347,15 +365,23 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             every, done = cfg.evaluate.every_steps, state.step >= cfg.train.max_steps
             evaluate_now = bool(every) and state.step % every == 0 and not done
             every_ckpt, minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
-            save_due = (every_ckpt and state.step % every_ckpt == 0) or (
-                minutes is not None and time.monotonic() - last_save_time >= minutes * 60
+            stopping = bool(stop.requested)  # read once: a later signal waits for the next step
+            clock_due = (
+                main and minutes is not None and time.monotonic() - last_save_time >= minutes * 60
             )
+            if accelerator.num_processes > 1:  # every process must reach the same host points
+                stopping, clock_due = _agree(accelerator, stopping, clock_due, log_now)
+            save_due = bool(every_ckpt and state.step % every_ckpt == 0) or clock_due
             # the host reads the previous step's outcome; all of them where it must know now
-            host_point = log_now or evaluate_now or save_due or done or bool(stop.requested)
+            host_point = log_now or evaluate_now or save_due or done or stopping
             reports = guard.reports(all_steps=host_point)
             rolled_back = False
             for report in reports:
                 last_loss = report.loss
+                state.window_loss += (
+                    report.loss
+                )  # float64 sums, as the row and evaluation read them
+                state.eval_loss_sum += report.loss
                 if not report.bad:
                     state.bad_streak = 0
                     continue
@@ -400,7 +426,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 if before is not None and not reports[-1].bad:  # |update| / |weights|
                     ratio = _update_ratio(params, before)
                 row = {
-                    "loss": guard.take_row_sum() / state.window_steps,
+                    "loss": state.window_loss / state.window_steps,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "update_ratio": ratio,
@@ -413,16 +439,14 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 if track is not None:
                     track(row, step=state.step)
                 progress.update(state.step, row["loss"], row["lr"], row["images_per_s"], True)
-                state.window_steps = 0
+                state.window_loss, state.window_steps = 0.0, 0
                 window_images, window_start = 0, time.monotonic()
             else:
                 progress.update(state.step, last_loss, lr_scheduler.get_last_lr()[0], 0.0, False)
 
             if main and evaluate_now:
-                guard.store(state)  # the train loss since the last evaluation, into `state`
                 row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
                 _record_evaluation(state, row, grid, log, progress.write, track)
-                guard.load(state)
                 _check_metric_names(cfg, row)
                 if _is_new_best(cfg, state):
                     save()
@@ -446,7 +470,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 done = True
             if save_due and not done:
                 save()
-            if stop.requested:
+            if stopping:
                 save()
                 progress.close()
                 if log is not None:
@@ -469,7 +493,6 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
         if state.evaluations and state.evaluations[-1]["step"] == state.step:
             row = state.evaluations[-1]  # evaluated at this step already (early stop)
         else:
-            guard.store(state)
             row, grid = evaluate(cfg, bundle, data, ema, prompts, run_dir, state.step, device)
             _record_evaluation(state, row, grid, log, say, track)
         crash_point("end", state.step)
@@ -574,11 +597,19 @@ def _update_ratio(params: list[torch.nn.Parameter], before: list[torch.Tensor]) 
     return float(delta.sqrt() / norm.sqrt().clamp(min=1e-12))
 
 
-def _is_spike(loss: float, recent: list[float], cfg: RunConfig) -> bool:
-    factor = cfg.train.spike_factor
-    if factor is None or len(recent) < cfg.train.spike_window:
-        return False
-    return loss > factor * statistics.median(recent)
+def _silent(*args, **kwargs) -> None:
+    """`say` on the processes other than the main one."""
+
+
+def _agree(accelerator, stopping: bool, clock_due: bool, log_now: bool) -> tuple[bool, bool]:
+    """Several processes: a stop signal or the main process's save clock counts on a logged step,
+    where all processes learn of it together (a rollback or a save at different steps on
+    different processes would pair their collectives one step apart)."""
+    if not log_now:
+        return False, False
+    flags = torch.tensor([float(stopping), float(clock_due)], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def _roll_back(

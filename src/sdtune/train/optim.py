@@ -66,8 +66,11 @@ def require_bitsandbytes():
 
 def skips_on_device(optimizer) -> bool:
     """Whether a device flag can leave `optimizer.step()` undone: fused kernels read it as
-    `found_inf`, return early and do not count the step."""
+    `found_inf`, return early and do not count the step. Not fused SGD with momentum: a
+    skipped first step would keep its uninitialised momentum buffers."""
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    if isinstance(inner, torch.optim.SGD) and any(g["momentum"] for g in inner.param_groups):
+        return False
     return bool(getattr(inner, "_step_supports_amp_scaling", False))
 
 

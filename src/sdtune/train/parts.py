@@ -18,16 +18,24 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; resume t
 
 
 def batches(
-    dataset, batch_size: int, seed: int, start: DataPosition, workers: int, pin: bool = False
+    dataset,
+    batch_size: int,
+    seed: int,
+    start: DataPosition,
+    workers: int,
+    pin: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ):
-    """Collated batches in the exact order of `next_batch`, from `start`, forever; with
+    """Collated batches in the exact order of `next_batch`, from `start`, forever: process
+    `rank` of `world` (`shard`) takes its `batch_size` share of each global batch. With
     `workers`, loaded in worker processes kept across epochs, in page-locked memory if `pin`."""
+    rank, world = shard
 
     def keys():
         position = start
         while True:
-            batch_keys, position = next_batch(position, batch_size, len(dataset), seed)
-            yield batch_keys
+            global_keys, position = next_batch(position, batch_size * world, len(dataset), seed)
+            yield global_keys[rank * batch_size : (rank + 1) * batch_size]
 
     if workers == 0:
         for batch_keys in keys():
