@@ -127,3 +127,48 @@ def test_side_by_side_with_the_peer(tmp_path):
     ratio = summary["sdtune"]["images_per_s"] / summary["peer"]["images_per_s"]
     assert summary["ratio"] == pytest.approx(ratio)
     assert "--train_data_dir" in result["setup"]["peer_args"]
+
+
+def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
+    from benchmarks import fewshot
+    from sdtune.config import validate_config
+
+    validate_config(fewshot.BASE)
+    configs = fewshot.methods(tmp_path / "base" / "model")
+    assert set(configs) == {
+        "full",
+        "lora",
+        "dreambooth-lora",
+        "dreambooth-full",
+        "textual-inversion",
+    }
+    for config in configs.values():
+        validate_config({**config, "seed": 2})
+    run = {"seed": 1, "nine_accuracy": 0.9, "others_after": 0.97, "forgetting_points": 2.3}
+    row = {
+        "method": "lora",
+        "steps": 200,
+        "nine_accuracy": 0.9,
+        "others_before": 0.993,
+        "others_after": 0.97,
+        "forgetting_points": 2.3,
+        "meets_target": True,
+        "train_seconds": 12.0,
+        "trainable_parameters": 1234,
+        "runs": [run, {**run, "seed": 2, "nine_accuracy": 0.7}],
+    }
+    result = {
+        "base": {"per_class": [1.0] * 9 + [0.0], "train_seconds": 130, "trainable_parameters": 9},
+        "rows": [row],
+        "seeds": [1, 2],
+        "images_per_class": 50,
+        "judge_seed": 7,
+        "command": "python -m benchmarks.fewshot",
+        "created": "2026-11-23T00:00:00",
+        "machine": {"cpus": 2, "torch": "2.x"},
+    }
+    table = fewshot.markdown(result)
+    assert (
+        "| lora | 200 | 0.90 (0.70 to 0.90) | 0.993 → 0.970 | +2.3 (+2.3 to +2.3) | yes |" in table
+    )
+    assert "| base (pre-trained on 0–8) |" in table
