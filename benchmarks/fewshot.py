@@ -5,7 +5,7 @@ real images with each method (full fine-tune, LoRA, DreamBooth with prior preser
 textual inversion) and reports, for each: the judged accuracy on "nine" prompts, the accuracy
 on the other digits before and after (forgetting), the training time and the trainable
 parameters. Each method runs with three seeds (their mean is reported, with the range). One
-command, CPU only, about 15 minutes on 2 cores:
+command, CPU only, about 30 minutes on 2 cores:
 
     python -m benchmarks.fewshot            # writes benchmarks/results/fewshot.{json,md}
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(ROOT / "runs" / "fewshot"), help="run folders")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fewshot"))
-    parser.add_argument("--per-class", type=int, default=50, help="judged images per digit")
+    parser.add_argument("--per-class", type=int, default=100, help="judged images per digit")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tune seeds")
     parser.add_argument("--judge-seed", type=int, default=7, help="seed of the judged images")
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (default all)")
