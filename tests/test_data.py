@@ -187,3 +187,11 @@ def test_data_order_is_a_function_of_seed_and_epoch():
     assert len({k for k in seen}) == 9
     keys, position = next_batch(position, 3, 10, 0)  # a partial batch is dropped: next epoch
     assert position == DataPosition(1, 3) and all(e == 1 for e, _ in keys)
+
+
+def test_shards_of_a_batch_are_the_global_batch_split_by_rank():
+    position = DataPosition(0, 8)  # 8 + 2 x 3 > 10 for the global batch: next epoch for both
+    full, after = next_batch(position, 6, 10, 0)
+    shards = [next_batch(position, 3, 10, 0, (rank, 2)) for rank in range(2)]
+    assert shards[0][0] + shards[1][0] == full
+    assert shards[0][1] == shards[1][1] == after == DataPosition(1, 6)

@@ -44,16 +44,25 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 def next_batch(
-    position: DataPosition, batch_size: int, num_examples: int, seed: int
+    position: DataPosition,
+    batch_size: int,
+    num_examples: int,
+    seed: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[list[tuple[int, int]], DataPosition]:
     """Keys (epoch, example index) of the batch at `position`, and the position after it.
 
     An epoch's last partial batch is dropped so that every batch has the same shape; the order
-    changes each epoch, so no example is left out every time.
+    changes each epoch, so no example is left out every time. With several processes, `shard`
+    (rank, world): the global batch holds `batch_size` examples per process, process `rank`
+    gets its own slice of it, and all of them move to the same position after it.
     """
+    rank, world = shard
+    total = batch_size * world
     epoch, index = position.epoch, position.index
-    if index + batch_size > num_examples:
+    if index + total > num_examples:
         epoch, index = epoch + 1, 0
     order = epoch_order(num_examples, seed, epoch)
-    keys = [(epoch, order[i]) for i in range(index, index + batch_size)]
-    return keys, DataPosition(epoch, index + batch_size)
+    start = index + rank * batch_size
+    keys = [(epoch, order[i]) for i in range(start, start + batch_size)]
+    return keys, DataPosition(epoch, index + total)

@@ -288,9 +288,10 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             te_steps = cfg.train.text_encoder_steps
             train_te_now = train_te and (te_steps is None or step < te_steps)
             for m in range(cfg.train.grad_accum):
-                # the global batch at this position; this process takes its own share of it
-                keys, state.position = next_batch(state.position, micro * world, num_examples, seed)
-                keys = keys[rank * micro : (rank + 1) * micro]
+                # this process's share of the global batch at this position
+                keys, state.position = next_batch(
+                    state.position, micro, num_examples, seed, (rank, world)
+                )
                 gen = generator(seed, "noise", step, m, rank, device=device)
                 if cached_latents:  # no image decoded: the same draws from gen as encode_images
                     batch = cached_batch(cache, data.train, keys, gen, device)
@@ -378,9 +379,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             rolled_back = False
             for report in reports:
                 last_loss = report.loss
-                state.window_loss += (
-                    report.loss
-                )  # float64 sums, as the row and evaluation read them
+                # the host's float64 sums, as the metrics row and the evaluation read them
+                state.window_loss += report.loss
                 state.eval_loss_sum += report.loss
                 if not report.bad:
                     state.bad_streak = 0

@@ -29,13 +29,12 @@ def batches(
     """Collated batches in the exact order of `next_batch`, from `start`, forever: process
     `rank` of `world` (`shard`) takes its `batch_size` share of each global batch. With
     `workers`, loaded in worker processes kept across epochs, in page-locked memory if `pin`."""
-    rank, world = shard
 
     def keys():
         position = start
         while True:
-            global_keys, position = next_batch(position, batch_size * world, len(dataset), seed)
-            yield global_keys[rank * batch_size : (rank + 1) * batch_size]
+            batch_keys, position = next_batch(position, batch_size, len(dataset), seed, shard)
+            yield batch_keys
 
     if workers == 0:
         for batch_keys in keys():
