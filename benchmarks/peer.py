@@ -114,6 +114,7 @@ def peer_args(
     max_steps: int,
     precision: str,
     ema: bool,
+    workers: int = 0,
 ) -> list[str]:
     """The peer's command line for the benchmark's model, data and settings."""
     args = [
@@ -132,7 +133,7 @@ def peer_args(
         "--seed", "0",
         "--output_dir", str(out_dir),
         "--checkpointing_steps", str(10**9),
-        "--dataloader_num_workers", "0",
+        "--dataloader_num_workers", str(workers),
         "--report_to", "tensorboard",
     ]  # fmt: skip
     if peer["has_interpolation_flag"]:  # sdtune resizes with bicubic
@@ -152,6 +153,7 @@ def sdtune_config(
     ema: bool,
     train_text: bool,
     log_every: int,
+    workers: int = 0,
 ) -> dict:
     """sdtune's config for the same run: no validation, samples, checkpoints or judge on the way."""
     return {
@@ -166,7 +168,7 @@ def sdtune_config(
             "resolution": resolution,
             "center_crop": True,
             "val_fraction": 0.0,
-            "num_workers": 0,
+            "num_workers": workers,
         },
         "train": {
             "max_steps": max_steps,

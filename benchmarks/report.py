@@ -165,7 +165,8 @@ def render_markdown(result: dict) -> str:
         f"torch threads {machine['torch_threads']}); {_mib(machine['memory_bytes'])}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- trained: {setup['trainable']}, EMA {'on' if setup['ema'] else 'off'}, "
-        f"{setup['images']} digit images; {setup['warmup_steps']} warm-up + "
+        f"{setup['images']} digit images, {setup.get('workers', 0)} DataLoader workers; "
+        f"{setup['warmup_steps']} warm-up + "
         f"{setup['timed_steps']} timed steps per run, {setup['repeats']} run(s) per trainer, "
         "alternated, each in a fresh process",
         f"- FLOPs per step: {flops['total'] / 1e9:.2f} GFLOP ({parts}; sdtune's step as "
@@ -175,6 +176,12 @@ def render_markdown(result: dict) -> str:
         "between the ends of two optimizer steps (CUDA events on a GPU, timestamps on a CPU); "
         "load avg = 1-minute load average",
     ]
+    if result.get("complete") is False:
+        lines.append(
+            f"- stopped short: {setup['repeats']} of {setup.get('repeats_asked')} round(s) of runs "
+            "done"
+            + (" (profiled runs missing)" if setup["repeats"] == setup.get("repeats_asked") else "")
+        )
     if setup.get("compare"):
         lines.append(
             "- variants: sdtune with " + "; ".join(setup["compare"]) + " on top, alternated with "
@@ -190,6 +197,12 @@ def render_markdown(result: dict) -> str:
             f"- peer: {peer['path']} (sha256 {peer['sha256'][:12]}, needs diffusers>="
             f"{peer['min_diffusers']}), timed by the same hook; vs peer = sdtune img/s / peer img/s "
             "(in brackets: the lowest and highest ratio of run k of sdtune to run k of the peer)"
+        )
+    if result.get("profiles"):
+        lines.append(
+            "- profiled (one more run each, not timed): "
+            + ", ".join(f"`.profile-{name}.txt`" for name in result["profiles"])
+            + " beside this file"
         )
     return "\n".join(lines)
 

@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "report its speed relative to sdtune without them (repeatable: one variant each)",
     )
     p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes, for both trainers alike (default 0)",
+    )
     p.add_argument("--images", type=int, help="use only the first N digits (default: all 1,797)")
     p.add_argument(
         "--peer", type=Path, help="path of diffusers' train_text_to_image.py, to run side by side"
@@ -95,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table)")
     p.add_argument("--cpu", action="store_true", help="hide GPUs from the runs")
     p.add_argument("--flops-only", action="store_true", help="print the step's FLOPs and stop")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed runs, one more run per trainer under torch.profiler: where a "
+        "step's time goes, written beside the results (its timings are not reported)",
+    )
     p.add_argument("--work", type=Path, help="folder for data, model and runs (default: temp)")
     p.add_argument(
         "--out",
@@ -153,65 +165,88 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     work = Path(args.work or tempfile.mkdtemp(prefix="sdtune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     specs = _specs(args, arch, resolution, batch, precision, peer, work)
-    runs = []
-    for repeat in range(args.repeats):  # alternated, so that drifting load hits both alike
-        for trainer, spec in specs.items():
-            runs.append(_run(trainer, repeat, spec, args, work, cuda))
-    if args.work is None:  # kept on failure, for the logs the error names
-        shutil.rmtree(work, ignore_errors=True)
-    device = runs[0]["device"]
-    peak = args.peak_tflops or _peak_tflops(device, precision)
     counted = {  # the FLOPs each trainer's step really runs (a cache skips its encoder)
         name: _counted_flops(flops, spec.get("config")) for name, spec in specs.items()
     }
-    summary = {name: _summarise(runs, name, batch, counted[name], peak) for name in specs}
-    if peer is not None:
-        summary["ratio"], summary["ratio_per_repeat"] = _ratio(summary, "sdtune", "peer")
-    variants = {}
-    for name in specs:
-        if name.startswith("sdtune+"):
-            ratio, per_repeat = _ratio(summary, name, "sdtune")
-            variants[name] = {
-                "overrides": specs[name]["overrides"],
-                "vs_sdtune": ratio,
-                "vs_sdtune_per_repeat": per_repeat,
-                "vs_peer": _ratio(summary, name, "peer")[0] if peer is not None else None,
-            }
-    if variants:
-        summary["variants"] = variants
-    result = {
-        "benchmark": "throughput",
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command,
-        "machine": machine(device, runs[0]["torch_threads"]),
-        "versions": versions(),
-        "setup": {
-            "model": arch.name,
-            "parameters": parameter_counts(arch),
-            "resolution": resolution,
-            "batch_size": batch,
-            "precision": precision,
-            "trainable": "unet + text encoder" if args.train_text_encoder else "unet",
-            "ema": args.ema,
-            "images": args.images or 1797,
-            "warmup_steps": args.warmup,
-            "timed_steps": args.steps,
-            "repeats": args.repeats,
-            "sdtune_log_every": args.log_every,
-            "sdtune_overrides": args.set,
-            "compare": args.compare,
-            "threads": args.threads,
-            "sdtune_config": specs["sdtune"]["config"],
-            "peer": peer,
-            "peer_args": specs["peer"]["args"] if peer else None,
-        },
-        "flops_per_step": flops,
-        "flops_counted": {name: counted[name] for name in specs},
-        "peak_tflops": peak,
-        "summary": summary,
-        "runs": runs,
-    }
-    _write(result, args)
+
+    def record(runs: list[dict], profiles: dict[str, str], rounds: int) -> dict:
+        """The result of the runs so far, written out: a benchmark stopped short (a time limit,
+        a failed run) keeps every complete round of alternated runs."""
+        device = runs[0]["device"]
+        peak = args.peak_tflops or _peak_tflops(device, precision)
+        summary = {name: _summarise(runs, name, batch, counted[name], peak) for name in specs}
+        if peer is not None:
+            summary["ratio"], summary["ratio_per_repeat"] = _ratio(summary, "sdtune", "peer")
+        variants = {}
+        for name in specs:
+            if name.startswith("sdtune+"):
+                ratio, per_repeat = _ratio(summary, name, "sdtune")
+                variants[name] = {
+                    "overrides": specs[name]["overrides"],
+                    "vs_sdtune": ratio,
+                    "vs_sdtune_per_repeat": per_repeat,
+                    "vs_peer": _ratio(summary, name, "peer")[0] if peer is not None else None,
+                }
+        if variants:
+            summary["variants"] = variants
+        result = {
+            "benchmark": "throughput",
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command,
+            "complete": rounds == args.repeats and (bool(profiles) or not args.profile),
+            "machine": machine(device, runs[0]["torch_threads"]),
+            "versions": versions(),
+            "setup": {
+                "model": arch.name,
+                "parameters": parameter_counts(arch),
+                "resolution": resolution,
+                "batch_size": batch,
+                "precision": precision,
+                "trainable": "unet + text encoder" if args.train_text_encoder else "unet",
+                "ema": args.ema,
+                "images": args.images or 1797,
+                "warmup_steps": args.warmup,
+                "timed_steps": args.steps,
+                "repeats": rounds,
+                "repeats_asked": args.repeats,
+                "sdtune_log_every": args.log_every,
+                "sdtune_overrides": args.set,
+                "compare": args.compare,
+                "threads": args.threads,
+                "workers": args.workers,
+                "sdtune_config": specs["sdtune"]["config"],
+                "peer": peer,
+                "peer_args": specs["peer"]["args"] if peer else None,
+            },
+            "flops_per_step": flops,
+            "flops_counted": {name: counted[name] for name in specs},
+            "peak_tflops": peak,
+            "summary": summary,
+            "runs": runs,
+            "profiles": profiles,
+        }
+        _write(result, args)
+        return result
+
+    runs: list[dict] = []
+    for repeat in range(args.repeats):  # alternated, so that drifting load hits both alike
+        for trainer, spec in specs.items():
+            runs.append(_run(trainer, repeat, spec, args, work, cuda))
+        result = record(runs, {}, repeat + 1)
+    if args.profile:  # an extra run each: the profiler's overhead stays out of the timings
+        profiles = {}
+        for i, (trainer, spec) in enumerate(specs.items()):
+            path = work / f"profile-{i}.txt"
+            short = trainer if trainer in ("sdtune", "peer") else f"variant{i}"
+            try:
+                _run(trainer, args.repeats, spec, args, work, cuda, profile=path)
+                profiles[short] = path.read_text()
+            except BenchmarkError as exc:  # the timed results still stand
+                print(f"warning: {exc}", file=sys.stderr)
+                profiles[short] = f"profiled run of {trainer} failed: {exc}\n"
+        result = record(runs, profiles, args.repeats)
+    if args.work is None:  # kept on failure, for the logs the error names
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -224,7 +259,7 @@ def _specs(args, arch, resolution: int, batch: int, precision: str, peer, work: 
     base = str(model_dir) if model_dir is not None else arch.base
     config = sdtune_config(
         base, data_dir, resolution, batch, max_steps, precision, args.ema,
-        args.train_text_encoder, args.log_every,
+        args.train_text_encoder, args.log_every, args.workers,
     )  # fmt: skip
     config = _with_overrides(config, args.set, work)  # a bad key fails before any work
     _prepare(args, arch, resolution, work, peer is not None, write=True)
@@ -246,7 +281,7 @@ def _specs(args, arch, resolution: int, batch: int, precision: str, peer, work: 
             "script": peer["path"],
             "args": peer_args(
                 peer, model_dir, data_dir, work / "runs" / "peer", resolution, batch,
-                max_steps, precision, args.ema,
+                max_steps, precision, args.ema, args.workers,
             ),
         }  # fmt: skip
     return specs
@@ -307,11 +342,15 @@ def _prepare(args, arch, resolution: int, work: Path, with_peer: bool, write: bo
     return data_dir, model_dir
 
 
-def _run(trainer: str, repeat: int, spec: dict, args, work: Path, cuda: bool) -> dict:
-    """One run of one trainer in a fresh process; its timings, or a one-line error."""
-    tag = f"{repeat + 1}-{trainer}"
+def _run(
+    trainer: str, repeat: int, spec: dict, args, work: Path, cuda: bool, profile: Path | None = None
+) -> dict:
+    """One run of one trainer in a fresh process; its timings, or a one-line error. With
+    `profile`, the timed steps run under torch.profiler and the breakdown goes to that file."""
+    tag = f"{repeat + 1}-{trainer}" + ("-profiled" if profile else "")
     spec = {
         **spec,
+        "profile": str(profile) if profile else None,
         "warmup": args.warmup,
         "steps": args.steps,
         "run_dir": str(work / "runs" / trainer),
@@ -406,6 +445,8 @@ def _write(result: dict, args) -> None:
         name += f"-t{setup['threads']}"
     for item in setup["sdtune_overrides"]:  # e.g. data.cache_latents=true -> cache_latents-true
         name += f"-{_slug(item)}"
+    if setup["peer"] is not None:
+        name += "-vs-peer"
     if setup["compare"]:
         name += "-compare-" + "-".join(
             _slug(part) for c in setup["compare"] for part in c.split(",")
@@ -417,6 +458,8 @@ def _write(result: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(render_markdown(result) + "\n")
+    for trainer, text in result["profiles"].items():
+        (args.out / f"{name}.profile-{trainer}.txt").write_text(text)
     print(f"results: {args.out / name}.json and .md", file=sys.stderr)
     if not args.no_readme:
         update_readme(README, args.out)

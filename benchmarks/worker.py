@@ -12,6 +12,12 @@ so a trainer that keeps the GPU fed is not stalled by the clock; a host stall sh
 interval), and the intervals are read once at the end; on a CPU it is a timestamp. After
 warm-up + timed steps the hook records the peak memory and stops the run by raising
 `Finished`, so the end-of-run saves are not waited for.
+
+With `"profile": PATH` in the spec, `torch.profiler` records the timed steps (after warm-up) and
+PATH gets a breakdown of where a step's time goes: device kernels by kind (matmul, convolution,
+attention, normalisation, optimizer, elementwise...), the device's busy fraction (the rest is
+the host not keeping up), and the top kernels and host operators. A profiled run's timings
+are not reported (the profiler adds overhead); the harness makes it an extra run.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ class Finished(Exception):
 class StepClock:
     """A mark after each optimizer step: CUDA events on a GPU, timestamps on a CPU."""
 
-    def __init__(self, total_steps: int) -> None:
+    def __init__(self, total_steps: int, profile_after: int | None = None) -> None:
         self.total = total_steps
+        self.profile_after = profile_after
+        self.profiler = None
         self.cuda = torch.cuda.is_available()
         self.marks: list = []
         self.first_host_time: float | None = None
@@ -49,6 +57,8 @@ class StepClock:
 
     def __exit__(self, *exc) -> None:
         self.handle.remove()
+        if self.profiler is not None and len(self.marks) < self.total:  # the run ended short
+            self.profiler.stop()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self.first_host_time is None:
@@ -61,9 +71,13 @@ class StepClock:
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
+        if self.profile_after is not None and len(self.marks) == self.profile_after:
+            self.profiler = start_profiler(self.cuda)
         if len(self.marks) == self.total:
             if self.cuda:
                 torch.cuda.synchronize()
+            if self.profiler is not None:
+                self.profiler.stop()
             self.peak = peak_memory(self.cuda)
             self.load_average = list(os.getloadavg())
             raise Finished
@@ -73,6 +87,82 @@ class StepClock:
         if self.cuda:
             return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def start_profiler(cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiler = profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+# Device kernels by kind, first match wins (names as cuDNN, cuBLAS, CUTLASS, Triton and
+# PyTorch's own kernels spell them on Hopper and Ampere).
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("optimizer / foreach", ("adam", "multi_tensor_apply", "_foreach", "sgd", "rmsprop")),
+    ("layout transpose", ("nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("convolution", "conv2d", "fprop", "dgrad", "wgrad", "winograd", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "matmul", "mm_")),
+    ("reduction", ("reduce_kernel", "reduce_")),
+    ("normalisation", ("norm", "welford", "moments")),
+    ("copy / dtype conversion", ("copy", "memcpy", "memset", "fill")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    if lowered.startswith("triton"):
+        return "fused (triton)"
+    return "elementwise / other"
+
+
+def profile_report(profiler, steps: int, step_s: list[float], trainer: str) -> str:
+    """Where the profiled steps' time went, as plain text (the harness copies it to results)."""
+    from torch.autograd import DeviceType
+
+    events = profiler.key_averages()
+    wall = sum(step_s)
+    lines = [f"profile of {trainer}: {steps} steps, {wall / steps * 1e3:.1f} ms per step (wall)"]
+    # device kernels; a user annotation's device span ("Optimizer.step#AdamW.step") covers
+    # kernels counted already, so it is left out
+    kernels = [
+        e
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
+    if kernels:
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6  # us -> s
+        lines.append(
+            f"device busy {busy / steps * 1e3:.1f} ms per step in kernels = {busy / wall:.0%} of "
+            "the profiled wall time (the profiler slows the host: compare the kernels' time with "
+            "the timed runs' step time; a step longer than its kernels waits on the host)"
+        )
+        kinds: dict[str, float] = {}
+        for e in kernels:
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+        lines += ["", f"{'kernel kind':<26}{'ms/step':>10}{'share':>8}"]
+        for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            lines.append(f"{kind:<26}{seconds / steps * 1e3:>10.2f}{seconds / busy:>8.1%}")
+        lines += ["", f"{'top kernels':<90}{'ms/step':>10}{'calls/step':>12}"]
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]:
+            lines.append(
+                f"{e.key[:88]:<90}{e.self_device_time_total / 1e3 / steps:>10.2f}"
+                f"{e.count / steps:>12.1f}"
+            )
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    lines += ["", f"{'top host operators (self time)':<60}{'ms/step':>10}{'calls/step':>12}"]
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:25]:
+        lines.append(
+            f"{e.key[:58]:<60}{e.self_cpu_time_total / 1e3 / steps:>10.2f}{e.count / steps:>12.1f}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def peak_memory(cuda: bool) -> dict[str, int | None]:
@@ -111,7 +201,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     total = spec["warmup"] + spec["steps"]
     start = time.perf_counter()
-    with StepClock(total) as clock:
+    profile_path = spec.get("profile")
+    with StepClock(total, spec["warmup"] if profile_path else None) as clock:
         try:
             (run_peer if spec["trainer"] == "peer" else run_sdtune)(spec)
         except Finished:
@@ -123,6 +214,11 @@ def main(argv: list[str]) -> int:
         )
         return 1
     intervals, warmup = clock.intervals(), spec["warmup"]
+    if clock.profiler is not None:
+        report = profile_report(
+            clock.profiler, spec["steps"], intervals[warmup - 1 :], spec["trainer"]
+        )
+        Path(profile_path).write_text(report)
     result = {
         "trainer": spec["trainer"],
         "setup_and_first_step_s": clock.first_host_time - start,

@@ -61,11 +61,19 @@ def test_tiny_preset_run_writes_a_complete_result(tmp_path):
 
 
 def test_compare_runs_variants_alternated_and_reports_their_ratio(tmp_path):
-    result = _run(tmp_path, "--repeats", "1", "--compare", "train.fused_optimizer=false")
-    assert [r["trainer"] for r in result["runs"]] == [
+    result = _run(
+        tmp_path, "--repeats", "1", "--compare", "train.fused_optimizer=false", "--profile"
+    )
+    assert [r["trainer"] for r in result["runs"]] == [  # the profiled runs are not timings
         "sdtune",
         "sdtune+train.fused_optimizer=false",
     ]
+    profiles = sorted((tmp_path / "out").glob("throughput-*.profile-*.txt"))
+    assert [p.name.rsplit(".", 2)[1] for p in profiles] == ["profile-sdtune", "profile-variant1"]
+    for path in profiles:  # CPU: host operators only (the kernel table needs a GPU)
+        text = path.read_text()
+        assert "2 steps" in text and "ms per step" in text
+        assert "top host operators" in text and "aten::" in text
     (variant,) = result["summary"]["variants"].values()
     assert variant["overrides"] == ["train.fused_optimizer=false"]
     base = result["summary"]["sdtune"]["images_per_s"]
@@ -76,6 +84,96 @@ def test_compare_runs_variants_alternated_and_reports_their_ratio(tmp_path):
     readme.write_text(f"{BEGIN}\n{END}\n")
     update_readme(readme, tmp_path / "out")
     assert "tiny-sd 16 px ×4 no + train.fused_optimizer=false |" in readme.read_text()
+
+
+def test_a_benchmark_stopped_short_keeps_its_complete_rounds(tmp_path, monkeypatch):
+    real_run = throughput._run
+
+    def run(trainer, repeat, *args, **kwargs):
+        if repeat == 1:  # the second round dies (a time limit, a crash)
+            raise BenchmarkError(f"{trainer} run 2 failed: killed")
+        return real_run(trainer, repeat, *args, **kwargs)
+
+    monkeypatch.setattr(throughput, "_run", run)
+    out = tmp_path / "out"
+    argv = [*SHORT, "--work", str(tmp_path / "work"), "--out", str(out), "--repeats", "2"]
+    assert throughput.main(argv) != 0
+    (found,) = out.glob("throughput-*.json")
+    result = json.loads(found.read_text())
+    assert result["complete"] is False and len(result["runs"]) == 1
+    assert (result["setup"]["repeats"], result["setup"]["repeats_asked"]) == (1, 2)
+    assert result["summary"]["sdtune"]["images_per_s"] > 0
+    assert "stopped short: 1 of 2 round(s)" in found.with_suffix(".md").read_text()
+
+
+def test_profile_sorts_kernels_by_kind():
+    from benchmarks.worker import kernel_kind
+
+    kinds = {
+        "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_params>": "attention",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "sm90_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32": "convolution",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "normalisation",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": (
+            "optimizer / foreach"
+        ),
+        "triton_poi_fused_add_silu_3": "fused (triton)",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "layout transpose",
+        "void at::native::reduce_kernel<512, 1, ReduceOp<float, NormTwoOps<float>>>": "reduction",
+        "void at::native::vectorized_elementwise_kernel<4, BUnaryFunctor<broadcast>>": (
+            "elementwise / other"
+        ),
+        "void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>": (
+            "copy / dtype conversion"
+        ),
+        "triton_per_fused_native_group_norm_12": "normalisation",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>": (
+            "elementwise / other"
+        ),
+    }
+    assert {name: kernel_kind(name) for name in kinds} == kinds
+
+
+def test_profile_report_counts_kernels_once():
+    """The device table: kernels by kind, per step; an annotation's device span (which covers
+    kernels listed on their own) is not counted again."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.worker import profile_report
+
+    def event(key, device_us=0.0, cpu_us=0.0, count=2, cuda=True, annotation=False):
+        return SimpleNamespace(
+            key=key,
+            device_type=DeviceType.CUDA if cuda else DeviceType.CPU,
+            self_device_time_total=device_us,
+            self_cpu_time_total=cpu_us,
+            count=count,
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        event("sm90_xmma_fprop_implicit_gemm_bf16", 60_000),
+        event("pytorch_flash::flash_fwd_kernel", 30_000),
+        event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 10_000),
+        event("Optimizer.step#AdamW.step", 12_000, annotation=True),
+        event("aten::mm", cpu_us=8_000, cuda=False),
+    ]
+    profiler = SimpleNamespace(key_averages=lambda: events)
+    text = profile_report(profiler, 2, [0.06, 0.06], "sdtune")
+    assert "2 steps, 60.0 ms per step (wall)" in text
+    assert "device busy 50.0 ms per step in kernels = 83%" in text
+    rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in text.splitlines()[4:7]}
+    assert rows == {
+        "convolution": ["30.00", "60.0%"],
+        "attention": ["15.00", "30.0%"],
+        "optimizer / foreach": ["5.00", "10.0%"],
+    }
+    assert "Optimizer.step#AdamW.step" not in text.split("top host operators")[0]
+    assert "aten::mm" in text.split("top host operators")[1]
 
 
 def test_flop_count_and_full_size_configs():
