@@ -180,6 +180,42 @@ def test_update_ratio_is_logged(tmp_path, config):
     assert all(0 < r["update_ratio"] < 0.1 for r in rows)
 
 
+def test_update_ratio_copies_at_most_its_budget_and_estimates_the_whole(monkeypatch):
+    from sdtune.train import loop
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32, 3, 3), (4096, 128), (333,), (7, 11)]  # 4-D ones channels-last, as trained
+    params = [
+        torch.nn.Parameter(torch.randn(shape, generator=gen) * scale)
+        for shape, scale in zip(shapes, [0.5, 2.0, 1.0, 3.0])
+    ]
+    params[0].data = params[0].data.to(memory_format=torch.channels_last)
+    update = [torch.randn(p.shape, generator=gen) * 1e-3 * (i + 1) for i, p in enumerate(params)]
+
+    def ratio(budget: int) -> tuple[float, int]:
+        monkeypatch.setattr(loop, "UPDATE_RATIO_SAMPLE_BYTES", budget)
+        before = loop._ratio_sample(params)
+        copied = sum(t.numel() * t.element_size() for t in before[1])
+        with torch.no_grad():
+            for p, u in zip(params, update):
+                p.add_(u)
+        value = loop._update_ratio(params, before)
+        with torch.no_grad():  # back as they were, for the next measurement
+            for p, u in zip(params, update):
+                p.sub_(u)
+        return value, copied
+
+    exact, copied_all = ratio(2**30)  # everything fits: every weight copied, the exact ratio
+    total = sum(p.numel() * 4 for p in params)
+    assert copied_all == total
+    delta = sum(float(u.pow(2).sum()) for u in update) ** 0.5
+    weights = sum(float((p.detach() + u).pow(2).sum()) for p, u in zip(params, update)) ** 0.5
+    assert exact == pytest.approx(delta / weights, rel=1e-4)
+    estimate, copied = ratio(64 * 1024)  # a 64 KiB budget: every 35th element or so
+    assert copied <= 64 * 1024 + 4 * len(params)
+    assert estimate == pytest.approx(exact, rel=0.05)
+
+
 def test_missing_tracker_is_a_clear_error(tmp_path, config, capsys):
     import importlib.util
 

@@ -183,7 +183,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     """Write metrics (loss, lr, grad norm, images/s) every N steps."""
     log_update_ratio: bool = True
-    """Also log |update| / |weights| on those steps (it copies the trainable weights for that step: turn off when memory is tight)."""
+    """Also log |update| / |weights| on those steps (from a copy of at most 64 MiB of the weights, taken before the step: all of them when they fit, else an evenly strided sample)."""
 
 
 class CheckpointConfig(Section):
