@@ -153,8 +153,10 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
             f"--model {arch.name}: sdtune train does not support SDXL yet (it refuses SDXL "
             "bases); --flops-only counts the FLOPs of its step"
         )
-    if args.warmup < 1 or args.steps < 2 or args.repeats < 1:
-        raise BenchmarkError("--warmup must be >= 1, --steps >= 2 and --repeats >= 1")
+    if args.warmup < 1 or args.steps < 2 or args.repeats < 1 or args.workers < 0:
+        raise BenchmarkError(
+            "--warmup must be >= 1, --steps >= 2, --repeats >= 1 and --workers >= 0"
+        )
     if peer is not None and (not arch.latent or args.train_text_encoder):
         raise BenchmarkError(
             "--peer: the peer script trains the UNet of a latent (VAE) model only; "
@@ -168,6 +170,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     counted = {  # the FLOPs each trainer's step really runs (a cache skips its encoder)
         name: _counted_flops(flops, spec.get("config")) for name, spec in specs.items()
     }
+    versions_now, parameters = versions(), parameter_counts(arch)  # once, not every round
 
     def record(runs: list[dict], profiles: dict[str, str], rounds: int) -> dict:
         """The result of the runs so far, written out: a benchmark stopped short (a time limit,
@@ -195,10 +198,10 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
             "command": command,
             "complete": rounds == args.repeats and (bool(profiles) or not args.profile),
             "machine": machine(device, runs[0]["torch_threads"]),
-            "versions": versions(),
+            "versions": versions_now,
             "setup": {
                 "model": arch.name,
-                "parameters": parameter_counts(arch),
+                "parameters": parameters,
                 "resolution": resolution,
                 "batch_size": batch,
                 "precision": precision,

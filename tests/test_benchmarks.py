@@ -207,6 +207,8 @@ def test_bad_override_fails_before_any_run(tmp_path, capsys):
     argv = [*SHORT, "--set", "train.max_stepz=3", "--work", str(tmp_path)]
     assert throughput.main(argv) == 2
     assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+    assert throughput.main([*SHORT, "--workers", "-1", "--work", str(tmp_path)]) == 2
+    assert "--workers >= 0" in capsys.readouterr().err
 
 
 PEER = os.environ.get("SDTUNE_PEER_SCRIPT")

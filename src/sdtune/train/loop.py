@@ -616,10 +616,12 @@ def _update_ratio(
 ) -> float:
     """|update| / |weights| over the sample `_ratio_sample` took (all weights when they fit)."""
     stride, old = before
-    now = [_sampled(p, stride) for p in params]
-    delta = torch.stack([(n - b).float().pow(2).sum() for n, b in zip(now, old)]).sum()
-    norm = torch.stack([n.float().pow(2).sum() for n in now]).sum()
-    return float(delta.sqrt() / norm.sqrt().clamp(min=1e-12))
+    delta, norm = [], []
+    for p, b in zip(params, old):  # one tensor's sample alive at a time (a channels-last
+        now = _sampled(p, stride).float()  # weight is copied to be flattened)
+        delta.append((now - b.float()).pow(2).sum())
+        norm.append(now.pow(2).sum())
+    return float(torch.stack(delta).sum().sqrt() / torch.stack(norm).sum().sqrt().clamp(min=1e-12))
 
 
 def _silent(*args, **kwargs) -> None:
