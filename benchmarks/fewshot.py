@@ -1,8 +1,8 @@
 """Few-shot fine-tuning benchmark on real data, judged by the digits judge.
 
 Pre-trains the quickstart model on the digits 0-8 only, then teaches it the digit 9 from 10
-real images with each method (full fine-tune, LoRA, DreamBooth with prior preservation,
-textual inversion) and reports, for each: the judged accuracy on "nine" prompts, the accuracy
+real images with each method (full fine-tune, LoRA with and without output preservation,
+DreamBooth with prior preservation, textual inversion) and reports, for each: the judged accuracy on "nine" prompts, the accuracy
 on the other digits before and after (forgetting), the training time and the trainable
 parameters. Each method runs with three seeds (their mean is reported, with the range). One
 command, CPU only, about 30 minutes on 2 cores:
@@ -138,7 +138,23 @@ def methods(base_model: Path) -> dict[str, dict]:
                 "train": {"max_steps": 150, "learning_rate": 2e-4},
             },
         ),
-        "lora": _merge(  # sdtune's default targets (attention and feed-forward), UNet only
+        # sdtune's default targets (attention and feed-forward), UNet only, keeping what the
+        # base draws for the other digits' prompts (output preservation: no class images)
+        "lora": _merge(
+            common,
+            {
+                "lora": {
+                    "enabled": True,
+                    "rank": 8,
+                    "alpha": 8,
+                    "text_encoder": False,
+                    "preserve_prompts": others,
+                    "preserve_weight": 1.0,
+                },
+                "train": {"max_steps": 200, "learning_rate": 1e-3},
+            },
+        ),
+        "lora-plain": _merge(  # the same adapters and steps, trained on the ten nines alone
             common,
             {
                 "lora": {"enabled": True, "rank": 8, "alpha": 8, "text_encoder": False},

@@ -238,6 +238,7 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
     assert set(configs) == {
         "full",
         "lora",
+        "lora-plain",
         "dreambooth-lora",
         "dreambooth-full",
         "textual-inversion",

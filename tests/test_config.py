@@ -77,6 +77,7 @@ def test_data_path_implies_folder(tmp_path):
             "train.optimizer: Input should be 'adamw', 'adam', 'rmsprop', 'sgd' or 'adamw8bit'",
         ),
         ("data.val_fraction=1.5", "data.val_fraction: Input should be less than 1"),
+        ("lora.preserve_prompts=['a dog']", "lora.preserve_prompts needs lora.enabled = true"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):

@@ -287,6 +287,10 @@ class LoraConfig(Section):
     """Also put adapters on the text encoder (its learning rate is train.text_encoder_lr)."""
     text_encoder_targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     """Text-encoder module names (suffixes) that get adapters."""
+    preserve_prompts: list[str] = []
+    """Output preservation: prompts whose images must not change, e.g. ['a photo of a dog'] or the other subjects the model draws. Each step the frozen base predicts the batch's noisy latents under them and the adapted model is pulled towards it: prior preservation without class images."""
+    preserve_weight: float = Field(1.0, ge=0.0)
+    """Weight of the output-preservation loss (lora.preserve_prompts) next to the instance loss."""
 
 
 class TextualInversionConfig(Section):
@@ -357,6 +361,15 @@ class RunConfig(Section):
                     "dreambooth.class_prompt is required for prior preservation "
                     "(or set dreambooth.prior_loss_weight = 0)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _preservation_needs_lora(self) -> RunConfig:
+        if self.lora.preserve_prompts and not self.lora.enabled:
+            raise ValueError(
+                "lora.preserve_prompts needs lora.enabled = true (the base without the "
+                "adapters gives the predictions to preserve)"
+            )
         return self
 
     @model_validator(mode="after")

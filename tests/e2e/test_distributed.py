@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.e2e.test_resume import CONFIG, _assert_identical, _final_state
@@ -58,3 +59,23 @@ def test_two_processes_train_shard_roll_back_and_resume_exactly(tmp_path):
     }
     weights = _final_state(tmp_path / "a", 10)[0]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+def test_two_processes_lora_with_output_preservation_resume_exactly(tmp_path):
+    # one UNet and one text-encoder call per micro-batch carry both halves, as DDP requires
+    config = tmp_path / "cfg.toml"
+    config.write_text(
+        DISTRIBUTED
+        + "[lora]\nenabled = true\nrank = 4\ntext_encoder = true\n"
+        + 'preserve_prompts = ["a handwritten digit one", ""]\n'
+    )
+    straight = _launch(config, tmp_path / "a", spike="8")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "lora: output preservation on 2 prompt(s), weight 1" in straight.stdout
+    assert "diverged at step 8: rolled back to step-0000006" in straight.stdout
+    killed = _launch(config, tmp_path / "b", crash="step:4", spike="8")
+    assert killed.returncode != 0
+    resumed = _launch(config, tmp_path / "b", "--resume", "latest", spike="8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_identical(_final_state(tmp_path / "a", 10), _final_state(tmp_path / "b", 10))

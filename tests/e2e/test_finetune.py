@@ -177,6 +177,42 @@ def test_lora_resume_is_bit_identical(tmp_path, tiny_image_folder):
     _assert_resume_is_exact(config, tmp_path, crash="step:4")
 
 
+PRESERVE = """
+preserve_prompts = ["a photo of a blue circle", "a photo of a green triangle"]
+preserve_weight = 2.0
+"""
+
+
+def _drift(run, prompt="a photo of a blue circle"):
+    """How far the run's adapters moved the prediction for `prompt` from the base's."""
+    from sdtune.checkpoint.export import load_checkpoint_model, resolve_checkpoint
+    from sdtune.train.preserve import adapters_off
+
+    bundle, _ = load_checkpoint_model(resolve_checkpoint(run, print))
+    adapted, _ = _outputs(bundle.unet, bundle.text_encoder, bundle.tokenizer, prompt)
+    with adapters_off(bundle.unet, bundle.text_encoder):
+        base, _ = _outputs(bundle.unet, bundle.text_encoder, bundle.tokenizer, prompt)
+    return (adapted - base).pow(2).mean().item()
+
+
+def test_lora_output_preservation_resumes_exactly_and_keeps_other_prompts(
+    lora_run, tmp_path, tiny_image_folder, capsys
+):
+    # the text encoder's adapters train too: its ids and the UNet's inputs are both doubled
+    config = _config(tmp_path, tiny_image_folder, LORA + PRESERVE)
+    _assert_resume_is_exact(config, tmp_path, crash="step:4")
+    root, _ = lora_run  # the same run without preservation
+    free, kept = _drift(root / "run"), _drift(tmp_path / "a")
+    assert kept < 0.5 * free, (kept, free)
+
+    # with cached text states (a frozen text encoder): the preserved prompts' states are the base's
+    cached = tmp_path / "cached"
+    args = ["--set", "lora.text_encoder=false", "--set", "data.cache_text=true"]
+    assert main(["train", str(config), "--output", str(cached), *args]) == 0
+    assert "lora: output preservation on 2 prompt(s), weight 2" in capsys.readouterr().out
+    assert _drift(cached) < 0.5 * free
+
+
 def test_textual_inversion_trains_only_its_vectors_and_loads_in_diffusers(
     tmp_path, tiny_image_folder
 ):

@@ -66,6 +66,7 @@ from sdtune.train.parts import (
     spiked,
     truncate_metrics,
 )
+from sdtune.train.preserve import OutputPreservation, check_preservation
 from sdtune.train.speed import (
     attention_kernel,
     check_speed_options,
@@ -193,6 +194,15 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     cached_latents = cache is not None and cache.latents is not None
     cached_text = cache is not None and cache.text is not None
 
+    preserve = None  # LoRA output preservation (lora.preserve_prompts)
+    if cfg.lora.preserve_prompts:
+        check_preservation(cfg, trainable)
+        preserve = OutputPreservation(cfg, bundle, device)
+        say(
+            f"lora: output preservation on {len(preserve.prompts)} prompt(s), "
+            f"weight {preserve.weight:g}"
+        )
+
     groups = param_groups(trainable, cfg)
     say(
         "optimizer groups: "
@@ -307,22 +317,40 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 timesteps = sample_timesteps(latents.shape[0], num_t, gen, device)
                 noisy = add_noise(latents, noise, timesteps, ac)
                 target = training_target(pred_type, latents, noise, timesteps, ac)
+                pick = preserve.draw(latents.shape[0], gen) if preserve is not None else None
                 sync = m == cfg.train.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
+                    if pick is not None:  # the base's predictions to keep (lora.preserve_*)
+                        kept = preserve.target(noisy, timesteps, pick)
                     if cached_text:  # the text encoder is frozen
                         hidden = cache.text.states(batch["captions"], device)
+                        if pick is not None:
+                            hidden = torch.cat([hidden, preserve.base_states[pick].to(hidden)])
                     else:
                         ids = bundle.tokenize(batch["captions"]).to(device, non_blocking=True)
+                        if pick is not None:  # one text-encoder call for both halves
+                            ids = torch.cat([ids, preserve.ids[pick]])
                         with nullcontext() if train_te_now else torch.no_grad():
                             hidden = text_encoder(ids)[0]
+                    inputs, t_in = noisy, timesteps
+                    if pick is not None:  # one UNet call: instance half, preservation half
+                        inputs, t_in = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps])
                     with attention_kernel(cfg.train):
-                        pred = unet_forward(noisy, timesteps, encoder_hidden_states=hidden).sample
+                        pred = unet_forward(inputs, t_in, encoder_hidden_states=hidden).sample
                     # per-image weights: DreamBooth's prior-loss weight, else ones (exact)
                     weights = batch["weights"].to(device, non_blocking=True)
+                    snr_weights = None
                     if cfg.diffusion.min_snr_gamma is not None:
                         gamma = cfg.diffusion.min_snr_gamma
-                        weights = min_snr_weights(snr(ac, timesteps), gamma, pred_type) * weights
-                    loss = diffusion_loss(pred, target, weights)
+                        snr_weights = min_snr_weights(snr(ac, timesteps), gamma, pred_type)
+                        weights = snr_weights * weights
+                    if pick is None:
+                        loss = diffusion_loss(pred, target, weights)
+                    else:
+                        pred, pred_kept = pred.chunk(2)
+                        loss = diffusion_loss(pred, target, weights) + preserve.weight * (
+                            diffusion_loss(pred_kept, kept, snr_weights)
+                        )
                     if poisoned(step + 1):
                         loss = loss * float("nan")
                     if spiked(step + 1, state.rollbacks):

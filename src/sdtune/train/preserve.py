@@ -1,0 +1,85 @@
+"""Output preservation for LoRA: keep what the base draws for other prompts, without class images.
+
+Plain LoRA learns from the instance images alone, and nothing in its loss says that the other
+prompts must keep their meaning: the adapters that teach "a photo of sks dog" move every prompt
+near it too (the few-shot benchmark's plain-LoRA row loses most on the digits whose prompts lie
+near "nine"). DreamBooth's prior preservation fixes it with class images, which must be
+generated or collected first. Output preservation (ai-toolkit's "differential output
+preservation" does the same) asks the frozen base itself: every step, each image of the batch
+also gets one of `lora.preserve_prompts`, the base (adapters switched off) predicts the noise
+of the batch's noisy latents under that prompt, and the adapted model is pulled towards that
+prediction, weighted by `lora.preserve_weight` and the same per-timestep weights as the
+instance loss. The base's weights never change (the adapters are all that trains), so its
+prediction is the exact target of "change nothing for these prompts".
+
+The preservation inputs ride in the same UNet call as the instance batch (twice the batch):
+one forward and one backward per micro-batch, as DDP and torch.compile expect; the base's own
+prediction is one more forward without gradients. Prompts are drawn from the step's noise
+generator, so a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from sdtune.config import RunConfig
+from sdtune.errors import ConfigError
+from sdtune.models.bundle import ModelBundle
+
+
+def check_preservation(cfg: RunConfig, trainable: dict[str, torch.nn.Parameter]) -> None:
+    """The base's prediction is the target only while every base weight stays frozen."""
+    base = [n for n in trainable if ".lora_A." not in n and ".lora_B." not in n]
+    if cfg.lora.preserve_prompts and base:
+        shown = ", ".join(base[:3]) + (f" and {len(base) - 3} more" if len(base) > 3 else "")
+        raise ConfigError(
+            "lora.preserve_prompts needs every base weight frozen (its predictions are the "
+            f"target), but these train too: {shown}; set model.trainable = [] or drop "
+            "lora.preserve_prompts"
+        )
+
+
+@contextmanager
+def adapters_off(*modules: torch.nn.Module):
+    """The base model: every LoRA layer of `modules` bypassed, restored on exit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer.disable_adapters for layer in layers]
+    # peft's switch also sets requires_grad of the adapters: put back exactly what was there
+    grads = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, before):
+            layer.enable_adapters(not disabled)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+class OutputPreservation:
+    """The preservation half of each training batch (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, bundle: ModelBundle, device: torch.device) -> None:
+        self.prompts = list(cfg.lora.preserve_prompts)
+        self.weight = float(cfg.lora.preserve_weight)
+        self.bundle = bundle
+        self.ids = bundle.tokenize(self.prompts).to(device)
+        with torch.no_grad(), adapters_off(bundle.text_encoder):
+            # the base's hidden states of each prompt: constant, since the base never trains
+            self.base_states = bundle.text_encoder(self.ids)[0]
+
+    def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """One preservation prompt per image of the batch (indices), drawn from `gen`."""
+        pick = torch.randint(len(self.prompts), (n,), generator=gen, device=gen.device)
+        return pick.to(self.ids.device)
+
+    def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor):
+        """The base's prediction on `noisy` under the drawn prompts: what must not change."""
+        with torch.no_grad(), adapters_off(self.bundle.unet):
+            states = self.base_states[pick]
+            return self.bundle.unet(noisy, timesteps, encoder_hidden_states=states).sample

@@ -1,0 +1,75 @@
+"""LoRA output preservation: the base is the adapted model with its adapters switched off."""
+
+import pytest
+import torch
+
+from sdtune.config import LoraConfig, load_config
+from sdtune.errors import ConfigError
+from sdtune.models.lora import add_lora
+from sdtune.models.presets import build_preset
+from sdtune.train.preserve import OutputPreservation, adapters_off, check_preservation
+
+
+def _predict(bundle, prompt="a photo of a circle"):
+    ids = bundle.tokenize([prompt])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, bundle.unet.config.in_channels, 8, 8, generator=gen)
+    with torch.no_grad():
+        hidden = bundle.text_encoder(ids)[0]
+        return bundle.unet(x, torch.tensor([400]), encoder_hidden_states=hidden).sample
+
+
+@pytest.fixture
+def adapted():
+    bundle = build_preset("tiny-sd", 0)
+    base = _predict(bundle)
+    add_lora(bundle, LoraConfig(enabled=True, rank=4, text_encoder=True))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero: give the adapters something to change
+        for name, p in [*bundle.unet.named_parameters(), *bundle.text_encoder.named_parameters()]:
+            if ".lora_B." in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return bundle, base
+
+
+def test_adapters_off_is_the_base_and_puts_everything_back(adapted):
+    bundle, base = adapted
+    lora = {n: p for n, p in bundle.unet.named_parameters() if ".lora_" in n}
+    frozen = next(iter(lora))
+    lora[frozen].requires_grad_(False)  # a flag the switch must not overwrite
+    on = _predict(bundle)
+    assert (on - base).abs().max() > 1e-3
+    with adapters_off(bundle.unet, bundle.text_encoder):
+        torch.testing.assert_close(_predict(bundle), base)
+    torch.testing.assert_close(_predict(bundle), on)
+    assert not lora[frozen].requires_grad
+    assert all(p.requires_grad for n, p in lora.items() if n != frozen)
+
+
+def test_targets_are_the_base_predictions_under_the_drawn_prompts(adapted):
+    bundle, _ = adapted
+    prompts = ["a photo of a circle", "a photo of a triangle", ""]
+    cfg = load_config(None, ["lora.enabled=true", f"lora.preserve_prompts={prompts!r}"])
+    keep = OutputPreservation(cfg, bundle, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(2)
+    pick = keep.draw(6, gen)
+    assert (
+        pick.tolist() == torch.randint(3, (6,), generator=torch.Generator().manual_seed(2)).tolist()
+    )
+    x = torch.randn(6, bundle.unet.config.in_channels, 8, 8, generator=gen)
+    t = torch.randint(1000, (6,), generator=gen)
+    target = keep.target(x, t, pick)
+    with torch.no_grad(), adapters_off(bundle.unet, bundle.text_encoder):
+        hidden = bundle.text_encoder(bundle.tokenize([prompts[i] for i in pick]))[0]
+        want = bundle.unet(x, t, encoder_hidden_states=hidden).sample
+    torch.testing.assert_close(target, want)
+    assert target.requires_grad is False
+
+
+def test_preservation_refuses_a_training_base_weight():
+    cfg = load_config(None, ["lora.enabled=true", "lora.preserve_prompts=['a dog']"])
+    lora = {"unet.down.to_q.lora_A.default.weight": torch.nn.Parameter(torch.zeros(1))}
+    check_preservation(cfg, lora)  # adapters alone: fine
+    base = {**lora, "unet.conv_in.weight": torch.nn.Parameter(torch.zeros(1))}
+    with pytest.raises(ConfigError, match="lora.preserve_prompts needs every base weight frozen"):
+        check_preservation(cfg, base)
