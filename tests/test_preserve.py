@@ -73,3 +73,13 @@ def test_preservation_refuses_a_training_base_weight():
     base = {**lora, "unet.conv_in.weight": torch.nn.Parameter(torch.zeros(1))}
     with pytest.raises(ConfigError, match="lora.preserve_prompts needs every base weight frozen"):
         check_preservation(cfg, base)
+
+
+def test_preservation_admits_a_new_tokens_vectors_unless_a_kept_prompt_uses_it():
+    over = ["lora.enabled=true", "textual_inversion.token=<sks>"]
+    vectors = "text_encoder.text_model.embeddings.token_embedding.vectors"
+    trainable = {vectors: torch.nn.Parameter(torch.zeros(1))}
+    check_preservation(load_config(None, [*over, "lora.preserve_prompts=['a dog']"]), trainable)
+    cfg = load_config(None, [*over, "lora.preserve_prompts=['a dog', 'a <sks> dog']"])
+    with pytest.raises(ConfigError, match="'a <sks> dog' uses the new token <sks>"):
+        check_preservation(cfg, trainable)

@@ -30,8 +30,24 @@ from sdtune.models.bundle import ModelBundle
 
 
 def check_preservation(cfg: RunConfig, trainable: dict[str, torch.nn.Parameter]) -> None:
-    """The base's prediction is the target only while every base weight stays frozen."""
-    base = [n for n in trainable if ".lora_A." not in n and ".lora_B." not in n]
+    """The base's prediction is the target only while every base weight stays frozen. A new
+    textual-inversion token's vectors may train alongside (pivotal tuning) as long as no
+    preserved prompt uses the token: those prompts never read its vectors."""
+    token = cfg.textual_inversion.token
+    if token is not None:
+        using = [p for p in cfg.lora.preserve_prompts if token in p]
+        if using:
+            raise ConfigError(
+                f"lora.preserve_prompts: {using[0]!r} uses the new token {token}, which trains "
+                "(textual_inversion.token); preserve prompts without it"
+            )
+    base = [
+        n
+        for n in trainable
+        if ".lora_A." not in n
+        and ".lora_B." not in n
+        and not (token is not None and n.endswith("token_embedding.vectors"))
+    ]
     if cfg.lora.preserve_prompts and base:
         shown = ", ".join(base[:3]) + (f" and {len(base) - 3} more" if len(base) > 3 else "")
         raise ConfigError(
