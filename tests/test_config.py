@@ -78,6 +78,9 @@ def test_data_path_implies_folder(tmp_path):
         ),
         ("data.val_fraction=1.5", "data.val_fraction: Input should be less than 1"),
         ("lora.preserve_prompts=['a dog']", "lora.preserve_prompts needs lora.enabled = true"),
+        ("lora.preserve_weight=inf", "lora.preserve_weight: Input should be a finite number"),
+        ("lora.preserve_weight=0", "lora.preserve_weight: Input should be greater than 0"),
+        ("dreambooth.prior_loss_weight=nan", "dreambooth.prior_loss_weight: Input should be a"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):

@@ -83,3 +83,44 @@ def test_preservation_admits_a_new_tokens_vectors_unless_a_kept_prompt_uses_it()
     cfg = load_config(None, [*over, "lora.preserve_prompts=['a dog', 'a <sks> dog']"])
     with pytest.raises(ConfigError, match="'a <sks> dog' uses the new token <sks>"):
         check_preservation(cfg, trainable)
+
+
+def test_preservation_refuses_trainable_base_patterns_at_load():
+    with pytest.raises(ConfigError, match=r"model.trainable = \['unet.\*'\]; set it to \[\]"):
+        load_config(
+            None,
+            ["lora.enabled=true", "lora.preserve_prompts=['a dog']", "model.trainable=['unet.*']"],
+        )
+
+
+def test_the_base_target_has_no_dropout_and_leaves_the_modes_alone():
+    bundle = build_preset("tiny-sd", 0, dropout=0.3)
+    add_lora(bundle, LoraConfig(enabled=True, rank=4))
+    bundle.unet.train()
+    cfg = load_config(None, ["lora.enabled=true", "lora.preserve_prompts=['a photo of a circle']"])
+    keep = OutputPreservation(cfg, bundle, torch.device("cpu"))
+    x = torch.randn(
+        2, bundle.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0)
+    )
+    t, pick = torch.tensor([300, 700]), torch.tensor([0, 0])
+    torch.manual_seed(1)
+    first = keep.target(x, t, pick)
+    torch.manual_seed(2)
+    torch.testing.assert_close(keep.target(x, t, pick), first)  # dropout would differ
+    assert all(m.training for m in bundle.unet.modules())
+
+
+def test_the_base_states_are_taken_at_the_steps_precision():
+    bundle = build_preset("tiny-sd", 0)
+    add_lora(bundle, LoraConfig(enabled=True, rank=4, text_encoder=True))  # B = 0: the base
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    cfg = load_config(None, ["lora.enabled=true", "lora.preserve_prompts=['a photo of a circle']"])
+    keep = OutputPreservation(cfg, bundle, torch.device("cpu"), autocast=bf16)
+    assert keep.te_adapted
+    with torch.no_grad(), bf16():
+        adapted = bundle.text_encoder(keep.ids)[0]
+    # the adapted half reads the same states at init: the preservation loss starts at zero
+    assert torch.equal(keep.base_states, adapted)

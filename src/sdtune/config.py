@@ -289,7 +289,7 @@ class LoraConfig(Section):
     """Text-encoder module names (suffixes) that get adapters."""
     preserve_prompts: list[str] = []
     """Output preservation: prompts whose images must not change, e.g. ['a photo of a dog'] or the other subjects the model draws. Each step the frozen base predicts the batch's noisy latents under them and the adapted model is pulled towards it: prior preservation without class images."""
-    preserve_weight: float = Field(1.0, ge=0.0)
+    preserve_weight: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     """Weight of the output-preservation loss (lora.preserve_prompts) next to the instance loss."""
 
 
@@ -311,7 +311,7 @@ class DreamBoothConfig(Section):
     """Folder of class images; unset uses RUN/class_images. Missing images are generated from the base model."""
     num_class_images: int = Field(100, ge=0)
     """Class images wanted; fewer on disk are topped up by sampling the base model (kept for resume)."""
-    prior_loss_weight: float = Field(1.0, ge=0.0)
+    prior_loss_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
     """Weight of the prior-preservation loss on class images (0 disables prior preservation)."""
     class_guidance_scale: float = Field(5.0, ge=0.0)
     """Guidance scale for generating class images."""
@@ -369,6 +369,12 @@ class RunConfig(Section):
             raise ValueError(
                 "lora.preserve_prompts needs lora.enabled = true (the base without the "
                 "adapters gives the predictions to preserve)"
+            )
+        if self.lora.preserve_prompts and self.model.trainable:
+            raise ValueError(
+                "lora.preserve_prompts needs every base weight frozen (its predictions are the "
+                f"target), but model.trainable = {self.model.trainable}; set it to [] or drop "
+                "lora.preserve_prompts"
             )
         return self
 

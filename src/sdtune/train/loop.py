@@ -197,7 +197,8 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     preserve = None  # LoRA output preservation (lora.preserve_prompts)
     if cfg.lora.preserve_prompts:
         check_preservation(cfg, trainable)
-        preserve = OutputPreservation(cfg, bundle, device)
+        preserve = OutputPreservation(cfg, bundle, device, accelerator.autocast)
+        _report_long_captions(bundle, preserve.prompts, say, "lora.preserve_prompts", "prompt")
         say(
             f"lora: output preservation on {len(preserve.prompts)} prompt(s), "
             f"weight {preserve.weight:g}"
@@ -321,17 +322,21 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 sync = m == cfg.train.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
                     if pick is not None:  # the base's predictions to keep (lora.preserve_*)
-                        kept = preserve.target(noisy, timesteps, pick)
+                        with attention_kernel(cfg.train):
+                            kept = preserve.target(noisy, timesteps, pick)
+                    # the preserved prompts' states: the text encoder's own where its adapters
+                    # change them (in the same call as the captions), else the base's
+                    read_kept = pick is not None and preserve.te_adapted and not cached_text
                     if cached_text:  # the text encoder is frozen
                         hidden = cache.text.states(batch["captions"], device)
-                        if pick is not None:
-                            hidden = torch.cat([hidden, preserve.base_states[pick].to(hidden)])
                     else:
                         ids = bundle.tokenize(batch["captions"]).to(device, non_blocking=True)
-                        if pick is not None:  # one text-encoder call for both halves
+                        if read_kept:  # one text-encoder call for both halves
                             ids = torch.cat([ids, preserve.ids[pick]])
                         with nullcontext() if train_te_now else torch.no_grad():
                             hidden = text_encoder(ids)[0]
+                    if pick is not None and not read_kept:
+                        hidden = torch.cat([hidden, preserve.base_states[pick].to(hidden)])
                     inputs, t_in = noisy, timesteps
                     if pick is not None:  # one UNet call: instance half, preservation half
                         inputs, t_in = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps])
@@ -809,12 +814,14 @@ def _save_final_model(
     tmp.rename(directory)
 
 
-def _report_long_captions(bundle: ModelBundle, captions: list[str], say) -> None:
+def _report_long_captions(
+    bundle: ModelBundle, captions: list[str], say, key: str = "data", noun: str = "caption"
+) -> None:
     limit = bundle.tokenizer.model_max_length
     lengths = [len(ids) for ids in bundle.tokenizer(captions, truncation=False).input_ids]
     long = [c for c, n in zip(captions, lengths) if n > limit]
     if long:
         say(
-            f"data: {len(long)} caption(s) exceed the text encoder's {limit} tokens and are "
+            f"{key}: {len(long)} {noun}(s) exceed the text encoder's {limit} tokens and are "
             f"truncated (e.g. {long[0][:60]!r})"
         )

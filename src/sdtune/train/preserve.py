@@ -20,13 +20,14 @@ generator, so a resumed run draws the same ones.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from sdtune.config import RunConfig
 from sdtune.errors import ConfigError
 from sdtune.models.bundle import ModelBundle
+from sdtune.models.lora import has_lora
 
 
 def check_preservation(cfg: RunConfig, trainable: dict[str, torch.nn.Parameter]) -> None:
@@ -80,14 +81,20 @@ def adapters_off(*modules: torch.nn.Module):
 class OutputPreservation:
     """The preservation half of each training batch (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, bundle: ModelBundle, device: torch.device) -> None:
+    def __init__(
+        self, cfg: RunConfig, bundle: ModelBundle, device: torch.device, autocast=nullcontext
+    ) -> None:
         self.prompts = list(cfg.lora.preserve_prompts)
         self.weight = float(cfg.lora.preserve_weight)
         self.bundle = bundle
         self.ids = bundle.tokenize(self.prompts).to(device)
-        with torch.no_grad(), adapters_off(bundle.text_encoder):
-            # the base's hidden states of each prompt: constant, since the base never trains
-            self.base_states = bundle.text_encoder(self.ids)[0]
+        # the text encoder reads these prompts anew only where its own adapters change them
+        self.te_adapted = has_lora(bundle.text_encoder)
+        encoder = bundle.text_encoder
+        with torch.no_grad(), adapters_off(encoder), _eval(encoder), autocast():
+            # the base's hidden states of each prompt, at the training step's precision:
+            # constant, since the base never trains
+            self.base_states = encoder(self.ids)[0]
 
     def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """One preservation prompt per image of the batch (indices), drawn from `gen`."""
@@ -96,6 +103,19 @@ class OutputPreservation:
 
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor):
         """The base's prediction on `noisy` under the drawn prompts: what must not change."""
-        with torch.no_grad(), adapters_off(self.bundle.unet):
+        unet = self.bundle.unet
+        with torch.no_grad(), adapters_off(unet), _eval(unet):  # the base, as it samples
             states = self.base_states[pick]
-            return self.bundle.unet(noisy, timesteps, encoder_hidden_states=states).sample
+            return unet(noisy, timesteps, encoder_hidden_states=states).sample
+
+
+@contextmanager
+def _eval(module: torch.nn.Module):
+    """`module` in eval mode (no dropout), its own and its children's modes restored on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
