@@ -200,7 +200,18 @@ def test_lora_output_preservation_resumes_exactly_and_keeps_other_prompts(
 ):
     # the text encoder's adapters train too: its ids and the UNet's inputs are both doubled
     config = _config(tmp_path, tiny_image_folder, LORA + PRESERVE)
+    # a metrics row every 2 steps, a checkpoint every 3: the row of step 4 sums a step from
+    # before the kill (in the checkpoint) and one after
+    config.write_text(config.read_text().replace("log_every = 1", "log_every = 2"))
     _assert_resume_is_exact(config, tmp_path, crash="step:4")
+    # its own metric, the same after a resume (the window's sum is in the checkpoint)
+    rows = {}
+    for run in ("a", "b"):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        rows[run] = [(r["step"], r["preserve_loss"]) for r in map(json.loads, lines) if "loss" in r]
+    assert [step for step, _ in rows["a"]] == [2, 4, 6]
+    assert all(0 <= kept < 1 for _, kept in rows["a"]) and rows["a"][-1][1] > 0
+    assert rows["a"] == rows["b"]
     root, _ = lora_run  # the same run without preservation
     free, kept = _drift(root / "run"), _drift(tmp_path / "a")
     assert kept < 0.5 * free, (kept, free)

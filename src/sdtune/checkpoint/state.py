@@ -50,6 +50,8 @@ class TrainingProgress:
     window_loss: float = 0.0
     """Sum of step losses since the last metrics row (so a resumed row averages the same steps)."""
     window_steps: int = 0
+    window_preserve: float = 0.0
+    """Sum of step output-preservation losses (lora.preserve_prompts) since the last metrics row."""
     ema_steps: int = 0
     eval_loss_sum: float = 0.0
     """Sum of step losses since the last evaluation (its train_loss, for the overfitting check)."""

@@ -35,6 +35,8 @@ class StepReport:
     spike: bool
     names: list[str]
     """The files of the step's batch, for the message when it was bad."""
+    part: float = 0.0
+    """The part of the loss given to `check` as `part` (LoRA output preservation), else 0."""
 
     @property
     def bad(self) -> bool:
@@ -65,10 +67,21 @@ class StepGuard:
 
     # ------------------------------------------------------------ per step, on the device
     @torch.no_grad()
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
+    def check(
+        self,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None = None,
+        part: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Decide the step whose (global mean) loss and gradient norm are given: a float flag on
-        the device, 1.0 when its update must be skipped. Queues work only; reads nothing."""
+        the device, 1.0 when its update must be skipped. Queues work only; reads nothing.
+        `part`, a term of the loss logged on its own, travels to the host with the flags."""
         loss64 = loss.detach().to(torch.float64).reshape(())
+        part64 = (
+            torch.zeros((), dtype=torch.float64, device=self.device)
+            if part is None
+            else part.detach().to(torch.float64).reshape(())
+        )
         finite = torch.isfinite(loss64)
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm.detach()).reshape(())
@@ -85,7 +98,8 @@ class StepGuard:
         shifted = torch.cat([self._recent[1:], loss64.reshape(1)])
         self._recent = torch.where(applied, shifted, self._recent)
         self._count = torch.clamp(self._count + applied.long(), max=self.window)
-        self._last = torch.stack([loss64, finite.to(torch.float64), spike.to(torch.float64)])
+        flags = [finite.to(torch.float64), spike.to(torch.float64)]
+        self._last = torch.stack([loss64, *flags, part64])
         return (~applied).to(torch.float32)
 
     def push(self, step: int, names: list[str]) -> None:
@@ -110,8 +124,8 @@ class StepGuard:
         for step, host, names, event in ready:
             if event is not None:
                 event.synchronize()  # waits for that step only, not for the queued ones
-            loss, finite, spike = host.tolist()
-            out.append(StepReport(step, loss, bool(finite), bool(spike), names))
+            loss, finite, spike, part = host.tolist()
+            out.append(StepReport(step, loss, bool(finite), bool(spike), names, part))
         return out
 
     def read_now(self, skip: torch.Tensor) -> bool:

@@ -295,6 +295,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             step = state.step
             torch.manual_seed(derive_seed(seed, "step", step, rank))  # dropout: a function of step
             step_loss = torch.zeros((), device=device)
+            step_kept = torch.zeros((), device=device) if preserve is not None else None
             names: list[str] = []
             te_steps = cfg.train.text_encoder_steps
             train_te_now = train_te and (te_steps is None or step < te_steps)
@@ -353,9 +354,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                         loss = diffusion_loss(pred, target, weights)
                     else:
                         pred, pred_kept = pred.chunk(2)
-                        loss = diffusion_loss(pred, target, weights) + preserve.weight * (
-                            diffusion_loss(pred_kept, kept, snr_weights)
-                        )
+                        kept_loss = diffusion_loss(pred_kept, kept, snr_weights)
+                        loss = diffusion_loss(pred, target, weights) + preserve.weight * kept_loss
+                        step_kept += kept_loss.detach() / cfg.train.grad_accum
                     if poisoned(step + 1):
                         loss = loss * float("nan")
                     if spiked(step + 1, state.rollbacks):
@@ -372,16 +373,18 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 )
             if accelerator.num_processes > 1:  # every process decides on the same numbers
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
+                if step_kept is not None:
+                    step_kept = accelerator.reduce(step_kept, reduction="mean")
             log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps
             before = _ratio_sample(params) if log_now and log_ratio else None
             if accelerator.scaler is None:
-                skip = guard.check(step_loss, grad_norm)  # on the device: no sync
+                skip = guard.check(step_loss, grad_norm, step_kept)  # on the device: no sync
                 if device_skip:
                     step_unless(optimizer, skip)
                 elif not guard.read_now(skip):
                     optimizer.step()
             else:  # fp16: an overflowing gradient is the loss scaler's to skip, not a bad step
-                skip = guard.check(step_loss)
+                skip = guard.check(step_loss, part=step_kept)
                 if not guard.read_now(skip):
                     optimizer.step()
                 else:
@@ -414,6 +417,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                 last_loss = report.loss
                 # the host's float64 sums, as the metrics row and the evaluation read them
                 state.window_loss += report.loss
+                state.window_preserve += report.part
                 state.eval_loss_sum += report.loss
                 if not report.bad:
                     state.bad_streak = 0
@@ -467,12 +471,14 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
                     "epoch": state.position.epoch,
                     "skipped_steps": state.skipped_steps,
                 }
+                if preserve is not None:  # the preservation term, unweighted (in "loss" weighted)
+                    row["preserve_loss"] = state.window_preserve / state.window_steps
                 if log is not None:
                     log.log(state.step, row)
                 if track is not None:
                     track(row, step=state.step)
                 progress.update(state.step, row["loss"], row["lr"], row["images_per_s"], True)
-                state.window_loss, state.window_steps = 0.0, 0
+                state.window_loss, state.window_steps, state.window_preserve = 0.0, 0, 0.0
                 window_images, window_start = 0, time.monotonic()
             else:
                 progress.update(state.step, last_loss, lr_scheduler.get_last_lr()[0], 0.0, False)
