@@ -2,10 +2,10 @@
 
 Pre-trains the quickstart model on the digits 0-8 only, then teaches it the digit 9 from 10
 real images with each method (full fine-tune, LoRA with and without output preservation,
-DreamBooth with prior preservation, textual inversion) and reports, for each: the judged accuracy on "nine" prompts, the accuracy
-on the other digits before and after (forgetting), the training time and the trainable
-parameters. Each method runs with three seeds (their mean is reported, with the range). One
-command, CPU only, about 30 minutes on 2 cores:
+DreamBooth with prior preservation, textual inversion) and reports, for each: the judged
+accuracy on "nine" prompts, the accuracy on the other digits before and after (forgetting), the
+training time and the trainable parameters. Each method runs with three seeds (their mean is
+reported, with the range). One command, CPU only, about 30 minutes on 2 cores:
 
     python -m benchmarks.fewshot            # writes benchmarks/results/fewshot.{json,md}
 
@@ -130,6 +130,13 @@ def methods(base_model: Path) -> dict[str, dict]:
         "unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
         "text_encoder": True,
     }
+    lora_plain = _merge(
+        common,
+        {
+            "lora": {"enabled": True, "rank": 8, "alpha": 8, "text_encoder": False},
+            "train": {"max_steps": 200, "learning_rate": 1e-3},
+        },
+    )
     return {
         "full": _merge(
             common,
@@ -140,27 +147,8 @@ def methods(base_model: Path) -> dict[str, dict]:
         ),
         # sdtune's default targets (attention and feed-forward), UNet only, keeping what the
         # base draws for the other digits' prompts (output preservation: no class images)
-        "lora": _merge(
-            common,
-            {
-                "lora": {
-                    "enabled": True,
-                    "rank": 8,
-                    "alpha": 8,
-                    "text_encoder": False,
-                    "preserve_prompts": others,
-                    "preserve_weight": 1.0,
-                },
-                "train": {"max_steps": 200, "learning_rate": 1e-3},
-            },
-        ),
-        "lora-plain": _merge(  # the same adapters and steps, trained on the ten nines alone
-            common,
-            {
-                "lora": {"enabled": True, "rank": 8, "alpha": 8, "text_encoder": False},
-                "train": {"max_steps": 200, "learning_rate": 1e-3},
-            },
-        ),
+        "lora": _merge(lora_plain, {"lora": {"preserve_prompts": others, "preserve_weight": 1.0}}),
+        "lora-plain": lora_plain,  # the same adapters and steps, trained on the ten nines alone
         "dreambooth-lora": _merge(
             common,
             {

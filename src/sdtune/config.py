@@ -376,6 +376,15 @@ class RunConfig(Section):
                 f"target), but model.trainable = {self.model.trainable}; set it to [] or drop "
                 "lora.preserve_prompts"
             )
+        # a textual-inversion token's vectors may train alongside (pivotal tuning): the
+        # preserved prompts must not read them
+        token = self.textual_inversion.token
+        using = [p for p in self.lora.preserve_prompts if token is not None and token in p]
+        if using:
+            raise ValueError(
+                f"lora.preserve_prompts: {using[0]!r} uses the new token {token}, which trains "
+                "(textual_inversion.token); preserve prompts without it"
+            )
         return self
 
     @model_validator(mode="after")

@@ -48,6 +48,7 @@ class StepGuard:
         self.factor, self.window = spike_factor, spike_window
         self.device = torch.device(device)
         self._pending: list[tuple[int, torch.Tensor, list[str], torch.cuda.Event | None]] = []
+        self._no_part = torch.zeros((), dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------ device state <-> progress
     def load(self, progress: TrainingProgress) -> None:
@@ -77,11 +78,7 @@ class StepGuard:
         the device, 1.0 when its update must be skipped. Queues work only; reads nothing.
         `part`, a term of the loss logged on its own, travels to the host with the flags."""
         loss64 = loss.detach().to(torch.float64).reshape(())
-        part64 = (
-            torch.zeros((), dtype=torch.float64, device=self.device)
-            if part is None
-            else part.detach().to(torch.float64).reshape(())
-        )
+        part64 = self._no_part if part is None else part.detach().to(torch.float64).reshape(())
         finite = torch.isfinite(loss64)
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm.detach()).reshape(())

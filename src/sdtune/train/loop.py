@@ -66,7 +66,7 @@ from sdtune.train.parts import (
     spiked,
     truncate_metrics,
 )
-from sdtune.train.preserve import OutputPreservation, check_preservation
+from sdtune.train.preserve import OutputPreservation
 from sdtune.train.speed import (
     attention_kernel,
     check_speed_options,
@@ -196,7 +196,6 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
 
     preserve = None  # LoRA output preservation (lora.preserve_prompts)
     if cfg.lora.preserve_prompts:
-        check_preservation(cfg, trainable)
         preserve = OutputPreservation(cfg, bundle, device, accelerator.autocast)
         _report_long_captions(bundle, preserve.prompts, say, "lora.preserve_prompts", "prompt")
         say(

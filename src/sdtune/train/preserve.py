@@ -25,45 +25,25 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from sdtune.config import RunConfig
-from sdtune.errors import ConfigError
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.lora import has_lora
 
 
-def check_preservation(cfg: RunConfig, trainable: dict[str, torch.nn.Parameter]) -> None:
-    """The base's prediction is the target only while every base weight stays frozen. A new
-    textual-inversion token's vectors may train alongside (pivotal tuning) as long as no
-    preserved prompt uses the token: those prompts never read its vectors."""
-    token = cfg.textual_inversion.token
-    if token is not None:
-        using = [p for p in cfg.lora.preserve_prompts if token in p]
-        if using:
-            raise ConfigError(
-                f"lora.preserve_prompts: {using[0]!r} uses the new token {token}, which trains "
-                "(textual_inversion.token); preserve prompts without it"
-            )
-    base = [
-        n
-        for n in trainable
-        if ".lora_A." not in n
-        and ".lora_B." not in n
-        and not (token is not None and n.endswith("token_embedding.vectors"))
-    ]
-    if cfg.lora.preserve_prompts and base:
-        shown = ", ".join(base[:3]) + (f" and {len(base) - 3} more" if len(base) > 3 else "")
-        raise ConfigError(
-            "lora.preserve_prompts needs every base weight frozen (its predictions are the "
-            f"target), but these train too: {shown}; set model.trainable = [] or drop "
-            "lora.preserve_prompts"
-        )
+def lora_layers(*modules: torch.nn.Module) -> list[torch.nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
 @contextmanager
 def adapters_off(*modules: torch.nn.Module):
     """The base model: every LoRA layer of `modules` bypassed, restored on exit."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    with _bypassed(lora_layers(*modules)):
+        yield
 
-    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+@contextmanager
+def _bypassed(layers: list[torch.nn.Module]):
     before = [layer.disable_adapters for layer in layers]
     # peft's switch also sets requires_grad of the adapters: put back exactly what was there
     grads = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
@@ -90,6 +70,7 @@ class OutputPreservation:
         self.ids = bundle.tokenize(self.prompts).to(device)
         # the text encoder reads these prompts anew only where its own adapters change them
         self.te_adapted = has_lora(bundle.text_encoder)
+        self._unet_layers = lora_layers(bundle.unet)  # found once: target() runs every step
         encoder = bundle.text_encoder
         with torch.no_grad(), adapters_off(encoder), _eval(encoder), autocast():
             # the base's hidden states of each prompt, at the training step's precision:
@@ -104,18 +85,17 @@ class OutputPreservation:
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor):
         """The base's prediction on `noisy` under the drawn prompts: what must not change."""
         unet = self.bundle.unet
-        with torch.no_grad(), adapters_off(unet), _eval(unet):  # the base, as it samples
+        with torch.no_grad(), _bypassed(self._unet_layers), _eval(unet):  # the base, as it samples
             states = self.base_states[pick]
             return unet(noisy, timesteps, encoder_hidden_states=states).sample
 
 
 @contextmanager
 def _eval(module: torch.nn.Module):
-    """`module` in eval mode (no dropout), its own and its children's modes restored on exit."""
-    modes = [(m, m.training) for m in module.modules()]
+    """`module` in eval mode (no dropout), its mode restored on exit."""
+    training = module.training
     module.eval()
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        module.train(training)
