@@ -1,38 +1,74 @@
-# The two set-up commands of the README: each creates .venv when missing and installs what it needs.
-PYTHON ?= python3
+# The two set-up commands of the README: each creates .venv when missing and installs what it
+# needs from the committed lock (constraints.txt), so a fresh machine gets exactly the versions
+# the suite was last run with, whatever the registry has published since.
+#
+#   make lock          resolve the newest versions pyproject.toml admits, run the suite on them
+#                      in .venv-latest, and write constraints.txt only if it passes
+#   make test-latest   the same without writing the lock: drift is seen on purpose
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := constraints.txt
+LATEST := .venv-latest
 
-.PHONY: quickstart test lint clean
+.PHONY: quickstart test lint clean lock test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# pip and setuptools come from the lock too, and the project builds without isolation, so no
+# build step fetches whatever is newest that day
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c $(LOCK) pip setuptools
+	$(BIN)/python -m pip install --quiet -c $(LOCK) --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c $(LOCK) pip setuptools
+	$(BIN)/python -m pip install --quiet -c $(LOCK) --no-build-isolation -e '.[dev]'
+	$(BIN)/python -m pip check
 	touch $@ $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
 	$(BIN)/sdtune train examples/quickstart.toml --output runs/quickstart --overwrite
 
 # The report test renders in Debian's chromium; a fresh CI machine gets it from Debian's registry.
-test: $(VENV)/.installed-dev
+define CHROMIUM
 	@if [ -n "$$CI" ] && ! command -v chromium >/dev/null; then \
 		echo "installing Debian's chromium for the report's browser test"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
 		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium) >/dev/null \
 			|| echo "could not install chromium: the browser test will fail"; \
 	fi
+endef
+
+test: $(VENV)/.installed-dev
+	$(CHROMIUM)
 	$(BIN)/python -m pytest -q
+
+# The newest releases the ranges admit, resolved anew on every call, in a venv of their own
+# (the lock's .venv is untouched).
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]'
+	$(LATEST)/bin/python -m pip check
+	$(CHROMIUM)
+	$(LATEST)/bin/python -m pytest -q
+
+lock: test-latest
+	{ echo "# The versions the suite passed with: written by 'make lock' on $$(date -u +%Y-%m-%d)," ; \
+	  echo "# CPython $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')." ; \
+	  echo "# 'make test' and 'make quickstart' install exactly these; pyproject.toml keeps the ranges." ; \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable ; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	@echo "wrote $(LOCK); commit it"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf runs build src/*.egg-info .pytest_cache
+	rm -rf runs build src/*.egg-info .pytest_cache $(LATEST)

@@ -1,8 +1,10 @@
 """LoRA adapters through peft: add them for training, load trained ones for sampling, merge.
 
-Adapters are injected with the libraries' own `add_adapter` (diffusers for the UNet,
-transformers for the text encoder), so names, scaling and dropout are peft's; parameter names
-look like `unet.<module>.lora_A.default.weight`.
+The UNet's adapters go in through diffusers' `add_adapter` (so that its `set_adapters` can mix
+several LoRAs when sampling); the text encoder's through peft's own `inject_adapter_in_model`,
+never through transformers' adapter mixin, whose peft version gate is one coupling fewer to
+break an install. Either way names, scaling and dropout are peft's; parameter names look like
+`unet.<module>.lora_A.default.weight`.
 """
 
 from __future__ import annotations
@@ -63,7 +65,16 @@ def add_lora(bundle: ModelBundle, settings: LoraSettings) -> None:
         te_config = config(
             bundle.text_encoder, settings.text_encoder_targets, "lora.text_encoder_targets"
         )
-        bundle.text_encoder.add_adapter(te_config, adapter_name=ADAPTER)
+        inject(bundle.text_encoder, te_config, ADAPTER)
+
+
+def inject(module: torch.nn.Module, config, name: str) -> None:
+    """Add adapter `name` to `module` with peft itself, keeping the configs of earlier ones in
+    `module.peft_config` (peft records only the newest)."""
+    peft = _peft()
+    earlier = dict(getattr(module, "peft_config", None) or {})
+    peft.inject_adapter_in_model(config, module, adapter_name=name)
+    module.peft_config = {**earlier, name: config}
 
 
 def has_lora(module: torch.nn.Module) -> bool:
@@ -131,14 +142,7 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
                 state, alphas, bundle.unet, adapter_name=name, metadata=metadata
             )
             if any(k.startswith("text_encoder.") for k in state):
-                Loader.load_lora_into_text_encoder(
-                    state,
-                    alphas,
-                    bundle.text_encoder,
-                    prefix="text_encoder",
-                    adapter_name=name,
-                    metadata=metadata,
-                )
+                _load_text_encoder_lora(state, alphas, metadata, bundle.text_encoder, name)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"--lora {path}: does not fit this model ({first})") from None
@@ -149,9 +153,37 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
         names, scales = previous + names, [1.0] * len(previous) + scales
     bundle.unet.set_adapters(names, weights=scales)
     if has_lora(bundle.text_encoder):
-        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters  # peft layers only
 
         loaded = [n for n in names if n in getattr(bundle.text_encoder, "peft_config", {})]
         set_weights_and_activate_adapters(
             bundle.text_encoder, loaded, [scales[names.index(n)] for n in loaded]
         )
+
+
+def _load_text_encoder_lora(state, alphas, metadata, text_encoder, name: str) -> None:
+    """The `text_encoder.` part of a LoRA file (as diffusers' loader has read it) into the text
+    encoder as adapter `name`, through peft itself."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        get_peft_kwargs,
+    )
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    prefix = "text_encoder."
+    te_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    te_state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_state))
+    if not hasattr(text_encoder, "text_model"):  # transformers 5 dropped that level
+        te_state = {k.removeprefix("text_model."): v for k, v in te_state.items()}
+    if metadata:  # the LoraConfig the file was saved with
+        kwargs = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
+    else:  # ranks from the weights, alphas from the file (kohya) or = rank
+        ranks = {k: v.shape[1] for k, v in te_state.items() if k.endswith("lora_B.weight")}
+        te_alphas = {k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)}
+        kwargs = get_peft_kwargs(ranks, te_alphas or None, te_state, is_unet=False)
+    inject(text_encoder, LoraConfig(**kwargs), name)
+    result = set_peft_model_state_dict(text_encoder, te_state, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+    if unexpected:
+        raise KeyError(f"text-encoder LoRA weights with no matching layer, e.g. {unexpected[0]}")
