@@ -195,3 +195,30 @@ def test_shards_of_a_batch_are_the_global_batch_split_by_rank():
     shards = [next_batch(position, 3, 10, 0, (rank, 2)) for rank in range(2)]
     assert shards[0][0] + shards[1][0] == full
     assert shards[0][1] == shards[1][1] == after == DataPosition(1, 6)
+
+
+def test_sixteen_bit_grey_is_scaled_and_transparency_is_flattened(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from sdtune.data.transforms import to_tensor
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I")
+        rgb, grey = to_tensor(im, 3), to_tensor(im, 1)
+    assert rgb.shape == (3, 32, 32) and grey.shape == (1, 32, 32)
+    assert abs(float(grey.mean()) - 0.5) < 0.01  # PIL's convert("RGB") made this all white
+    assert float(grey.min()) == 0.0 and float(grey.max()) == 1.0
+
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0, 0, 0] * 254)
+    palette.putpixel((0, 0), 0)
+    palette.save(tmp_path / "pal.png", transparency=0)
+    with Image.open(tmp_path / "pal.png") as im, warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns on converting such an image to RGB
+        x = to_tensor(im, 3)
+    assert torch.equal(x[:, 0, 0], torch.ones(3))  # the transparent pixel: white
+    assert torch.allclose(x[:, 1, 1], torch.tensor([200, 30, 30]) / 255)

@@ -149,22 +149,40 @@ def test_loop_options_train_and_log(tmp_path, config, options):
 
 
 def test_a_full_disk_skips_the_save_with_a_message(tmp_path, config, monkeypatch, capsys):
-    import shutil
-    from collections import namedtuple
+    from sdtune.train import loop
 
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    calls = []  # room for the first checkpoint only, then a full disk
+
+    def free(path):
+        calls.append(path)
+        return 2**40 if len(calls) == 1 else 0
+
+    monkeypatch.setattr(loop, "free_bytes", free)
     run = tmp_path / "run"
-    assert (
-        main(
-            ["train", str(config), "--output", str(run), *BASE, "--set", "checkpoint.every_steps=1"]
-        )
-        == 0
+    code = main(
+        ["train", str(config), "--output", str(run), *BASE, "--set", "checkpoint.every_steps=1"]
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "NOT saving step 2" in out and "free space (training goes on)" in out
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000001"]
-    assert (run / "model" / "unet").is_dir()
+    # the save at the end is not skipped: the run stops, saying what it needs, and keeps the last
+    assert code == loop.EXIT_NO_SPACE
+    assert len(err.strip().splitlines()) == 1 and "step-0000001, is intact" in err
+    assert "MiB" in err and "--resume" in err
+    assert not (run / "model").exists()
+
+
+def test_the_free_space_check_before_the_first_checkpoint(tmp_path, config, monkeypatch, capsys):
+    from sdtune.train import loop
+
+    monkeypatch.setattr(loop, "free_bytes", lambda path: 2**20)  # less than the estimate
+    code = main(["train", str(config), "--output", str(tmp_path / "run"), *BASE])
+    err = capsys.readouterr().err
+    assert code == loop.EXIT_NO_SPACE and "no checkpoint yet" in err
+    assert "cannot save step" in err and "1 MiB free" in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
+        (tmp_path / "run" / "checkpoints").glob("step-*")
+    )
 
 
 def test_update_ratio_is_logged(tmp_path, config):

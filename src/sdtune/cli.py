@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-from sdtune.errors import UserError
+from sdtune.errors import RunDirError, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -43,8 +44,9 @@ def _resolve_and_prepare(args: argparse.Namespace, cfg, run_dir: Path) -> Path |
     """The checkpoint `--resume` means (checked against the config), or a prepared new run."""
     from sdtune.checkpoint.state import CONFIG_KEY, check_resume_config, resolve_resume
     from sdtune.config import to_dict
-    from sdtune.rundir import prepare_run_dir
+    from sdtune.rundir import check_output, finished_results, prepare_run_dir
 
+    check_output(run_dir)  # never a user's own folder, whatever the flags say
     resume_from = None
     if args.resume is not None:
         resume_from = resolve_resume(run_dir, args.resume, args.fast_verify, print)
@@ -54,7 +56,16 @@ def _resolve_and_prepare(args: argparse.Namespace, cfg, run_dir: Path) -> Path |
         )
         if changed:
             print(f"resume: config changes allowed on resume: {', '.join(changed)}")
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):  # --resume PATH into a new run
+            prepare_run_dir(run_dir, False)
     else:
+        results = finished_results(run_dir)
+        if args.resume is not None and results:  # starting again would replace them
+            raise RunDirError(
+                f"--resume: {run_dir} holds a finished run ({', '.join(results)}) but no "
+                "checkpoint to continue from; keep it and choose another --output, or pass "
+                "--overwrite instead of --resume to train it again from scratch"
+            )
         prepare_run_dir(run_dir, args.overwrite or args.resume is not None)
     print(f"run directory: {run_dir}")
     return resume_from
@@ -65,9 +76,12 @@ def _scaled(spec: str, flag: str) -> tuple[Path, float]:
     path, sep, scale = spec.rpartition(":")
     if sep and path and not scale.startswith(("/", "\\")):
         try:
-            return Path(path), float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return Path(spec), 1.0
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {spec}: the scale {scale} is not a finite number")
+        return Path(path), value
     return Path(spec), 1.0
 
 
@@ -85,7 +99,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise UserError(f"--prompt-file {path}: no such file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        from sdtune.files import read_user_text
+
+        prompts += [line.strip() for line in read_user_text(path).splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt-file with one prompt per line")
     return prompts
@@ -97,11 +113,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from sdtune.config import DiffusionConfig, ModelConfig
     from sdtune.evaluate.sampling import generate, save_grid
+    from sdtune.files import check_writable
     from sdtune.models import load_model
     from sdtune.models.embeddings import load_embedding_file
     from sdtune.models.lora import load_lora_files
 
     prompts = _read_prompts(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the path of the grid's .png file")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the grid is a PNG image; give a path ending in .png")
+    if out.is_file() and not args.overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    check_writable(out)  # before minutes of sampling, not after
+    names = [f"{i // args.num:03d}-{i % args.num:02d}.png" for i in range(len(prompts) * args.num)]
+    if args.images_dir:
+        folder = Path(args.images_dir)
+        taken = [n for n in [*names, "prompts.txt"] if (folder / n).exists()]
+        if taken and not args.overwrite:
+            raise UserError(
+                f"--images-dir {folder} already holds {taken[0]}; pass --overwrite to replace "
+                "such files, or choose another folder"
+            )
+        check_writable(folder / names[0])
     source = Path(args.model)
     if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
         source = source / "model"  # a run directory: its final model
@@ -129,10 +164,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     out = save_grid(images, Path(args.out), nrow=args.num)
     if args.images_dir:
-        folder = Path(args.images_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            save_image(image, folder / f"{i // args.num:03d}-{i % args.num:02d}.png")
+        for name, image in zip(names, images):
+            save_image(image, folder / name)
         (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
         print(f"wrote {len(images)} image(s) to {folder}")
     print(f"wrote {len(expanded)} image(s) as a grid to {out}")
@@ -140,8 +173,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sdtune.checkpoint.export import export_model, load_checkpoint_run, resolve_checkpoint
+    from sdtune.checkpoint.export import (
+        check_export_target,
+        export_model,
+        load_checkpoint_run,
+        resolve_checkpoint,
+    )
 
+    check_export_target(args.format, Path(args.out), args.overwrite)  # before loading anything
     ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
     bundle, meta, cfg = load_checkpoint_run(ckpt, args.weights)
     out = export_model(
@@ -202,7 +241,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sdtune.errors import RunDirError
     from sdtune.monitor.report import write_report
 
     run_dir = Path(args.run)
@@ -221,8 +259,32 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, like every other sdtune error (usage on --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sdtune: error: {message}; see `{self.prog} --help`\n")
+
+
+def _number(kind, low=None, finite=True):
+    """An argparse type: an int or float, at least `low`, finite."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if finite and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below the smallest allowed value, {low}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtune", description=__doc__)
+    parser = _Parser(prog="sdtune", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -267,14 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:TOKEN]",
         help="textual-inversion embedding (default token <file stem>); repeatable",
     )
-    p.add_argument("--num", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--num", type=_number(int, 1), default=4, help="images per prompt")
+    p.add_argument("--seed", type=_number(int, 0), default=0)
+    p.add_argument("--steps", type=_number(int, 1), default=25, help="denoising steps")
+    p.add_argument(
+        "--guidance", type=_number(float, 0.0), default=3.0, help="classifier-free guidance scale"
+    )
     p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++"], default="ddim")
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
-        "--resolution", type=int, default=None, help="image side in pixels (default: the model's)"
+        "--resolution",
+        type=_number(int, 8),
+        default=None,
+        help="image side in pixels (default: the model's)",
     )
     p.add_argument(
         "--config-source",
@@ -283,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output PNG file (the grid: one row a prompt)")
     p.add_argument("--images-dir", default=None, help="also write each image to this folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out (and --images-dir files) if they exist",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -301,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder (diffusers) or file (.safetensors/.ckpt)"
     )
     p.add_argument(
-        "--lora-scale", type=float, default=1.0, help="strength of the LoRA baked into full models"
+        "--lora-scale",
+        type=_number(float),
+        default=1.0,
+        help="strength of the LoRA baked into full models",
     )
     p.add_argument(
         "--weights",
@@ -322,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="generator metrics of a checkpoint (precision/recall, diversity, ...)"
     )
     p.add_argument("checkpoint", help="run directory or checkpoints/step-NNNNNNN")
-    p.add_argument("--num-images", type=int, default=100, help="images to generate")
+    p.add_argument(
+        "--num-images", type=_number(int, 10), default=100, help="images to generate (at least 10)"
+    )
     p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto")
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_eval)
@@ -349,15 +426,22 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings(
-        "ignore", category=UserWarning, module="diffusers|transformers|accelerate|torch"
+        "ignore", category=UserWarning, module="diffusers|transformers|accelerate|torch|peft"
     )
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
-    dlog.set_verbosity_error()
+    # their errors too: sdtune says what failed in its own one line
+    dlog.set_verbosity(dlog.CRITICAL)
     dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
+    tlog.set_verbosity(tlog.CRITICAL)
     tlog.disable_progress_bar()
+
+
+def _error_line(message: str) -> None:
+    print(
+        "sdtune: error: " + " ".join(line.strip() for line in message.splitlines()), file=sys.stderr
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,8 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"sdtune: error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return exc.exit_code
+    except OSError as exc:  # no permission, a read-only or full disk, a vanished file
+        if args.debug:
+            raise
+        from sdtune.files import describe_os_error
+
+        _error_line(describe_os_error(exc))
+        return 2
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130

@@ -8,18 +8,45 @@ before any work starts, naming the key (and the closest valid one for a typo).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from sdtune.errors import ConfigError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`max_steps = true` is a mistake, not 1 (pydantic's lax mode would take it as 1)."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise PydanticCustomError("number_not_bool", "expected a number, not a boolean")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number (int, float, or optional/union ones) and not bool."""
+    if annotation in (int, float):
+        return True
+    args = getattr(annotation, "__args__", ())
+    return bool(args) and bool not in args and any(a in (int, float) for a in args)
 
 
 class ModelConfig(Section):
@@ -58,7 +85,7 @@ class DataConfig(Section):
     """Strength of random brightness/contrast/saturation changes (0 disables)."""
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     """Probability of replacing a caption by the empty string (trains classifier-free guidance)."""
-    caption_extension: str = ".txt"
+    caption_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
     """Extension of the same-stem caption files in a folder dataset."""
     on_bad_file: Literal["skip", "error"] = "error"
     """What to do with an unreadable image or a missing caption: 'error' stops, 'skip' leaves it out (both name the file)."""
@@ -219,7 +246,7 @@ class EvaluateConfig(Section):
     """Prompts for the sample grid; empty uses the ten digit prompts for data.source='digits'."""
     num_per_prompt: int = Field(2, ge=1, le=64)
     """Images per prompt in the sample grid."""
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1)
     """Seed of the sample grid's noise (fixed, so grids over time are comparable)."""
     sample_steps: int = Field(25, ge=1, le=1000)
     """Denoising steps when sampling."""
@@ -320,7 +347,7 @@ class DreamBoothConfig(Section):
 
 
 class RunConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of every random draw: data order, augmentations, noise, timesteps, dropout."""
     output_dir: Path = Path("runs/run")
     """Run directory (config, metrics, samples, checkpoints, final model); --output overrides it."""
@@ -388,6 +415,27 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _metrics_are_measured(self) -> RunConfig:
+        from sdtune.evaluate.names import measured_metrics
+
+        measured = measured_metrics(self)
+        for key, metric in (
+            ("checkpoint.keep_best", self.checkpoint.keep_best),
+            ("evaluate.early_stop.metric", self.evaluate.early_stop.metric),
+        ):
+            if metric is None or metric in measured:
+                continue
+            close = difflib.get_close_matches(metric, measured, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            known = (
+                ", ".join(measured) if measured else "nothing (no held-out data, or no evaluation)"
+            )
+            raise ValueError(
+                f"{key}: '{metric}' is not a metric this config measures{hint}; it measures {known}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _judge_needs_digits(self) -> RunConfig:
         if self.evaluate.judge and self.data.source != "digits":
             raise ValueError("evaluate.judge needs data.source = 'digits' (it judges digit images)")
@@ -397,17 +445,45 @@ class RunConfig(Section):
 # --------------------------------------------------------------------------- loading
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false, so `mixed_precision: no` stays the
+    string 'no' (YAML 1.1, PyYAML's default, reads no/yes/on/off as booleans)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the .toml or .yaml file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
+    from sdtune.files import read_user_text
+
+    text = read_user_text(path)
+    if not text.strip() or all(
+        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
+    ):
+        raise ConfigError(
+            f"{path}: the config file is empty; set at least the keys you mean to "
+            "(examples/quickstart.toml shows a complete one)"
+        )
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
+        data = tomllib.loads(text) if path.suffix == ".toml" else _yaml(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {first}") from exc
@@ -480,8 +556,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {item!r}: the key is empty")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(
+            f"--set {item!r}: '{key}' has an empty part; keys look like train.max_steps"
+        )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

@@ -1,4 +1,5 @@
-"""The run directory: refuses to clobber earlier training output unless asked to."""
+"""The run directory: recognised by the marker sdtune writes, never clobbered unless asked, and
+even then only what sdtune wrote there is removed (a user's own files in it stay)."""
 
 from __future__ import annotations
 
@@ -11,28 +12,83 @@ import sdtune
 from sdtune.errors import RunDirError
 
 MARKER = "sdtune_run.json"
-OUTPUTS = (MARKER, "metrics.jsonl", "checkpoints", "model", "config.toml")
+# every name sdtune writes at the top of a run directory (temporaries included): --overwrite
+# removes these and nothing else
+WRITTEN = (
+    MARKER,
+    "config.toml",
+    "trainable.txt",
+    "data_report.json",
+    "metrics.jsonl",
+    "metrics.tmp",
+    "events.jsonl",
+    "events.tmp",
+    "tensorboard",
+    "samples",
+    "checkpoints",
+    "model",
+    "model.tmp",
+    "run_summary.json",
+    "report.html",
+    "report.html.tmp",
+    "judge_samples.png",
+    "judge.json",
+)
+CLASS_IMAGES = "class_images"  # DreamBooth's generated class-NNNNN.png/.txt; a user's own stay
+RESULTS = ("model", "run_summary.json")  # what only a finished run leaves
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def finished_results(run_dir: Path) -> list[str]:
+    """The results of a finished run in `run_dir` (its final model, its summary), if any."""
+    return [name for name in RESULTS if (run_dir / name).exists()]
+
+
+def check_output(run_dir: Path) -> None:
+    """`run_dir` is usable as a run directory: absent, empty, or marked as one by sdtune."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--output {run_dir} is a file, not a directory")
+    if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
+        raise RunDirError(
+            f"--output {run_dir} is a non-empty folder that sdtune did not create (no {MARKER}); "
+            "choose another --output (sdtune never deletes files it did not write)"
+        )
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Create `run_dir`; if it already holds training output, delete it only with `overwrite`."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--output {run_dir} is a file, not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        ours = any((run_dir / name).exists() for name in OUTPUTS)
-        if not ours:
-            raise RunDirError(
-                f"--output {run_dir} is a non-empty directory that is not an sdtune run; "
-                "choose another --output"
-            )
+    """Create `run_dir`; if it already holds a run, replace it only with `overwrite`, removing
+    just the files sdtune wrote."""
+    check_output(run_dir)
+    if is_run_dir(run_dir):
         if not overwrite:
             raise RunDirError(
                 f"--output {run_dir} already holds a training run; pass --overwrite to replace it "
                 "or choose another --output"
             )
-        shutil.rmtree(run_dir)
+        remove_run_files(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text(
         json.dumps({"sdtune_version": sdtune.__version__, "created": time.time()}, indent=2) + "\n"
     )
     return run_dir
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete what sdtune wrote in `run_dir` (the marker last, so a crash midway leaves a run
+    directory that is still recognised), and nothing else."""
+    for name in WRITTEN[1:] + (MARKER,):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    classes = run_dir / CLASS_IMAGES
+    if classes.is_dir():
+        for path in classes.iterdir():
+            if path.is_file() and path.name.startswith(("class-", ".tmp-class-")):
+                path.unlink()
+        if not any(classes.iterdir()):
+            classes.rmdir()

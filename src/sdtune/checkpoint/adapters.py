@@ -9,7 +9,6 @@ trained with alpha != rank; and SD 1.x/2.x kohya files name the text encoder `lo
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune.errors import UserError
+from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.embeddings import A1111_KEY, learned_vectors
 from sdtune.models.lora import has_lora, lora_alpha_rank, lora_state
@@ -27,13 +27,8 @@ KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "custom": "sd_v1", "pixel"
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # a file for users' tools, not a private temporary
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return path
 
 

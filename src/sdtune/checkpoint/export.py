@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import tomllib
@@ -28,6 +27,7 @@ from sdtune.checkpoint.state import (
 from sdtune.checkpoint.store import MANIFEST, CheckpointError, verify_checkpoint
 from sdtune.config import validate_config
 from sdtune.errors import UserError
+from sdtune.files import atomic_output
 from sdtune.models import load_model, save_bundle
 from sdtune.models.adapt import prepare_model
 from sdtune.models.bundle import ModelBundle
@@ -41,13 +41,27 @@ def resolve_checkpoint(path: Path, say, fast: bool = False) -> Path:
     if (path / MANIFEST).is_file():
         verify_checkpoint(path, fast=fast)
         return path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run directory or step-NNNNNNN/)")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = find_checkpoint(root, say, fast) if root.is_dir() else None
-    if found is None:
+    refusals: list[str] = []
+
+    def note(line: str) -> None:
+        if line.startswith("checkpoint: refusing "):
+            refusals.append(line.removeprefix("checkpoint: refusing "))
+        say(line)
+
+    found = find_checkpoint(root, note, fast) if root.is_dir() else None
+    if found is not None:
+        return found
+    if refusals:  # the newest one's reason, and where to see all of them
         raise CheckpointError(
-            f"{path}: no verified checkpoint found (expected a run directory or step-NNNNNNN/)"
+            f"{path}: no checkpoint verifies ({len(refusals)} refused; the newest: "
+            f"{refusals[0]}); see them all with `sdtune inspect {path}`"
         )
-    return found
+    raise CheckpointError(
+        f"{path}: no checkpoint found (expected a run directory or step-NNNNNNN/)"
+    )
 
 
 def load_checkpoint_model(ckpt: Path, weights: str = "auto") -> tuple[ModelBundle, dict]:
@@ -106,14 +120,7 @@ def export_model(
     'merged' is a diffusers folder, or a single file when `out` ends in .safetensors."""
     from sdtune.checkpoint import adapters
 
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
-    if fmt in ADAPTER_FORMATS and out.suffix != ".safetensors":
-        raise UserError(f"--format {fmt}: --out must be a .safetensors file (got {out})")
-    if fmt == "merged":
-        fmt = "single-file" if out.suffix == ".safetensors" else "diffusers"
+    fmt = check_export_target(fmt, out, overwrite)
     if fmt not in ADAPTER_FORMATS:
         if fmt != "diffusers" and bundle.extra_tokens:
             raise UserError(
@@ -123,10 +130,7 @@ def export_model(
             )
         _check_single_file(bundle, fmt, meta)
         bundle = adapters.merged_copy(bundle, lora_scale)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ADAPTER_FORMATS:  # single files, each written atomically
-        if out.exists():
-            out.unlink()
         if fmt == "lora":
             return adapters.save_lora_diffusers(bundle, out, meta)
         if fmt == "kohya":
@@ -136,22 +140,56 @@ def export_model(
                 "--format embedding: this checkpoint learned no textual-inversion token"
             )
         return adapters.save_embedding(bundle, out, token, meta)
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    if fmt == "diffusers":
-        save_bundle(bundle, tmp, {"export": meta})
-    else:
-        state = bundle_to_single_file(bundle)
-        metadata = {f"sdtune.{k}": str(v) for k, v in meta.items()}
-        if fmt == "single-file":
-            save_file(state, str(tmp), metadata=metadata)
+    with atomic_output(out, folder=fmt == "diffusers") as tmp:
+        if fmt == "diffusers":
+            save_bundle(bundle, tmp, {"export": meta})
         else:
-            torch.save({"state_dict": state, "sdtune": metadata}, tmp)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+            state = bundle_to_single_file(bundle)
+            metadata = {f"sdtune.{k}": str(v) for k, v in meta.items()}
+            if fmt == "single-file":
+                save_file(state, str(tmp), metadata=metadata)
+            else:
+                torch.save({"state_dict": state, "sdtune": metadata}, tmp)
     return out
+
+
+def check_export_target(fmt: str, out: Path, overwrite: bool) -> str:
+    """The format an export to `out` writes ('merged' resolved), if `out` may be written:
+    replaced only with `overwrite`, and only when it is what such an export writes."""
+    from sdtune.files import check_writable
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    if fmt in ADAPTER_FORMATS and out.suffix != ".safetensors":
+        raise UserError(f"--format {fmt}: --out must be a .safetensors file (got {out})")
+    if fmt == "merged":
+        fmt = "single-file" if out.suffix == ".safetensors" else "diffusers"
+    suffix = {"single-file": ".safetensors", "ckpt": ".ckpt"}.get(fmt)
+    if suffix is not None and out.suffix != suffix:
+        raise UserError(f"--format {fmt}: --out must be a {suffix} file (got {out})")
+    _check_replaceable(out, fmt)
+    check_writable(out, folder=fmt == "diffusers")
+    return fmt
+
+
+def _check_replaceable(out: Path, fmt: str) -> None:
+    """--overwrite replaces what an export wrote, never a user's other files or folders."""
+    from sdtune.models.bundle import MODEL_FILE
+
+    if not out.exists():
+        return
+    if fmt == "diffusers":
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file; a diffusers export is a folder")
+        if not (out / MODEL_FILE).is_file():
+            raise UserError(
+                f"--out {out} is a folder that is not an sdtune export (no {MODEL_FILE}); "
+                "sdtune replaces only folders it wrote: choose another --out"
+            )
+    elif out.is_dir():
+        raise UserError(f"--out {out} is a folder; --format {fmt} writes one file")
 
 
 def _check_single_file(bundle: ModelBundle, fmt: str, meta: dict) -> None:

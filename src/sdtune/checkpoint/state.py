@@ -36,7 +36,8 @@ SCALER_KEY = "grad_scaler.pt"
 PROGRESS_KEY = "progress.json"
 CONFIG_KEY = "config.toml"
 ARCH_KEY = "architecture.json"
-RNG_KEY = "rng-{rank}.pt"
+RNG_KEY = "rng-{rank}.safetensors"
+OLD_RNG_KEY = "rng-{rank}.pt"  # before 0.1.1: pickled, read only through torch's safe loader
 
 
 @dataclass
@@ -163,6 +164,60 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_rng_state(path: Path) -> None:
+    """The RNG states as tensors plus JSON numbers in one safetensors file: loading it runs no
+    code (a pickle would, and checkpoints get handed around)."""
+    state = rng_state()
+    version, words, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {
+        "python": torch.tensor(words, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": state["torch"],
+        **{f"cuda.{i}": t for i, t in enumerate(state.get("cuda", []))},
+    }
+    numbers = {
+        "python": [version, gauss],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "cuda": len(state.get("cuda", [])),
+    }
+    save_file(tensors, str(path), metadata={"sdtune.rng": json.dumps(numbers)})
+
+
+def load_rng_state(path: Path) -> dict:
+    """What `save_rng_state` wrote, as `set_rng_state` takes it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        numbers = json.loads(fh.metadata()["sdtune.rng"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    version, gauss = numbers["python"]
+    kind, pos, has_gauss, cached = numbers["numpy"]
+    state = {
+        "python": (version, tuple(int(w) for w in tensors["python"].tolist()), gauss),
+        "numpy": (kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "torch": tensors["torch"],
+    }
+    if numbers["cuda"]:
+        state["cuda"] = [tensors[f"cuda.{i}"] for i in range(numbers["cuda"])]
+    return state
+
+
+def _load_old_rng_state(path: Path) -> dict:
+    """An RNG file of an older sdtune (a pickle), through torch's weights-only loader with only
+    numpy's array types allowed: data, never code. Anything else in it is refused."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: an RNG state that does not load safely (it holds more than numbers: "
+            f"{str(exc).strip().splitlines()[0][:80]}); resume from a checkpoint you trust"
+        ) from None
+
+
 def save_training_state(
     root: Path,
     progress: TrainingProgress,
@@ -181,7 +236,7 @@ def save_training_state(
         MODEL_KEY: lambda path: save_file(weights, str(path)),
         OPT_KEY: lambda path: torch.save(optimizer.state_dict(), path),
         LR_KEY: lambda path: torch.save(lr_scheduler.state_dict(), path),
-        RNG_KEY.format(rank=rank): lambda path: torch.save(rng_state(), path),
+        RNG_KEY.format(rank=rank): save_rng_state,
         PROGRESS_KEY: lambda path: path.write_text(json.dumps(progress.to_dict(), indent=2) + "\n"),
         CONFIG_KEY: lambda path: path.write_text(config_toml),
         ARCH_KEY: lambda path: path.write_text(
@@ -237,9 +292,11 @@ def load_training_state(
         ema.optimization_step = progress.ema_steps
     if scaler is not None and (path / SCALER_KEY).is_file():
         scaler.load_state_dict(torch.load(path / SCALER_KEY, weights_only=True))
-    rng_file = path / RNG_KEY.format(rank=rank)
+    rng_file, old_rng_file = path / RNG_KEY.format(rank=rank), path / OLD_RNG_KEY.format(rank=rank)
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_rng_state(rng_file))
+    elif old_rng_file.is_file():
+        set_rng_state(_load_old_rng_state(old_rng_file))
     return progress
 
 
@@ -264,7 +321,12 @@ def find_checkpoint(root: Path, say, fast: bool = False) -> Path | None:
     """The checkpoint `latest` names if it verifies; else the newest one that does (said)."""
     candidates = checkpoint_dirs(root)
     pointer = root / LATEST
-    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    named = None
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        named = root / name if name.startswith("step-") and "/" not in name else None
+        if named is None:
+            say(f"checkpoint: {pointer} is damaged; looking for the newest checkpoint instead")
     order = ([named] if named is not None and named.is_dir() else []) + [
         p for p in reversed(candidates) if p != named
     ]

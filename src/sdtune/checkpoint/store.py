@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sdtune
 from sdtune.errors import UserError
+from sdtune.files import NoSpaceError, disk_full, fsync_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,14 +41,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(
     root: Path, step: int, writers: dict[str, Callable[[Path], None]], meta: dict | None = None
 ) -> Path:
@@ -58,31 +51,38 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {}
-    for name, write in writers.items():
-        path = tmp / name
-        write(path)
-        _fsync_path(path)
-        files[name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "sdtune_version": sdtune.__version__,
-        "step": step,
-        "files": files,
-        **(meta or {}),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    _fsync_path(tmp / MANIFEST)
-    _fsync_path(tmp)
+    try:
+        files = {}
+        for name, write in writers.items():
+            path = tmp / name
+            write(path)
+            fsync_path(path)
+            files[name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "sdtune_version": sdtune.__version__,
+            "step": step,
+            "files": files,
+            **(meta or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
+    except Exception as exc:  # the partial checkpoint goes; the earlier ones and latest stay
+        full = disk_full(exc, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise NoSpaceError(f"{root}: the disk filled up while writing {final.name}") from exc
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     latest_tmp = root / f"{LATEST}.tmp"
     latest_tmp.write_text(final.name + "\n")
-    _fsync_path(latest_tmp)
+    fsync_path(latest_tmp)
     os.replace(latest_tmp, root / LATEST)
-    _fsync_path(root)
+    fsync_path(root)
     return final
 
 

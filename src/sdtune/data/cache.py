@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from sdtune.data.order import generator
 from sdtune.data.sources import Record
-from sdtune.data.transforms import TransformSpec, apply_transform
+from sdtune.data.transforms import DECODE_VERSION, TransformSpec, apply_transform
 from sdtune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -92,7 +92,8 @@ def _key(parts: dict) -> str:
 def latent_key(image: str, vae: str, spec: TransformSpec, flipped: bool) -> str:
     """Key of one latent entry: image hash + VAE hash + the transform it went through."""
     size = {"resolution": spec.resolution, "channels": spec.channels, "crop": "center"}
-    return _key({"kind": "latents", "image": image, "vae": vae, **size, "flip": flipped})
+    parts = {"kind": "latents", "image": image, "vae": vae, **size, "flip": flipped}
+    return _key({**parts, "decode": DECODE_VERSION})
 
 
 def text_key(ids: torch.Tensor, text_encoder: str, precision: str) -> str:

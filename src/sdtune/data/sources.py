@@ -7,6 +7,7 @@ each problem is reported with the file's name (fatal or skipped, as data.on_bad_
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sdtune.errors import DataError
+from sdtune.errors import DataError, UserError
+from sdtune.files import read_user_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -83,11 +85,23 @@ def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
         return f"cannot read image ({exc})", None
 
 
-def _metadata_rows(path: Path) -> list[tuple[str, str, int | None]]:
+def _metadata_row(path: Path, n: int, file_name, text) -> tuple[str, str, int]:
+    """One checked row: a file name and a caption that are both text."""
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise DataError(f"{path}:{n}: 'file_name' must be a file name (got {file_name!r})")
+    if not isinstance(text, str):
+        raise DataError(
+            f"{path}:{n}: 'text' must be a caption string (got {text!r}); write \"\" for none"
+        )
+    return file_name, text, n
+
+
+def _metadata_rows(path: Path) -> list[tuple[str, str, int]]:
     """(file_name, text, line) rows of metadata.jsonl or metadata.csv, with one-line errors."""
-    rows: list[tuple[str, str, int | None]] = []
+    rows: list[tuple[str, str, int]] = []
+    text = read_user_text(path)
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -96,15 +110,20 @@ def _metadata_rows(path: Path) -> list[tuple[str, str, int | None]]:
                 raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
                 raise DataError(f"{path}:{n}: each line needs 'file_name' and 'text'")
-            rows.append((str(row["file_name"]), str(row["text"]), n))
+            rows.append(_metadata_row(path, n, row["file_name"], row["text"]))
     else:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             missing = {"file_name", "text"} - set(reader.fieldnames or [])
             if missing:
                 raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            for n, row in enumerate(reader, start=2):
-                rows.append((row["file_name"], row["text"] or "", n))
+            for row in reader:
+                n = reader.line_num
+                if None in row or any(v is None for v in row.values()):
+                    raise DataError(f"{path}:{n}: not as many fields as the header has columns")
+                rows.append(_metadata_row(path, n, row["file_name"], row["text"]))
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     return rows
 
 
@@ -134,9 +153,10 @@ def folder_records(
                 report.problems.append((str(path), f"no caption file {caption_file.name}"))
                 continue
             try:
-                entries.append((path, caption_file.read_text(encoding="utf-8").strip()))
-            except (OSError, UnicodeDecodeError) as exc:
-                report.problems.append((str(caption_file), f"cannot read caption ({exc})"))
+                entries.append((path, read_user_text(caption_file).strip()))
+            except UserError as exc:  # named with its line; fatal or skipped as configured
+                where, _, reason = str(exc).partition(": ")
+                report.problems.append((where, f"cannot read caption ({reason})"))
     records = []
     for path, text in entries:
         problem, size = _check_image(path)

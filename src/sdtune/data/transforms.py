@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -35,8 +36,28 @@ def _uniform(rng: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=rng))
 
 
+# how a file's pixels become [0, 1] values; part of the cache key (a change re-encodes)
+DECODE_VERSION = 2
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Transparent pixels onto white (the usual background of cut-outs and logos)."""
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
-    """PIL image to a float tensor in [0, 1] with `channels` channels (1: grey, 3: RGB)."""
+    """PIL image to a float tensor in [0, 1] with `channels` channels (1: grey, 3: RGB).
+
+    16-bit greyscale is scaled from its own range (PIL's RGB conversion would clip it to white),
+    and transparency is flattened onto white (palette ones included, without PIL's warning)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        full = 1.0 if image.mode == "F" else 65535.0  # 16-bit PNGs open as "I" too
+        grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / full).clamp_(0, 1)[None]
+        return grey if channels == 1 else grey.expand(3, -1, -1).contiguous()
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = _flatten_alpha(image)
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from sdtune.data.order import generator
+from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
 
 SAMPLERS = {
@@ -121,8 +122,6 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
     array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
     if array.shape[2] == 1:
         array = array[:, :, 0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return path

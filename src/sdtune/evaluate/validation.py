@@ -11,10 +11,10 @@ from sdtune.data.dataset import ImageTextDataset, collate
 from sdtune.data.order import generator
 from sdtune.diffusion.schedules import add_noise
 from sdtune.diffusion.targets import training_target
+from sdtune.evaluate.names import BUCKETS  # noise level: t in each third of [0, T)
 from sdtune.models.bundle import ModelBundle
 
 VAL_SEED = 20240607  # independent of the training seed: the same images and noise every time
-BUCKETS = ("low", "mid", "high")  # noise level: t in the first, second, last third of [0, T)
 
 
 def bucket_timesteps(index: int, num_train_timesteps: int) -> torch.Tensor:

@@ -66,18 +66,24 @@ def load_folder(path: Path, source: str) -> ModelBundle:
         raise ModelError(
             f"model.base: {path} is not a diffusers pipeline folder (no unet/config.json)"
         )
+    missing = [c for c in ("text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
+    if missing:
+        raise ModelError(
+            f"model.base: {path} has no {'/, '.join(missing)}/ folder; a Stable Diffusion "
+            "pipeline folder holds unet/, text_encoder/, tokenizer/, scheduler/ (and vae/)"
+        )
     if (path / "text_encoder_2").is_dir():
         raise ModelError(
             f"model.base: {path} is an SDXL pipeline (it has text_encoder_2); "
             "sdtune train supports SD 1.x/2.x layouts so far"
         )
-    info = json.loads((path / MODEL_FILE).read_text()) if (path / MODEL_FILE).is_file() else {}
+    info = read_model_info(path)
     has_vae = (path / "vae" / "config.json").is_file()
 
     def component(name: str, load):
         try:
             return load()
-        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"model.base: cannot load {path / name}: {first}") from exc
 
@@ -93,6 +99,11 @@ def load_folder(path: Path, source: str) -> ModelBundle:
     tokenizer = component(
         "tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     )
+    if not 0 < tokenizer.model_max_length <= 4096:  # an empty tokenizer/ gives 10**30
+        raise ModelError(
+            f"model.base: {path / 'tokenizer'} gives no usable maximum length "
+            f"({tokenizer.model_max_length}); is its tokenizer_config.json missing?"
+        )
     scheduler = component(
         "scheduler", lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     )
@@ -118,28 +129,31 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
             "model.config_source to a diffusers folder or cached hub id of the same architecture "
             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
         )
-    config_dir = Path(config_source).expanduser()
-    if config_source.startswith("preset:"):
-        import tempfile
+    import tempfile
 
-        config_dir = Path(tempfile.mkdtemp(prefix="sdtune-preset-"))
-        save_bundle(build_preset(config_source.removeprefix("preset:"), 0), config_dir)
-    elif not config_dir.is_dir():
-        if HUB_ID.match(config_source):
-            config_dir = resolve_hub_id(config_source)
-        else:
-            raise ModelError(f"model.config_source: {config_source} is not a folder or hub id")
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config_dir),
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except Exception as exc:  # diffusers raises many types for unreadable or mismatched files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.base: cannot load single-file checkpoint {path}: {first}") from exc
+    with tempfile.TemporaryDirectory(prefix="sdtune-preset-") as scratch:
+        config_dir = Path(config_source).expanduser()
+        if config_source.startswith("preset:"):  # its configs, written for diffusers to read
+            config_dir = Path(scratch)
+            save_bundle(build_preset(config_source.removeprefix("preset:"), 0), config_dir)
+        elif not config_dir.is_dir():
+            if HUB_ID.match(config_source):
+                config_dir = resolve_hub_id(config_source)
+            else:
+                raise ModelError(f"model.config_source: {config_source} is not a folder or hub id")
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path),
+                config=str(config_dir),
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except Exception as exc:  # diffusers raises many types for unreadable or mismatched files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"model.base: cannot load single-file checkpoint {path}: {first}"
+            ) from exc
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     family = detect_family(dict(pipe.unet.config), False, True)
     return ModelBundle(
@@ -224,9 +238,26 @@ def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> Mod
     return bundle
 
 
-def _is_adapter_folder(path: Path) -> bool:
+def read_model_info(path: Path) -> dict:
+    """A model folder's sdtune_model.json ({} when it has none), or a one-line error."""
     info = path / MODEL_FILE
-    return info.is_file() and json.loads(info.read_text()).get("kind") == "adapters"
+    if not info.is_file():
+        return {}
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"{info}: unreadable ({exc}); restore it from the run or export that wrote it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelError(
+            f"{info}: not a JSON object; restore it from the run or export that wrote it"
+        )
+    return data
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    return read_model_info(path).get("kind") == "adapters"
 
 
 def load_adapter_folder(path: Path, diffusion: DiffusionConfig) -> ModelBundle:
@@ -235,16 +266,26 @@ def load_adapter_folder(path: Path, diffusion: DiffusionConfig) -> ModelBundle:
     from sdtune.models.embeddings import load_embedding_file
     from sdtune.models.lora import load_lora_files
 
-    info = json.loads((path / MODEL_FILE).read_text())
+    info = read_model_info(path)
+    if not isinstance(info.get("base"), str):
+        raise ModelError(f"{path / MODEL_FILE}: names no base model ('base'); it is damaged")
     base = ModelConfig(base=info["base"], config_source=info.get("config_source"))
     try:
         bundle = load_model(base, diffusion, int(info.get("seed", 0)))
     except ModelError as exc:
         raise ModelError(f"{path}: its base model cannot be loaded: {exc}") from None
-    if info.get("lora"):
-        load_lora_files(bundle, [(path / info["lora"], 1.0)])
-    if info.get("embedding"):
-        load_embedding_file(bundle, path / info["embedding"]["file"], info["embedding"]["token"])
+    try:
+        lora, embedding = info.get("lora"), info.get("embedding")
+        lora_file = path / lora if lora else None
+        embedding_file = (path / embedding["file"], embedding["token"]) if embedding else None
+    except (TypeError, KeyError):
+        raise ModelError(
+            f"{path / MODEL_FILE}: its 'lora'/'embedding' entries are damaged"
+        ) from None
+    if lora_file is not None:
+        load_lora_files(bundle, [(lora_file, 1.0)])
+    if embedding_file is not None:
+        load_embedding_file(bundle, *embedding_file)
     bundle.source = str(path)
     return bundle
 

@@ -180,7 +180,9 @@ def _load_text_encoder_lora(state, alphas, metadata, text_encoder, name: str) ->
         kwargs = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
     else:  # ranks from the weights, alphas from the file (kohya) or = rank
         ranks = {k: v.shape[1] for k, v in te_state.items() if k.endswith("lora_B.weight")}
-        te_alphas = {k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)}
+        te_alphas = {
+            k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)
+        }
         kwargs = get_peft_kwargs(ranks, te_alphas or None, te_state, is_unet=False)
     inject(text_encoder, LoraConfig(**kwargs), name)
     result = set_peft_model_state_dict(text_encoder, te_state, adapter_name=name)

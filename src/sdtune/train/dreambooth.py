@@ -16,6 +16,7 @@ from sdtune.config import RunConfig
 from sdtune.data.order import derive_seed
 from sdtune.data.sources import IMAGE_SUFFIXES, Record
 from sdtune.errors import DataError
+from sdtune.files import read_user_text
 
 GEN_BATCH = 8
 
@@ -97,7 +98,9 @@ def class_records(cfg: RunConfig, folder: Path) -> list[Record]:
     for i, path in enumerate(paths):
         caption_file = path.with_suffix(".txt")
         caption = (
-            caption_file.read_text().strip() if caption_file.is_file() else _class_prompt(cfg, i)
+            read_user_text(caption_file).strip()
+            if caption_file.is_file()
+            else _class_prompt(cfg, i)
         )
         records.append(
             Record(

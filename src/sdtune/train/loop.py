@@ -13,7 +13,6 @@ step later, or at once where it must (a metrics row, an evaluation, a checkpoint
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from sdtune.diffusion.schedules import add_noise, sample_timesteps, snr
 from sdtune.diffusion.targets import diffusion_loss, min_snr_weights, offset_noise, training_target
 from sdtune.errors import ConfigError, DataError, UserError
 from sdtune.evaluate.early_stop import early_stop_reason, overfitting
+from sdtune.files import NoSpaceError, atomic_output, free_bytes
 from sdtune.models import describe, load_model
 from sdtune.models.adapt import prepare_model
 from sdtune.models.bundle import ModelBundle
@@ -58,6 +58,7 @@ from sdtune.train.optim import (
 )
 from sdtune.train.parts import (
     EXIT_INTERRUPTED,
+    EXIT_NO_SPACE,
     StopRequest,
     batches,
     evaluate,
@@ -80,6 +81,12 @@ class TrainingInterrupted(UserError):
     """Stopped by SIGTERM/SIGINT after saving a checkpoint."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class TrainingNoSpace(UserError):
+    """Stopped because a checkpoint does not fit on the disk; the earlier ones are intact."""
+
+    exit_code = EXIT_NO_SPACE
 
 
 @dataclass
@@ -244,7 +251,9 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     guard.load(state)
     last_saved = state.step if resume_from is not None else -1
 
-    def save() -> None:
+    def save(must: bool = False) -> None:
+        """A checkpoint of this step; `must` (at the end, on a signal): a full disk stops the
+        run instead of skipping the save."""
         nonlocal last_saved, last_save_time
         if not main or last_saved == state.step:
             return
@@ -264,6 +273,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             rank,
             cfg,
             say,
+            must,
         )
         if path is not None:
             last_saved, last_save_time = state.step, time.monotonic()
@@ -509,7 +519,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
             if save_due and not done:
                 save()
             if stopping:
-                save()
+                save(must=True)
                 progress.close()
                 if log is not None:
                     log.close()
@@ -524,7 +534,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     # ---------------------------------------------------------------- save
     result = TrainResult(run_dir, state.step, train_seconds, last_loss, None, run_dir / "model")
     if main:
-        save()
+        save(must=True)
         with maybe_ema(ema):
             _save_final_model(bundle, result.model_dir, ema, state.step, cfg)
         say(f"model saved to {result.model_dir}")
@@ -746,31 +756,54 @@ def _save(
     rank,
     cfg,
     say,
+    must=False,
 ):
-    """A checkpoint if the disk has room for it, then rotation; None (and a message) if not."""
+    """A checkpoint if the disk has room for it, then rotation; None (and a message) if not,
+    or, when the save `must` happen or the disk fills up during it, TrainingNoSpace (the
+    checkpoints already written, and `latest`, stay as they were)."""
     previous = sorted(p for p in root.glob("step-*") if p.is_dir())
     if previous:
         needed = sum(f.stat().st_size for f in previous[-1].iterdir() if f.is_file())
-        root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(root).free
-        if free < needed:
-            say(
-                f"checkpoint: NOT saving step {state.step}: {free / 2**20:.0f} MiB free in {root}, "
-                f"the last checkpoint took {needed / 2**20:.0f} MiB; free space (training goes on)"
-            )
-            return None
-    path = save_training_state(
-        root,
-        state,
-        trainable,
-        optimizer,
-        lr_scheduler,
-        ema,
-        scaler,
-        config_toml,
-        architecture,
-        rank,
+    else:  # before the first checkpoint: weights, optimizer moments, EMA
+        weights = sum(p.numel() * p.element_size() for p in trainable.values())
+        needed = weights * (3 + (ema is not None)) + 2**20
+    free = free_bytes(root)
+    kept = (
+        f"the last checkpoint, {previous[-1].name}, is intact"
+        if previous
+        else "there is no checkpoint yet (--resume starts again from scratch)"
     )
+
+    def no_space(what: str) -> TrainingNoSpace:
+        return TrainingNoSpace(
+            f"checkpoint: {what} step {state.step}: {free_bytes(root) / 2**20:.0f} MiB free in "
+            f"{root}, a checkpoint needs about {needed / 2**20:.0f} MiB; {kept}: free space, "
+            f"then resume with: sdtune train CONFIG --output {root.parent} --resume"
+        )
+
+    if free < needed:
+        if must:
+            raise no_space("cannot save")
+        say(
+            f"checkpoint: NOT saving step {state.step}: {free / 2**20:.0f} MiB free in {root}, "
+            f"a checkpoint needs about {needed / 2**20:.0f} MiB; free space (training goes on)"
+        )
+        return None
+    try:
+        path = save_training_state(
+            root,
+            state,
+            trainable,
+            optimizer,
+            lr_scheduler,
+            ema,
+            scaler,
+            config_toml,
+            architecture,
+            rank,
+        )
+    except NoSpaceError:
+        raise no_space("the disk filled up while saving") from None
     c = cfg.checkpoint
     for gone in rotate(
         root, c.keep_last, c.keep_every, c.keep_best, c.keep_best_mode, state.evaluations
@@ -809,14 +842,9 @@ def _save_final_model(
     diffusers-layout folder (with any LoRA merged and new tokens folded in)."""
     from sdtune.checkpoint.adapters import final_model_files
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     meta = {"weights": "ema" if ema else "raw", "steps": steps, "resolution": cfg.data.resolution}
-    final_model_files(bundle, tmp, cfg, meta)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with atomic_output(directory, folder=True) as tmp:
+        final_model_files(bundle, tmp, cfg, meta)
 
 
 def _report_long_captions(

@@ -15,6 +15,7 @@ from sdtune.models.bundle import ModelBundle
 from sdtune.train.ema import maybe_ema
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; resume to continue
+EXIT_NO_SPACE = 74  # EX_IOERR: a checkpoint did not fit on the disk; free space, then resume
 
 
 def batches(
