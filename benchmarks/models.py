@@ -21,7 +21,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdtune.diffusion.schedules import make_noise_scheduler
 from sdtune.models.bundle import ModelBundle
-from sdtune.models.presets import PRESETS, build_preset
+from sdtune.models.families import PRESETS
+from sdtune.models.families.sd import SD1
+from sdtune.models.presets import build_preset
 from sdtune.models.tokenizer import build_tiny_tokenizer
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json, vae/config.json
@@ -143,7 +145,7 @@ def sd15(dropout: float = 0.0) -> ModelBundle:
     vae = AutoencoderKL(**SD_VAE)
     unet = UNet2DConditionModel(**SD15_UNET, dropout=dropout)
     scheduler = make_noise_scheduler(1000, "scaled_linear", "epsilon")
-    return ModelBundle(unet, text_encoder, tokenizer, scheduler, vae, "sd1", "preset:bench-sd15")
+    return SD1.bundle(unet, text_encoder, tokenizer, scheduler, vae, "preset:bench-sd15")
 
 
 def register_presets() -> None:

@@ -149,7 +149,7 @@ def test_loop_options_train_and_log(tmp_path, config, options):
 
 
 def test_a_full_disk_skips_the_save_with_a_message(tmp_path, config, monkeypatch, capsys):
-    from sdtune.train import loop
+    from sdtune.train import loop, watch
 
     calls = []  # room for the first checkpoint only, then a full disk
 
@@ -157,7 +157,7 @@ def test_a_full_disk_skips_the_save_with_a_message(tmp_path, config, monkeypatch
         calls.append(path)
         return 2**40 if len(calls) == 1 else 0
 
-    monkeypatch.setattr(loop, "free_bytes", free)
+    monkeypatch.setattr(watch, "free_bytes", free)
     run = tmp_path / "run"
     code = main(
         ["train", str(config), "--output", str(run), *BASE, "--set", "checkpoint.every_steps=1"]
@@ -173,9 +173,9 @@ def test_a_full_disk_skips_the_save_with_a_message(tmp_path, config, monkeypatch
 
 
 def test_the_free_space_check_before_the_first_checkpoint(tmp_path, config, monkeypatch, capsys):
-    from sdtune.train import loop
+    from sdtune.train import loop, watch
 
-    monkeypatch.setattr(loop, "free_bytes", lambda path: 2**20)  # less than the estimate
+    monkeypatch.setattr(watch, "free_bytes", lambda path: 2**20)  # less than the estimate
     code = main(["train", str(config), "--output", str(tmp_path / "run"), *BASE])
     err = capsys.readouterr().err
     assert code == loop.EXIT_NO_SPACE and "no checkpoint yet" in err
@@ -199,7 +199,7 @@ def test_update_ratio_is_logged(tmp_path, config):
 
 
 def test_update_ratio_copies_at_most_its_budget_and_estimates_the_whole(monkeypatch):
-    from sdtune.train import loop
+    from sdtune.train import step
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 32, 3, 3), (4096, 128), (333,), (7, 11)]  # 4-D ones channels-last, as trained
@@ -211,13 +211,13 @@ def test_update_ratio_copies_at_most_its_budget_and_estimates_the_whole(monkeypa
     update = [torch.randn(p.shape, generator=gen) * 1e-3 * (i + 1) for i, p in enumerate(params)]
 
     def ratio(budget: int) -> tuple[float, int]:
-        monkeypatch.setattr(loop, "UPDATE_RATIO_SAMPLE_BYTES", budget)
-        before = loop._ratio_sample(params)
+        monkeypatch.setattr(step, "UPDATE_RATIO_SAMPLE_BYTES", budget)
+        before = step.ratio_sample(params)
         copied = sum(t.numel() * t.element_size() for t in before[1])
         with torch.no_grad():
             for p, u in zip(params, update):
                 p.add_(u)
-        value = loop._update_ratio(params, before)
+        value = step.update_ratio(params, before)
         with torch.no_grad():  # back as they were, for the next measurement
             for p, u in zip(params, update):
                 p.sub_(u)

@@ -176,7 +176,7 @@ def test_single_file_layout_of_a_full_sd15_shaped_model(tmp_path):
     from safetensors.torch import save_file
 
     from sdtune.checkpoint.convert import bundle_to_single_file
-    from sdtune.models.bundle import ModelBundle
+    from sdtune.models.families.sd import CUSTOM
 
     base = _load("preset:tiny-sd")
     torch.manual_seed(0)
@@ -210,8 +210,8 @@ def test_single_file_layout_of_a_full_sd15_shaped_model(tmp_path):
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    bundle = ModelBundle(
-        unet, base.text_encoder, base.tokenizer, base.noise_scheduler, vae, "custom", "test"
+    bundle = CUSTOM.bundle(
+        unet, base.text_encoder, base.tokenizer, base.noise_scheduler, vae, "test"
     )
     save_bundle(bundle, tmp_path / "config")
     state = bundle_to_single_file(bundle)

@@ -122,21 +122,31 @@ class DataConfig(Section):
         if self.labels is not None and self.source != "digits":
             raise ValueError("data.labels filters the digits source only (data.source = 'digits')")
         if self.cache_latents:
-            from sdtune.data.cache import check_cacheable
-            from sdtune.data.transforms import TransformSpec
-
-            check_cacheable(
-                TransformSpec(
-                    resolution=self.resolution,
-                    center_crop=self.center_crop,
-                    hflip=self.hflip,
-                    rotation=self.rotation,
-                    color_jitter=self.color_jitter,
-                )
-            )
+            check_cacheable(self)
         if self.labels is not None and not all(0 <= k <= 9 for k in self.labels):
             raise ValueError(f"data.labels: digit labels are 0..9 (got {self.labels})")
         return self
+
+
+def check_cacheable(spec) -> None:
+    """Raise ConfigError when a random transform would make cached latents wrong (`spec`: the
+    data section, or the transform built from it).
+
+    A flip has two outcomes, so both orientations are cached; a random crop, rotation or
+    colour jitter has a new outcome every epoch, so its latents cannot be computed once.
+    """
+    random = []
+    if not spec.center_crop:
+        random.append("data.center_crop=false (random crop)")
+    if spec.rotation > 0:
+        random.append(f"data.rotation={spec.rotation:g}")
+    if spec.color_jitter > 0:
+        random.append(f"data.color_jitter={spec.color_jitter:g}")
+    if random:
+        raise ConfigError(
+            f"data.cache_latents: {' and '.join(random)} changes every image each epoch, so its "
+            "latents cannot be cached; turn that augmentation off or set data.cache_latents=false"
+        )
 
 
 class DiffusionConfig(Section):

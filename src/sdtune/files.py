@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sdtune.errors import UserError
 
-TMP_PREFIX = ".tmp-"
+TMP_GLOB = ".*.tmp"  # what atomic_output's temporaries look like: hidden, ending in .tmp
 NEARLY_FULL = 1 << 20  # bytes: a failed write with less than this left means the disk is full
 
 
@@ -108,9 +108,18 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def temporary(path: Path) -> Path:
+    """The temporary sibling `path` is written through: hidden, this process's, ending in .tmp
+    (whoever writes an image there names its format: the suffix does not)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (the folder: so that a rename in it survives a power loss)."""
-    fd = os.open(path, os.O_RDONLY)
+    try:  # a file through a writable handle, as its writer would have done
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -136,7 +145,7 @@ def atomic_output(path: Path, folder: bool = False) -> Iterator[Path]:
         raise UserError(f"{path} is a folder; give the path of a file to write")
     if path.exists() and not path.is_dir() and folder:
         raise UserError(f"{path} is a file; give the path of a folder to write")
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")  # same suffix: PIL reads it
+    tmp = temporary(path)
     try:  # created here, so that a read-only target fails before any work, naming `path`
         path.parent.mkdir(parents=True, exist_ok=True)
         remove(tmp)
@@ -179,7 +188,7 @@ class _Probe(Exception):
 def _replace(tmp: Path, path: Path) -> None:
     """Rename `tmp` over `path`; a folder in the way is moved aside first, then removed."""
     if path.is_dir() and not path.is_symlink():
-        aside = path.with_name(f"{TMP_PREFIX}{os.getpid()}-old-{path.name}")
+        aside = temporary(path.with_name(f"{path.name}.old"))
         os.rename(path, aside)
         os.rename(tmp, path)
         shutil.rmtree(aside, ignore_errors=True)

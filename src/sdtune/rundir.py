@@ -10,27 +10,24 @@ from pathlib import Path
 
 import sdtune
 from sdtune.errors import RunDirError
+from sdtune.files import TMP_GLOB
 
 MARKER = "sdtune_run.json"
-# every name sdtune writes at the top of a run directory (temporaries included): --overwrite
-# removes these and nothing else
+# every name sdtune writes at the top of a run directory (and its .tmp- temporaries):
+# --overwrite removes these and nothing else
 WRITTEN = (
     MARKER,
     "config.toml",
     "trainable.txt",
     "data_report.json",
     "metrics.jsonl",
-    "metrics.tmp",
     "events.jsonl",
-    "events.tmp",
     "tensorboard",
     "samples",
     "checkpoints",
     "model",
-    "model.tmp",
     "run_summary.json",
     "report.html",
-    "report.html.tmp",
     "judge_samples.png",
     "judge.json",
 )
@@ -79,7 +76,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
 def remove_run_files(run_dir: Path) -> None:
     """Delete what sdtune wrote in `run_dir` (the marker last, so a crash midway leaves a run
     directory that is still recognised), and nothing else."""
-    for name in WRITTEN[1:] + (MARKER,):
+    temporaries = [p.name for p in run_dir.glob(TMP_GLOB)]  # of an interrupted write
+    for name in [*WRITTEN[1:], *temporaries, MARKER]:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -88,7 +86,7 @@ def remove_run_files(run_dir: Path) -> None:
     classes = run_dir / CLASS_IMAGES
     if classes.is_dir():
         for path in classes.iterdir():
-            if path.is_file() and path.name.startswith(("class-", ".tmp-class-")):
+            if path.is_file() and (path.name.startswith("class-") or path.match(TMP_GLOB)):
                 path.unlink()
         if not any(classes.iterdir()):
             classes.rmdir()

@@ -333,7 +333,7 @@ def test_exports_are_readable_by_other_users(run_copy, tmp_path):
     assert any(p.suffix == ".safetensors" for p in files)  # what safetensors writes 0600
     assert {_mode(p) for p in files} == {0o644}
     assert {_mode(p) for p in (tmp_path / "d").rglob("*") if p.is_dir()} == {0o755}
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_temporary_configs_of_a_preset_are_removed(tmp_path):

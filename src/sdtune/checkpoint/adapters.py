@@ -19,11 +19,10 @@ from safetensors.torch import save_file
 from sdtune.errors import UserError
 from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
-from sdtune.models.embeddings import A1111_KEY, learned_vectors
+from sdtune.models.embeddings import learned_vectors
 from sdtune.models.lora import has_lora, lora_alpha_rank, lora_state
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "custom": "sd_v1", "pixel": "sd_v1"}
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
@@ -36,8 +35,13 @@ def _sdtune_metadata(meta: dict) -> dict[str, str]:
     return {f"sdtune.{k}": str(v) for k, v in meta.items()}
 
 
+def adapted(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+    """The components that carry LoRA adapters, by component name."""
+    return {name: m for name, m in bundle.components().items() if has_lora(m)}
+
+
 def _require_lora(bundle: ModelBundle) -> None:
-    if not has_lora(bundle.unet) and not has_lora(bundle.text_encoder):
+    if not adapted(bundle):
         raise UserError(
             "this checkpoint has no LoRA adapters (it was not trained with lora.enabled); "
             "export it with --format diffusers or single-file"
@@ -61,9 +65,7 @@ def save_lora_diffusers(bundle: ModelBundle, path: Path, meta: dict) -> Path:
     _require_lora(bundle)
     state: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
-    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
-        if not has_lora(module):
-            continue
+    for prefix, module in adapted(bundle).items():  # diffusers names them by component
         state.update({f"{prefix}.{k}": v for k, v in _standard_names(module).items()})
         config = module.peft_config["default"].to_dict()
         for key, value in config.items():
@@ -80,9 +82,8 @@ def kohya_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """LoRA weights under kohya's names: lora_unet_<module>.lora_down/.lora_up/.alpha."""
     _require_lora(bundle)
     out: dict[str, torch.Tensor] = {}
-    for prefix, module in (("lora_unet", bundle.unet), ("lora_te", bundle.text_encoder)):
-        if not has_lora(module):
-            continue
+    for component, module in adapted(bundle).items():
+        prefix = bundle.arch.kohya_prefixes[component]
         alpha, _ = lora_alpha_rank(module)
         for key, value in _standard_names(module).items():
             name, _, kind = key.rpartition(".lora_")
@@ -100,24 +101,21 @@ def kohya_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
 def save_lora_kohya(bundle: ModelBundle, path: Path, meta: dict) -> Path:
     """A kohya-format LoRA (.safetensors) with sd-scripts' ss_* metadata."""
     state = kohya_state(bundle)
-    module = bundle.unet if has_lora(bundle.unet) else bundle.text_encoder
-    alpha, rank = lora_alpha_rank(module)
+    modules = adapted(bundle)
+    alpha, rank = lora_alpha_rank(modules.get(bundle.arch.denoiser) or next(iter(modules.values())))
+    text = any(bundle.arch.is_text_encoder(c) for c in modules)
     now = str(int(time.time()))
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
-        "ss_base_model_version": KOHYA_BASE_VERSION.get(bundle.family, "sd_v1"),
-        "ss_v2": str(bundle.family == "sd2"),
         "ss_output_name": path.stem,
         "ss_sd_model_name": str(meta.get("base_model", "")),
         "ss_steps": str(meta.get("steps", "")),
         "ss_training_finished_at": now,
-        "ss_network_args": json.dumps({"text_encoder": has_lora(bundle.text_encoder)}),
+        "ss_network_args": json.dumps({"text_encoder": text}),
         "sshs_model_hash": _hash_tensors(state),
-        "modelspec.architecture": "stable-diffusion-v1/lora"
-        if bundle.family != "sd2"
-        else "stable-diffusion-v2-512/lora",
+        **bundle.arch.kohya_metadata(bundle),  # ss_base_model_version, ss_v2, modelspec.*
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         **_sdtune_metadata(meta),
     }
@@ -138,8 +136,10 @@ def save_embedding(bundle: ModelBundle, path: Path, token: str, meta: dict) -> P
     """The learned vectors as an AUTOMATIC1111/ComfyUI embedding (`emb_params`), which
     diffusers' `load_textual_inversion(path, token=...)` also reads."""
     vectors = learned_vectors(bundle)
-    metadata = {"sdtune.token": token, "sdtune.num_vectors": str(vectors.shape[0])}
-    return _atomic_save({A1111_KEY: vectors}, path, {**metadata, **_sdtune_metadata(meta)})
+    count = next(iter(vectors.values())).shape[0]
+    metadata = {"sdtune.token": token, "sdtune.num_vectors": str(count)}
+    state = bundle.arch.embedding_file(vectors)  # the family's layout (emb_params; clip_l/g)
+    return _atomic_save(state, path, {**metadata, **_sdtune_metadata(meta)})
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -191,7 +191,7 @@ def final_model_files(bundle: ModelBundle, directory: Path, cfg, meta: dict) -> 
         "seed": cfg.seed,
         **meta,
     }
-    if has_lora(bundle.unet) or has_lora(bundle.text_encoder):
+    if adapted(bundle):
         save_lora_diffusers(bundle, directory / LORA_FILE, meta)
         save_lora_kohya(bundle, directory / "lora_kohya.safetensors", meta)
         info["lora"] = LORA_FILE

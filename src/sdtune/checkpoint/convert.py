@@ -136,11 +136,5 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def bundle_to_single_file(bundle) -> dict[str, torch.Tensor]:
-    """The whole latent model (UNet + VAE + CLIP text encoder) as one LDM state dict."""
-    if bundle.vae is None:
-        raise ValueError("a pixel-space model has no Stable Diffusion single-file layout")
-    state: dict[str, torch.Tensor] = {}
-    state.update(unet_to_ldm(bundle.unet.state_dict(), dict(bundle.unet.config)))
-    state.update(vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config)))
-    state.update(text_encoder_to_ldm(bundle.text_encoder.state_dict()))
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    """The whole model as one state dict under its family's original key names."""
+    return bundle.arch.single_file_state(bundle)

@@ -91,8 +91,8 @@ def load_checkpoint_run(ckpt: Path, weights: str = "auto"):
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(state[name])
-    bundle.unet.eval()
-    bundle.text_encoder.eval()
+    for module in bundle.components().values():
+        module.eval()
     progress = json.loads((ckpt / PROGRESS_KEY).read_text())
     meta = {
         "sdtune_version": sdtune.__version__,
@@ -128,7 +128,7 @@ def export_model(
                 "which SD single files cannot hold; export them with --format embedding (and "
                 "the rest with --format diffusers)"
             )
-        _check_single_file(bundle, fmt, meta)
+        bundle.arch.check_export(bundle, fmt, meta["base_model"])
         bundle = adapters.merged_copy(bundle, lora_scale)
     if fmt in ADAPTER_FORMATS:  # single files, each written atomically
         if fmt == "lora":
@@ -190,19 +190,6 @@ def _check_replaceable(out: Path, fmt: str) -> None:
             )
     elif out.is_dir():
         raise UserError(f"--out {out} is a folder; --format {fmt} writes one file")
-
-
-def _check_single_file(bundle: ModelBundle, fmt: str, meta: dict) -> None:
-    if fmt != "diffusers" and bundle.vae is None:
-        raise UserError(
-            f"--format {fmt}: {meta['base_model']} is a pixel-space model (no VAE) and has no "
-            "Stable Diffusion single-file layout; export it with --format diffusers"
-        )
-    if fmt != "diffusers" and bundle.family == "sd2":
-        raise UserError(
-            f"--format {fmt}: SD 2.x single files keep the text encoder in OpenCLIP layout, which "
-            "sdtune does not write yet; export with --format diffusers"
-        )
 
 
 def single_file_metadata(path: Path) -> dict[str, str]:

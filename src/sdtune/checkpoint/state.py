@@ -97,8 +97,8 @@ def architecture_record(
     record = {
         "base": base,
         "family": bundle.family,
-        "unet": {k: v for k, v in dict(bundle.unet.config).items() if not k.startswith("_")},
-        "text_encoder": bundle.text_encoder.config.to_diff_dict(),
+        "denoiser": bundle.arch.denoiser,
+        **bundle.arch.architecture(bundle),  # the components' configs, by component name
         "trainable": {name: list(p.shape) for name, p in sorted(trainable.items())},
         "frozen_sha256": frozen_sha,
     }
@@ -117,14 +117,18 @@ def check_architecture(saved: dict, current: dict, where: Path) -> None:
             f"{where}: its trainable parameters differ from this config's "
             f"({len(theirs)} vs {len(ours)}, e.g. {', '.join(diff)}); check model.trainable/model.frozen"
         )
-    if saved.get("unet") != current["unet"]:
-        keys = sorted(
-            k
-            for k in set(saved["unet"]) | set(current["unet"])
-            if saved["unet"].get(k) != current["unet"].get(k)
-        )
+    if saved.get("family", current["family"]) != current["family"]:
         raise CheckpointError(
-            f"{where}: UNet architecture differs from this config's ({', '.join(keys[:4])})"
+            f"{where}: a {saved.get('family')} model's checkpoint, but this config trains a "
+            f"{current['family']} model"
+        )
+    component = current["denoiser"]  # the text encoders' weights are in the frozen hash
+    theirs, ours = saved.get(component) or {}, current[component]
+    if theirs != ours:
+        keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        name = "UNet" if component == "unet" else component
+        raise CheckpointError(
+            f"{where}: {name} architecture differs from this config's ({', '.join(keys[:4])})"
         )
     if saved.get("frozen_sha256") != current["frozen_sha256"]:
         raise CheckpointError(
@@ -219,18 +223,12 @@ def _load_old_rng_state(path: Path) -> dict:
 
 
 def save_training_state(
-    root: Path,
-    progress: TrainingProgress,
-    trainable: dict[str, torch.nn.Parameter],
-    optimizer,
-    lr_scheduler,
-    ema,
-    scaler,
-    config_toml: str,
-    architecture: dict,
-    rank: int = 0,
+    root: Path, progress: TrainingProgress, objects, config_toml: str, rank: int = 0
 ) -> Path:
-    """Write checkpoint `progress.step` under `root` atomically (see store.write_checkpoint)."""
+    """Write checkpoint `progress.step` under `root` atomically (see store.write_checkpoint):
+    the training objects (train/step.py's TrainingObjects), the progress and the config."""
+    trainable, optimizer, lr_scheduler = objects.trainable, objects.optimizer, objects.lr_scheduler
+    ema, scaler, architecture = objects.ema, objects.scaler, objects.architecture
     weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
     writers = {
         MODEL_KEY: lambda path: save_file(weights, str(path)),
@@ -262,17 +260,11 @@ def save_training_state(
     return write_checkpoint(root, progress.step, writers, {"kind": "training"})
 
 
-def load_training_state(
-    path: Path,
-    trainable: dict[str, torch.nn.Parameter],
-    optimizer,
-    lr_scheduler,
-    ema,
-    scaler,
-    architecture: dict,
-    rank: int = 0,
-) -> TrainingProgress:
-    """Restore everything `save_training_state` wrote (the checkpoint was verified already)."""
+def load_training_state(path: Path, objects, rank: int = 0) -> TrainingProgress:
+    """Restore everything `save_training_state` wrote into the training objects (the
+    checkpoint was verified already); returns the progress."""
+    trainable, optimizer, lr_scheduler = objects.trainable, objects.optimizer, objects.lr_scheduler
+    ema, scaler, architecture = objects.ema, objects.scaler, objects.architecture
     saved_arch = json.loads((path / ARCH_KEY).read_text())
     check_architecture(saved_arch, architecture, path)
     weights = load_file(str(path / MODEL_KEY))

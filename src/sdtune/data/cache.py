@@ -31,10 +31,15 @@ from safetensors.torch import save as save_safetensors
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from sdtune.config import check_cacheable
 from sdtune.data.order import generator
 from sdtune.data.sources import Record
 from sdtune.data.transforms import DECODE_VERSION, TransformSpec, apply_transform
 from sdtune.errors import ConfigError, DataError
+from sdtune.files import TMP_GLOB, atomic_output
+from sdtune.models.families.base import Conditioning
+
+POOLED = "/pooled"  # the key suffix of a caption's pooled text embedding (families with one)
 
 if TYPE_CHECKING:
     from sdtune.data.dataset import ImageTextDataset
@@ -103,45 +108,10 @@ def text_key(ids: torch.Tensor, text_encoder: str, precision: str) -> str:
     return _key(parts)
 
 
-def check_cacheable(spec: TransformSpec) -> None:
-    """Raise ConfigError when a random transform would make cached latents wrong.
-
-    A flip has two outcomes, so both orientations are cached; a random crop, rotation or
-    colour jitter has a new outcome every epoch, so its latents cannot be computed once.
-    """
-    random = []
-    if not spec.center_crop:
-        random.append("data.center_crop=false (random crop)")
-    if spec.rotation > 0:
-        random.append(f"data.rotation={spec.rotation:g}")
-    if spec.color_jitter > 0:
-        random.append(f"data.color_jitter={spec.color_jitter:g}")
-    if random:
-        raise ConfigError(
-            f"data.cache_latents: {' and '.join(random)} changes every image each epoch, so its "
-            "latents cannot be cached; turn that augmentation off or set data.cache_latents=false"
-        )
-
-
 def _autocast(device: torch.device, precision: str):
     """The autocast context the training loop runs the text encoder in (as Accelerate sets it)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling, fsync it, rename it into place, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    finally:
-        os.close(fd)
 
 
 class ShardStore:
@@ -150,7 +120,7 @@ class ShardStore:
     def __init__(self, folder: Path, say: Callable[[str], None] = print) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        for tmp in folder.glob(".*.tmp"):  # a killed build's unfinished shard
+        for tmp in folder.glob(TMP_GLOB):  # a killed build's unfinished shard
             tmp.unlink(missing_ok=True)
         self.where: dict[str, Path] = {}
         self._handles: dict[Path, safe_open] = {}
@@ -179,7 +149,8 @@ class ShardStore:
         name = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:24]
         path = self.folder / f"{name}.safetensors"
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _atomic_write(path, save_safetensors(data, metadata={"format": FORMAT}))
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(save_safetensors(data, metadata={"format": FORMAT}))
         self._handles.pop(path, None)
         self.where.update(dict.fromkeys(tensors, path))
         return path
@@ -226,15 +197,29 @@ class TextCache:
             self.keys[caption] = text_key(ids, self._hash, self._precision)
         return self.keys[caption]
 
-    def states(self, captions: Sequence[str], device: torch.device | str) -> torch.Tensor:
-        """Hidden states of `captions` (B x tokens x width), as `text_encoder(ids)[0]` gives them."""
-        keys = [self.key(c) for c in captions]
+    def _missing(self, keys: list[str], captions: Sequence[str]) -> None:
         missing = [c for c, k in zip(captions, keys) if k not in self.store]
         if missing:
             raise KeyError(
                 f"captions not in the text cache (build it from these records): {missing}"
             )
+
+    def states(self, captions: Sequence[str], device: torch.device | str) -> torch.Tensor:
+        """Hidden states of `captions` (B x tokens x width), as the text encoders give them."""
+        keys = [self.key(c) for c in captions]
+        self._missing(keys, captions)
         return torch.stack([self.store.get(k) for k in keys]).to(device, non_blocking=True)
+
+    def conditioning(self, captions: Sequence[str], device: torch.device | str) -> Conditioning:
+        """The text conditioning of `captions` (hidden states, and the pooled embedding where
+        the family has one), as `arch.encode` gives it."""
+        keys = [self.key(c) for c in captions]
+        hidden = self.states(captions, device)
+        pooled = None
+        if keys and keys[0] + POOLED in self.store:
+            pooled = torch.stack([self.store.get(k + POOLED) for k in keys])
+            pooled = pooled.to(device, non_blocking=True)
+        return Conditioning(hidden, pooled)
 
 
 @dataclass
@@ -258,7 +243,8 @@ class DataCache:
 
 def _fill(store: ShardStore, wanted: dict, encode: Callable, sizes: tuple[int, int], what, say):
     """Compute the entries of `wanted` (key -> input) that `store` lacks, `encode` taking a
-    list of inputs; each `shard_size` entries are one shard. Returns (computed, reused)."""
+    list of inputs and giving a batch of tensors (or several, as {key suffix: batch}); each
+    `shard_size` entries are one shard. Returns (computed, reused)."""
     batch_size, shard_size = sizes
     todo = [(key, x) for key, x in wanted.items() if key not in store]
     reused = len(wanted) - len(todo)
@@ -269,8 +255,9 @@ def _fill(store: ShardStore, wanted: dict, encode: Callable, sizes: tuple[int, i
             for first in range(0, len(chunk), batch_size):
                 part = chunk[first : first + batch_size]
                 with torch.no_grad():
-                    out = encode([x for _, x in part]).cpu()
-                shard.update(zip([key for key, _ in part], out))
+                    out = encode([x for _, x in part])
+                for suffix, values in (out if isinstance(out, dict) else {"": out}).items():
+                    shard.update(zip([key + suffix for key, _ in part], values.cpu()))
                 bar.update(len(part))
             store.write(shard)
     return len(todo), reused
@@ -307,24 +294,32 @@ def _build_latents(records, spec, bundle, cache_dir, sizes, stats, say) -> Laten
 
 
 def _build_text(records, bundle, cache_dir, sizes, precision, stats, say) -> TextCache:
-    encoder = bundle.text_encoder
-    if any(p.requires_grad for p in encoder.parameters()):
+    arch, encoders = bundle.arch, list(bundle.text_encoders.values())
+    if any(p.requires_grad for e in encoders for p in e.parameters()):
         raise ConfigError(
             "data.cache_text: the text encoder has trainable parameters (model.trainable, a LoRA or "
             "a textual-inversion token), so its outputs change every step; set data.cache_text=false"
         )
-    te_hash = component_hash(encoder)
-    text = TextCache(ShardStore(cache_dir / "text", say), bundle.tokenize, te_hash, precision)
+    hashes = [component_hash(e) for e in encoders]
+    te_hash = (
+        hashes[0] if len(hashes) == 1 else hashlib.sha256("|".join(hashes).encode()).hexdigest()
+    )
+
+    def tokenize(captions):
+        return arch.tokenize(bundle, list(captions))
+
+    text = TextCache(ShardStore(cache_dir / "text", say), tokenize, te_hash, precision)
     captions = sorted({r.caption for r in records} | {""})  # "" is what caption dropout feeds
     wanted = {}
-    for caption, ids in zip(captions, bundle.tokenize(captions)):
+    for caption, ids in zip(captions, tokenize(captions)):
         text.keys[caption] = text_key(ids, te_hash, precision)
         wanted[text.keys[caption]] = ids
-    device = next(encoder.parameters()).device
+    device = next(encoders[0].parameters()).device
 
-    def encode(ids: list[torch.Tensor]) -> torch.Tensor:
+    def encode(ids: list[torch.Tensor]):
         with _autocast(device, precision):
-            return encoder(torch.stack(ids).to(device))[0]
+            cond = arch.encode(bundle, torch.stack(ids).to(device))
+        return {"": cond.hidden} if cond.pooled is None else {"": cond.hidden, POOLED: cond.pooled}
 
     stats.text_computed, stats.text_reused = _fill(text.store, wanted, encode, sizes, "text", say)
     return text
@@ -388,7 +383,7 @@ def cached_batch(
     indices = [index for _, index in keys]
     latents = cache.latents.sample(indices, [f for f, _ in choices], gen, device)
     captions = ["" if d else dataset.records[i].caption for i, (_, d) in zip(indices, choices)]
-    hidden = cache.text.states(captions, device) if cache.text is not None else None
+    hidden = cache.text.states(captions, device) if cache.text is not None else None  # as before
     records = [dataset.records[i] for i in indices]
     return {
         "latents": latents,

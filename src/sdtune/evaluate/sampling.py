@@ -9,33 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 from torchvision.utils import make_grid
 
 from sdtune.data.order import generator
 from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
-
-SAMPLERS = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-}
-
-
-def make_sampler(bundle: ModelBundle, name: str):
-    """A sampler on the model's training schedule. In pixel space the predicted clean image is
-    clipped to [-1, 1] (Ho et al. 2020); latents have no such range and are left alone."""
-    config = dict(bundle.noise_scheduler.config)
-    pixel = bundle.vae is None
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=pixel, set_alpha_to_one=False)
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", thresholding=pixel, sample_max_value=1.0
-        )
-    return SAMPLERS[name].from_config(config)
+from sdtune.models.families import Conditioning
+from sdtune.models.modes import evaluating
 
 
 @torch.no_grad()
@@ -53,21 +34,18 @@ def generate(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Images in [0, 1] (N x C x H x W), one per prompt; image i's noise depends only on (seed, i)."""
-    unet, text_encoder = bundle.unet, bundle.text_encoder
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    size = resolution or int(unet.config.sample_size) * bundle.downsample_factor
+    arch = bundle.arch
+    size = resolution or arch.default_resolution(bundle)
     latent_size = size // bundle.downsample_factor
-    channels = int(unet.config.in_channels)
-    dtype = next(unet.parameters()).dtype
+    channels = arch.latent_channels(bundle)
+    dtype = next(bundle.denoiser.parameters()).dtype
     guided = guidance_scale != 1.0
-    uncond = bundle.encode_prompts([negative_prompt], device) if guided else None
     images = []
-    try:
+    with evaluating(*arch.components(bundle).values()):
+        uncond = arch.conditioning(bundle, [negative_prompt], device) if guided else None
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            cond = bundle.encode_prompts(chunk, device)
+            cond = arch.conditioning(bundle, chunk, device)
             noise = torch.stack(
                 [
                     torch.randn(
@@ -79,23 +57,23 @@ def generate(
                     for i in range(len(chunk))
                 ]
             ).to(device=device, dtype=dtype)
-            scheduler = make_sampler(bundle, sampler)
+            sizes = {"target_size": (size, size)}  # the micro-conditioning of families that use it
+            if guided:
+                cond = Conditioning.cat([uncond.expand(len(chunk)), cond])
+            cond = arch.condition(bundle, cond, sizes)
+            scheduler = arch.make_sampler(bundle, sampler)
             scheduler.set_timesteps(steps, device=device)
             latents = noise * scheduler.init_noise_sigma
-            context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if guided else cond
             for t in scheduler.timesteps:
                 model_in = torch.cat([latents, latents]) if guided else latents
                 model_in = scheduler.scale_model_input(model_in, t)
-                out = unet(model_in, t, encoder_hidden_states=context).sample
+                out = arch.predict(bundle, model_in, t, cond)
                 if guided:
                     out_uncond, out_cond = out.chunk(2)
                     out = out_uncond + guidance_scale * (out_cond - out_uncond)
                 latents = scheduler.step(out, t, latents).prev_sample
             pixels = bundle.decode_latents(latents)
             images.append(((pixels.float() + 1) / 2).clamp(0, 1).cpu())
-    finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
     return torch.cat(images)
 
 

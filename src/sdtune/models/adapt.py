@@ -30,7 +30,10 @@ def prepare_model(bundle: ModelBundle, cfg: RunConfig) -> FreezeReport:
             if ".lora_A." in name or ".lora_B." in name:
                 param.requires_grad_(True)
     if ti.token is not None:
-        bundle.text_encoder.get_input_embeddings().vectors.requires_grad_(True)
+        from sdtune.models.embeddings import token_vectors
+
+        for vector in token_vectors(bundle):
+            vector.requires_grad_(True)
     report = count_parameters(bundle)
     if report.trainable == 0:
         raise ConfigError(

@@ -1,39 +1,72 @@
-"""ModelBundle: the components of one text-to-image diffusion model, and their (de)serialisation.
+"""ModelBundle: the components of one text-to-image diffusion model, and their family.
 
-A bundle on disk is a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/, model_index.json), each component serialised on its own, plus `sdtune_model.json`
-naming the family. Pixel-space models (no VAE) use the same layout without vae/ and without
-model_index.json, since no diffusers pipeline class describes them.
+The bundle holds modules by component name (the prefix of every parameter name: `unet.`,
+`text_encoder.`, `vae.`, ...), the tokenizer of each text encoder, the training schedule and
+where the model came from. What the components mean and how they are called is the family's
+(`bundle.arch`, models/families): the bundle itself knows no architecture.
+
+On disk a bundle is a diffusers pipeline folder (one folder per component) plus
+`sdtune_model.json` naming the family.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
-
-import sdtune
 
 MODEL_FILE = "sdtune_model.json"
 
 
 @dataclass
 class ModelBundle:
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
-    vae: AutoencoderKL | None
     family: str
-    """sd1, sd2, custom (a latent model of another size) or pixel (no VAE)."""
+    """The family's name (models/families): sd1, sd2, custom, pixel, ..."""
+    modules: dict[str, torch.nn.Module]
+    """Component name -> module, in the family's order."""
+    tokenizers: dict[str, Any]
+    """Text-encoder component name -> its tokenizer."""
+    noise_scheduler: Any
+    """The training schedule (a diffusers scheduler whose config the samplers start from)."""
     source: str
     """What model.base said, for the record."""
     extra_tokens: dict[str, int] = field(default_factory=dict)
-    """Textual-inversion tokens added to the tokenizer and how many vectors each has."""
+    """Textual-inversion tokens added to the tokenizers and how many vectors each has."""
+
+    @property
+    def arch(self):
+        """The family's implementation: every architecture-specific operation goes through it."""
+        from sdtune.models.families import family_named
+
+        return family_named(self.family)
+
+    # what the family's components are
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.modules[self.arch.denoiser]
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {name: self.modules[name] for name in self.arch.text_encoders}
+
+    @property
+    def vae(self):
+        return self.modules.get("vae")
+
+    # the components of the SD layout by their diffusers names (families and tests use them)
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.modules["unet"]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.modules["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers["text_encoder"]
 
     @property
     def prediction_type(self) -> str:
@@ -41,92 +74,38 @@ class ModelBundle:
 
     @property
     def image_channels(self) -> int:
-        return int(self.vae.config.in_channels if self.vae else self.unet.config.in_channels)
+        return self.arch.image_channels(self)
 
     @property
     def downsample_factor(self) -> int:
-        """Pixels per latent cell along one side (1 for pixel-space models)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
+        return self.arch.downsample_factor(self)
 
     def components(self) -> dict[str, torch.nn.Module]:
-        out: dict[str, torch.nn.Module] = {"unet": self.unet, "text_encoder": self.text_encoder}
-        if self.vae is not None:
-            out["vae"] = self.vae
-        return out
+        return dict(self.modules)
 
     def to(self, device: torch.device | str) -> ModelBundle:
-        for module in self.components().values():
+        for module in self.modules.values():
             module.to(device)
         return self
 
+    # the family's operations, for the callers that hold a bundle
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        if self.extra_tokens:  # a multi-vector token stands for several tokens
-            from sdtune.models.embeddings import expand_prompt
-
-            prompts = [expand_prompt(p, self.extra_tokens) for p in prompts]
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        return self.arch.tokenize(self, prompts)
 
     def encode_prompts(self, prompts: list[str], device: torch.device | str) -> torch.Tensor:
-        """Text-encoder hidden states for `prompts` (the UNet's encoder_hidden_states)."""
-        ids = self.tokenize(prompts).to(device)
-        return self.text_encoder(ids)[0]
+        """The text encoders' hidden states of `prompts` (the rest of the conditioning, where a
+        family has more: `arch.conditioning`)."""
+        return self.arch.conditioning(self, prompts, device).hidden
 
     def encode_images(
         self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Images in [-1, 1] to the UNet's input space (VAE latents, scaled; or the pixels)."""
-        if self.vae is None:
-            return pixel_values
-        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator=generator) * self.vae.config.scaling_factor
+        return self.arch.encode_images(self, pixel_values, generator)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The UNet's space back to images in [-1, 1]."""
-        if self.vae is None:
-            return latents
-        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(scaled).sample
+        return self.arch.decode_latents(self, latents)
 
 
 def save_bundle(bundle: ModelBundle, directory: Path, metadata: dict | None = None) -> None:
     """Write the bundle as a diffusers-layout folder (safetensors weights, one folder a component)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    bundle.unet.save_pretrained(directory / "unet", safe_serialization=True)
-    bundle.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
-    bundle.tokenizer.save_pretrained(directory / "tokenizer")
-    bundle.noise_scheduler.save_pretrained(directory / "scheduler")
-    if bundle.vae is not None:
-        bundle.vae.save_pretrained(directory / "vae", safe_serialization=True)
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": _diffusers_version(),
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-        }
-        (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    info = {
-        "family": bundle.family,
-        "source": bundle.source,
-        "sdtune_version": sdtune.__version__,
-        **(metadata or {}),
-    }
-    (directory / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
+    bundle.arch.save(bundle, directory, metadata or {})

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from sdtune.errors import ConfigError, UserError
 from sdtune.models.bundle import ModelBundle
 
-A1111_KEY = "emb_params"  # AUTOMATIC1111's safetensors embedding key; diffusers reads it too
-
 
 class ExtendedEmbedding(torch.nn.Module):
     """A frozen token table plus trainable rows appended after it (the new tokens' vectors)."""
@@ -55,21 +53,34 @@ def expand_prompt(prompt: str, tokens: dict[str, int]) -> str:
     return prompt
 
 
-def add_tokens(bundle: ModelBundle, token: str, vectors: torch.Tensor) -> None:
-    """Add `token` (with len(vectors) vectors) to the tokenizer and the text encoder."""
-    names = token_names(token, vectors.shape[0])
-    vocab = bundle.tokenizer.get_vocab()
+def add_tokens(bundle: ModelBundle, token: str, vectors: dict[str, torch.Tensor]) -> None:
+    """Add `token` to every text encoder and its tokenizer, with the vectors given for each
+    (`vectors`: text-encoder component -> N x width; the same N for all)."""
+    counts = {v.shape[0] for v in vectors.values()}
+    if len(counts) != 1 or set(vectors) != set(bundle.arch.text_encoders):
+        raise UserError(
+            f"token {token!r}: vectors for {sorted(vectors)}, but this model's text encoders are "
+            f"{list(bundle.arch.text_encoders)} (with as many vectors for each)"
+        )
+    names = token_names(token, counts.pop())
+    for component, encoder in bundle.text_encoders.items():
+        _add_to(bundle.tokenizers[component], encoder, token, names, vectors[component])
+    bundle.extra_tokens[token] = len(names)
+
+
+def _add_to(tokenizer, encoder, token: str, names: list[str], vectors: torch.Tensor) -> None:
+    vocab = tokenizer.get_vocab()
     known = [n for n in names if n in vocab or f"{n}</w>" in vocab]  # CLIP marks word ends
-    if known or len(bundle.tokenizer(token, add_special_tokens=False).input_ids) == 1:
+    if known or len(tokenizer(token, add_special_tokens=False).input_ids) == 1:
         raise ConfigError(
             f"textual_inversion.token: {token!r} is already in the tokenizer's vocabulary; "
             "choose a new token such as '<my-subject>'"
         )
-    added = bundle.tokenizer.add_tokens(names, special_tokens=False)
+    added = tokenizer.add_tokens(names, special_tokens=False)
     if added != len(names):
         raise ConfigError(f"textual_inversion.token: could not add {token!r} to the tokenizer")
-    ids = bundle.tokenizer.convert_tokens_to_ids(names)
-    base = bundle.text_encoder.get_input_embeddings()
+    ids = tokenizer.convert_tokens_to_ids(names)
+    base = encoder.get_input_embeddings()
     if isinstance(base, ExtendedEmbedding):  # a second token: fold the first into the base
         base = _folded(base)
     if ids != list(range(base.num_embeddings, base.num_embeddings + len(names))):
@@ -77,9 +88,8 @@ def add_tokens(bundle: ModelBundle, token: str, vectors: torch.Tensor) -> None:
             f"textual_inversion.token: the tokenizer gave {token!r} ids {ids}, not the next rows "
             f"after its {base.num_embeddings} embeddings; the tokenizer and text encoder disagree"
         )
-    bundle.text_encoder.set_input_embeddings(ExtendedEmbedding(base, vectors.to(base.weight)))
-    bundle.text_encoder.config.vocab_size = base.num_embeddings + len(names)
-    bundle.extra_tokens[token] = len(names)
+    encoder.set_input_embeddings(ExtendedEmbedding(base, vectors.to(base.weight)))
+    encoder.config.vocab_size = base.num_embeddings + len(names)
 
 
 def _folded(ext: ExtendedEmbedding) -> torch.nn.Embedding:
@@ -90,33 +100,49 @@ def _folded(ext: ExtendedEmbedding) -> torch.nn.Embedding:
 
 
 def add_trainable_token(bundle: ModelBundle, token: str, init_word: str, num_vectors: int) -> None:
-    """Textual inversion's setup: the new vectors start as `init_word`'s embedding."""
-    ids = bundle.tokenizer(init_word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ConfigError(
-            f"textual_inversion.init_word: {init_word!r} is {len(ids)} tokens for this tokenizer; "
-            "choose a word that is a single token (e.g. the class noun)"
-        )
-    table = bundle.text_encoder.get_input_embeddings().weight.detach()
-    add_tokens(bundle, token, table[ids[0]].repeat(num_vectors, 1))
+    """Textual inversion's setup: the new vectors start as `init_word`'s embedding, in every
+    text encoder."""
+    vectors = {}
+    for component, encoder in bundle.text_encoders.items():
+        ids = bundle.tokenizers[component](init_word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ConfigError(
+                f"textual_inversion.init_word: {init_word!r} is {len(ids)} tokens for this "
+                "tokenizer; choose a word that is a single token (e.g. the class noun)"
+            )
+        table = encoder.get_input_embeddings().weight.detach()
+        vectors[component] = table[ids[0]].repeat(num_vectors, 1)
+    add_tokens(bundle, token, vectors)
+
+
+def token_vectors(bundle: ModelBundle) -> list[torch.nn.Parameter]:
+    """The new tokens' vectors, one parameter per text encoder (what textual inversion trains)."""
+    tables = [e.get_input_embeddings() for e in bundle.text_encoders.values()]
+    return [t.vectors for t in tables if isinstance(t, ExtendedEmbedding)]
 
 
 def merge_tokens(bundle: ModelBundle) -> None:
-    """Replace the wrapped table by a plain nn.Embedding holding the new rows (for export)."""
-    table = bundle.text_encoder.get_input_embeddings()
-    if isinstance(table, ExtendedEmbedding):
-        bundle.text_encoder.set_input_embeddings(_folded(table))
+    """Replace the wrapped tables by plain nn.Embeddings holding the new rows (for export)."""
+    for encoder in bundle.text_encoders.values():
+        table = encoder.get_input_embeddings()
+        if isinstance(table, ExtendedEmbedding):
+            encoder.set_input_embeddings(_folded(table))
 
 
-def learned_vectors(bundle: ModelBundle) -> torch.Tensor:
-    table = bundle.text_encoder.get_input_embeddings()
-    if not isinstance(table, ExtendedEmbedding):
-        raise UserError("this model has no learned textual-inversion token")
-    return table.vectors.detach().cpu().float().contiguous()
+def learned_vectors(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The learned vectors of each text encoder (component -> N x width)."""
+    out = {}
+    for component, encoder in bundle.text_encoders.items():
+        table = encoder.get_input_embeddings()
+        if not isinstance(table, ExtendedEmbedding):
+            raise UserError("this model has no learned textual-inversion token")
+        out[component] = table.vectors.detach().cpu().float().contiguous()
+    return out
 
 
-def read_embedding_file(path: Path) -> torch.Tensor:
-    """Vectors (N x dim) from an A1111 .safetensors/.pt embedding or a diffusers learned_embeds."""
+def read_embedding_file(bundle: ModelBundle, path: Path) -> dict[str, torch.Tensor]:
+    """Vectors per text encoder from an embedding file in the layout of the bundle's family
+    (AUTOMATIC1111/ComfyUI .safetensors or .pt, or diffusers' learned_embeds)."""
     if not path.is_file():
         raise UserError(f"--embedding {path}: no such file")
     try:
@@ -128,26 +154,22 @@ def read_embedding_file(path: Path) -> torch.Tensor:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"--embedding {path}: cannot read it ({exc})") from None
-    if isinstance(state, dict) and "string_to_param" in state:  # A1111 .pt
-        state = state["string_to_param"]
-    if isinstance(state, dict) and A1111_KEY in state:
-        state = {A1111_KEY: state[A1111_KEY]}
-    if not isinstance(state, dict) or len(state) != 1:
-        raise UserError(
-            f"--embedding {path}: expected one tensor (emb_params, string_to_param or a "
-            "single token), found keys {sorted(state)[:4] if isinstance(state, dict) else state}"
-        )
-    vectors = next(iter(state.values())).detach().float()
-    return vectors.reshape(-1, vectors.shape[-1])
+    if not isinstance(state, dict):
+        raise UserError(f"--embedding {path}: not an embedding file (no named tensors)")
+    return bundle.arch.read_embedding(state, path)
 
 
 def load_embedding_file(bundle: ModelBundle, path: Path, token: str) -> None:
-    vectors = read_embedding_file(path)
-    width = bundle.text_encoder.get_input_embeddings().weight.shape[1]
-    if vectors.shape[1] != width:
-        raise UserError(
-            f"--embedding {path}: vectors of width {vectors.shape[1]}, but this text encoder's "
-            f"embeddings are {width} wide (an embedding for another model family?)"
-        )
+    vectors = read_embedding_file(bundle, path)
+    for component, encoder in bundle.text_encoders.items():
+        width = encoder.get_input_embeddings().weight.shape[1]
+        got = vectors.get(component)
+        if got is None or got.shape[1] != width:
+            shape = "none" if got is None else f"vectors of width {got.shape[1]}"
+            raise UserError(
+                f"--embedding {path}: {shape} for {component}, whose embeddings are {width} "
+                "wide (an embedding for another model family?)"
+            )
     add_tokens(bundle, token, vectors)
-    bundle.text_encoder.get_input_embeddings().vectors.requires_grad_(False)
+    for vector in token_vectors(bundle):
+        vector.requires_grad_(False)

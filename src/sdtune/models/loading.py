@@ -11,14 +11,12 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.models.resnet import ResnetBlock2D
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtune.config import DiffusionConfig, ModelConfig
-from sdtune.diffusion.schedules import make_noise_scheduler
 from sdtune.errors import ModelError
 from sdtune.models.bundle import MODEL_FILE, ModelBundle, save_bundle
+from sdtune.models.families import family_of_folder
+from sdtune.models.families.sd import sd_variant
 from sdtune.models.presets import build_preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -29,20 +27,7 @@ def detect_family(unet_config: dict, has_second_text_encoder: bool, has_vae: boo
     """sd1, sd2, sdxl, pixel or custom, from the UNet's config (and which components exist)."""
     if has_second_text_encoder or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    if not has_vae:
-        return "pixel"
-    cross = unet_config.get("cross_attention_dim")
-    if unet_config.get("in_channels") == 4 and unet_config.get("block_out_channels") == [
-        320,
-        640,
-        1280,
-        1280,
-    ]:
-        if cross == 768:
-            return "sd1"
-        if cross == 1024:
-            return "sd2"
-    return "custom"
+    return sd_variant(unet_config, has_vae)
 
 
 def resolve_hub_id(repo_id: str) -> Path:
@@ -61,56 +46,13 @@ def resolve_hub_id(repo_id: str) -> Path:
 
 
 def load_folder(path: Path, source: str) -> ModelBundle:
-    """Load a diffusers pipeline folder (SD1/SD2 layout) or a pixel-space sdtune model folder."""
+    """Load a diffusers pipeline folder (or an sdtune model folder) through its family."""
     if not (path / "unet" / "config.json").is_file():
         raise ModelError(
             f"model.base: {path} is not a diffusers pipeline folder (no unet/config.json)"
         )
-    missing = [c for c in ("text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
-    if missing:
-        raise ModelError(
-            f"model.base: {path} has no {'/, '.join(missing)}/ folder; a Stable Diffusion "
-            "pipeline folder holds unet/, text_encoder/, tokenizer/, scheduler/ (and vae/)"
-        )
-    if (path / "text_encoder_2").is_dir():
-        raise ModelError(
-            f"model.base: {path} is an SDXL pipeline (it has text_encoder_2); "
-            "sdtune train supports SD 1.x/2.x layouts so far"
-        )
     info = read_model_info(path)
-    has_vae = (path / "vae" / "config.json").is_file()
-
-    def component(name: str, load):
-        try:
-            return load()
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"model.base: cannot load {path / name}: {first}") from exc
-
-    unet = component("unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet"))
-    vae = (
-        component("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae"))
-        if has_vae
-        else None
-    )
-    text_encoder = component(
-        "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    )
-    tokenizer = component(
-        "tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    )
-    if not 0 < tokenizer.model_max_length <= 4096:  # an empty tokenizer/ gives 10**30
-        raise ModelError(
-            f"model.base: {path / 'tokenizer'} gives no usable maximum length "
-            f"({tokenizer.model_max_length}); is its tokenizer_config.json missing?"
-        )
-    scheduler = component(
-        "scheduler", lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    )
-    family = detect_family(dict(unet.config), False, has_vae)
-    if info.get("family") in ("pixel", "custom", "sd1", "sd2"):
-        family = info["family"]
-    return ModelBundle(unet, text_encoder, tokenizer, scheduler, vae, family, source)
+    return family_of_folder(path, info).load_folder(path, source, info)
 
 
 def load_single_file(path: Path, config_source: str | None, source: str) -> ModelBundle:
@@ -119,8 +61,6 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
     Component configs and the tokenizer come from `config_source` (a diffusers folder or a cached
     hub id), so that nothing is downloaded.
     """
-    from diffusers import StableDiffusionPipeline
-
     if config_source is None:  # an sdtune export names its base, which has the configs
         config_source = _exported_base(path)
     if config_source is None:
@@ -141,24 +81,13 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
                 config_dir = resolve_hub_id(config_source)
             else:
                 raise ModelError(f"model.config_source: {config_source} is not a folder or hub id")
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path),
-                config=str(config_dir),
-                local_files_only=True,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
-        except Exception as exc:  # diffusers raises many types for unreadable or mismatched files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not (config_dir / "unet" / "config.json").is_file():
             raise ModelError(
-                f"model.base: cannot load single-file checkpoint {path}: {first}"
-            ) from exc
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    family = detect_family(dict(pipe.unet.config), False, True)
-    return ModelBundle(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, pipe.vae, family, source
-    )
+                f"model.config_source: {config_source} is not a diffusers pipeline folder "
+                "(no unet/config.json)"
+            )
+        family = family_of_folder(config_dir, read_model_info(config_dir))
+        return family.load_single_file(path, config_dir, source)
 
 
 def _exported_base(path: Path) -> str | None:
@@ -177,30 +106,6 @@ def _exported_base(path: Path) -> str | None:
             return (fh.metadata() or {}).get("sdtune.base_model")
     except Exception:  # an unreadable header is reported when the file is loaded
         return None
-
-
-def _apply_diffusion_overrides(bundle: ModelBundle, diffusion: DiffusionConfig) -> None:
-    config = dict(bundle.noise_scheduler.config)
-    if diffusion.noise_schedule is not None:
-        bundle.noise_scheduler = make_noise_scheduler(
-            diffusion.num_train_timesteps,
-            diffusion.noise_schedule,
-            diffusion.prediction_type or config.get("prediction_type", "epsilon"),
-            config.get("beta_start", 0.00085),
-            config.get("beta_end", 0.012),
-        )
-    elif diffusion.prediction_type is not None:
-        bundle.noise_scheduler = DDPMScheduler.from_config(
-            config, prediction_type=diffusion.prediction_type
-        )
-
-
-def set_unet_dropout(unet: UNet2DConditionModel, p: float) -> None:
-    """Set the dropout probability of every residual block of the UNet (and record it)."""
-    for module in unet.modules():
-        if isinstance(module, ResnetBlock2D):
-            module.dropout.p = p
-    unet.register_to_config(dropout=p)
 
 
 def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> ModelBundle:
@@ -227,11 +132,9 @@ def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> Mod
                 f"model.base: '{base}' is not a preset:NAME, an existing folder or file, "
                 "or a hub id (owner/name)"
             )
-    if bundle.family == "sdxl":
-        raise ModelError(f"model.base: {base} is SDXL; sdtune train supports SD 1.x/2.x so far")
-    _apply_diffusion_overrides(bundle, diffusion)
+    bundle.arch.apply_diffusion_settings(bundle, diffusion)
     if model.dropout > 0:
-        set_unet_dropout(bundle.unet, model.dropout)
+        bundle.arch.set_dropout(bundle, model.dropout)
     for module in bundle.components().values():
         if next(module.parameters()).dtype != torch.float32:
             module.to(torch.float32)
@@ -292,11 +195,4 @@ def load_adapter_folder(path: Path, diffusion: DiffusionConfig) -> ModelBundle:
 
 def describe(bundle: ModelBundle) -> str:
     """One line naming what was loaded."""
-    unet = bundle.unet.config
-    space = "pixel space" if bundle.vae is None else f"latents /{bundle.downsample_factor}"
-    return (
-        f"model: {bundle.source} | family {bundle.family} | {space} | "
-        f"prediction {bundle.prediction_type} | "
-        f"schedule {bundle.noise_scheduler.config.beta_schedule} | "
-        f"cross-attention dim {unet.cross_attention_dim}"
-    )
+    return bundle.arch.describe(bundle)

@@ -60,12 +60,12 @@ def add_lora(bundle: ModelBundle, settings: LoraSettings) -> None:
             target_modules=_target_regex(module, targets, key),
         )
 
-    bundle.unet.add_adapter(config(bundle.unet, settings.unet_targets, "lora.unet_targets"))
-    if settings.text_encoder:
-        te_config = config(
-            bundle.text_encoder, settings.text_encoder_targets, "lora.text_encoder_targets"
-        )
-        inject(bundle.text_encoder, te_config, ADAPTER)
+    denoiser = bundle.denoiser
+    denoiser.add_adapter(config(denoiser, settings.unet_targets, "lora.unet_targets"))
+    if settings.text_encoder:  # every text encoder of the family
+        for encoder in bundle.text_encoders.values():
+            targets = settings.text_encoder_targets
+            inject(encoder, config(encoder, targets, "lora.text_encoder_targets"), ADAPTER)
 
 
 def inject(module: torch.nn.Module, config, name: str) -> None:
@@ -103,7 +103,7 @@ def merge_lora(bundle: ModelBundle, scale: float = 1.0) -> None:
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in (bundle.unet, bundle.text_encoder):
+    for module in bundle.components().values():
         if not has_lora(module):
             continue
         with torch.no_grad():
@@ -122,47 +122,47 @@ def merge_lora(bundle: ModelBundle, scale: float = 1.0) -> None:
 
 def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> None:
     """Load trained LoRAs (diffusers/peft or kohya format) into the bundle with their scales."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
-
+    loader = bundle.arch.lora_loader()
+    denoiser, encoders = bundle.denoiser, bundle.text_encoders
+    prefixes = (f"{bundle.arch.denoiser}.", *(f"{n}." for n in encoders))
     names, scales = [], []
-    taken = set(getattr(bundle.unet, "peft_config", {}) or {})
+    taken = set(getattr(denoiser, "peft_config", {}) or {})
     for path, scale in files:
         if not path.is_file():
             raise UserError(f"--lora {path}: no such file")
         name = next(f"lora{i}" for i in range(len(taken) + 1) if f"lora{i}" not in taken)
         taken.add(name)
         try:  # diffusers reads both layouts (kohya keys are converted) and the peft metadata
-            state, alphas, metadata = Loader.lora_state_dict(str(path), return_lora_metadata=True)
+            state, alphas, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
         except Exception as exc:
             raise UserError(f"--lora {path}: not a LoRA file diffusers can read ({exc})") from None
-        if not any(k.startswith(("unet.", "text_encoder.")) for k in state):
-            raise UserError(f"--lora {path}: holds no UNet or text-encoder LoRA weights")
+        if not any(k.startswith(prefixes) for k in state):
+            raise UserError(f"--lora {path}: holds no LoRA weights for this model's components")
         try:
-            Loader.load_lora_into_unet(
-                state, alphas, bundle.unet, adapter_name=name, metadata=metadata
-            )
-            if any(k.startswith("text_encoder.") for k in state):
-                _load_text_encoder_lora(state, alphas, metadata, bundle.text_encoder, name)
+            bundle.arch.load_denoiser_lora(bundle, state, alphas, metadata, name)
+            for component, encoder in encoders.items():
+                if any(k.startswith(f"{component}.") for k in state):
+                    _load_text_encoder_lora(state, alphas, metadata, encoder, name, component)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"--lora {path}: does not fit this model ({first})") from None
         names.append(name)
         scales.append(scale)
-    previous = [n for n in getattr(bundle.unet, "peft_config", {}) if n not in names]
+    previous = [n for n in getattr(denoiser, "peft_config", {}) if n not in names]
     if previous:  # adapters loaded before (a trained LoRA run's own) stay at full strength
         names, scales = previous + names, [1.0] * len(previous) + scales
-    bundle.unet.set_adapters(names, weights=scales)
-    if has_lora(bundle.text_encoder):
-        from diffusers.utils.peft_utils import set_weights_and_activate_adapters  # peft layers only
+    denoiser.set_adapters(names, weights=scales)
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters  # peft layers only
 
-        loaded = [n for n in names if n in getattr(bundle.text_encoder, "peft_config", {})]
-        set_weights_and_activate_adapters(
-            bundle.text_encoder, loaded, [scales[names.index(n)] for n in loaded]
-        )
+    for encoder in encoders.values():
+        if has_lora(encoder):
+            loaded = [n for n in names if n in getattr(encoder, "peft_config", {})]
+            weights = [scales[names.index(n)] for n in loaded]
+            set_weights_and_activate_adapters(encoder, loaded, weights)
 
 
-def _load_text_encoder_lora(state, alphas, metadata, text_encoder, name: str) -> None:
-    """The `text_encoder.` part of a LoRA file (as diffusers' loader has read it) into the text
+def _load_text_encoder_lora(state, alphas, metadata, text_encoder, name: str, component: str):
+    """The `<component>.` part of a LoRA file (as diffusers' loader has read it) into that text
     encoder as adapter `name`, through peft itself."""
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
@@ -171,7 +171,7 @@ def _load_text_encoder_lora(state, alphas, metadata, text_encoder, name: str) ->
     )
     from peft import LoraConfig, set_peft_model_state_dict
 
-    prefix = "text_encoder."
+    prefix = f"{component}."
     te_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     te_state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_state))
     if not hasattr(text_encoder, "text_model"):  # transformers 5 dropped that level

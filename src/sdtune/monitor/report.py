@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from sdtune.files import atomic_output
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
 MAX_GRIDS = 12
 
@@ -217,7 +219,7 @@ def build_report(run_dir: Path) -> str:
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write the report (atomically) to `out` or RUN_DIR/report.html."""
     target = out or run_dir / "report.html"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(build_report(run_dir), encoding="utf-8")
-    tmp.replace(target)
+    page = build_report(run_dir)
+    with atomic_output(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return target

@@ -8,7 +8,6 @@ generation resumes where it stopped and gives the same images as an uninterrupte
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from sdtune.config import RunConfig
 from sdtune.data.order import derive_seed
 from sdtune.data.sources import IMAGE_SUFFIXES, Record
 from sdtune.errors import DataError
-from sdtune.files import read_user_text
+from sdtune.files import atomic_output, read_user_text
 
 GEN_BATCH = 8
 
@@ -53,9 +52,6 @@ def ensure_class_images(cfg: RunConfig, bundle, run_dir: Path, device, say) -> P
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     say(f"dreambooth: generating {len(missing)} class images into {folder} (base model)")
-    modes = {m: m.training for m in (bundle.unet, bundle.text_encoder)}
-    for module in modes:
-        module.eval()
     # batches are aligned to GEN_BATCH and seeded by their first index, so an image is the same
     # whether it is generated in one go or after a kill
     for first in sorted({i - i % GEN_BATCH for i in missing}):
@@ -75,14 +71,11 @@ def ensure_class_images(cfg: RunConfig, bundle, run_dir: Path, device, say) -> P
             path = folder / f"class-{i:05d}.png"
             if path.exists():
                 continue
-            tmp = folder / f".tmp-class-{i:05d}.png"
-            save_image(image, tmp)
             (folder / f"class-{i:05d}.txt").write_text(prompt + "\n")
-            os.replace(tmp, path)  # the image last: a caption without its image is rewritten
+            with atomic_output(path) as tmp:  # the image last: a caption alone is rewritten
+                save_image(image, tmp, format="PNG")
         done = needed - sum(1 for i in missing if i >= first + GEN_BATCH)
         say(f"dreambooth: {done}/{needed} generated class images")
-    for module, training in modes.items():
-        module.train(training)
     return folder
 
 

@@ -98,10 +98,11 @@ def build_lr_scheduler(
     )
 
 
-def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig) -> list[dict]:
+def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig, arch) -> list[dict]:
     """Optimizer groups: optimizer.param_groups first (a parameter joins the first group whose
-    pattern matches), then the UNet (train.learning_rate) and the text encoder
-    (train.text_encoder_lr). Each group is named, for the log."""
+    pattern matches), then one group per component: the denoiser at train.learning_rate, each
+    text encoder (the family says which components are) at train.text_encoder_lr. Each group
+    is named, for the log."""
     from sdtune.models.freezing import compile_pattern
 
     te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
@@ -112,8 +113,8 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig) -> li
     members: dict[str, list[torch.nn.Parameter]] = {}
     settings: dict[str, dict] = {}
     for name, param in trainable.items():
-        component = "text_encoder" if name.startswith("text_encoder.") else "unet"
-        default_lr = te_lr if component == "text_encoder" else cfg.train.learning_rate
+        component = name.split(".", 1)[0]
+        default_lr = te_lr if arch.is_text_encoder(component) else cfg.train.learning_rate
         for i, group, patterns in user:
             if any(rx.fullmatch(name) for rx in patterns):
                 key = f"group{i}" if group.lr is not None else f"group{i}.{component}"

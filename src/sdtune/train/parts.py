@@ -11,6 +11,7 @@ import torch
 from sdtune.data import DataPosition, collate, digit_prompt, next_batch
 from sdtune.evaluate.sampling import generate_as_configured, save_grid
 from sdtune.evaluate.validation import validation_loss
+from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
 from sdtune.train.ema import maybe_ema
 
@@ -93,21 +94,6 @@ def evaluate(
     return row, grid
 
 
-def poisoned(step: int) -> bool:
-    """Test hook: SDTUNE_POISON_STEPS=3,7 makes the loss of those steps NaN (to test the guard)."""
-    import os
-
-    spec = os.environ.get("SDTUNE_POISON_STEPS", "")
-    return str(step) in spec.split(",")
-
-
-def spiked(step: int, rollbacks: int) -> bool:
-    """Test hook: SDTUNE_SPIKE_AT=N multiplies the loss of step N by 1000, before any rollback."""
-    import os
-
-    return rollbacks == 0 and os.environ.get("SDTUNE_SPIKE_AT") == str(step)
-
-
 def truncate_metrics(path: Path, step: int, evaluated_at_step: bool) -> None:
     """Drop the metric rows written after the checkpoint at `step`: later steps, and an
     evaluation at `step` itself unless it came before the save (`evaluated_at_step`)."""
@@ -127,9 +113,8 @@ def truncate_metrics(path: Path, step: int, evaluated_at_step: bool) -> None:
             continue
         if keep(row):
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 class StopRequest:

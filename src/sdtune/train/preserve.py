@@ -27,6 +27,7 @@ import torch
 from sdtune.config import RunConfig
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.lora import has_lora
+from sdtune.models.modes import evaluating
 
 
 def lora_layers(*modules: torch.nn.Module) -> list[torch.nn.Module]:
@@ -64,38 +65,34 @@ class OutputPreservation:
     def __init__(
         self, cfg: RunConfig, bundle: ModelBundle, device: torch.device, autocast=nullcontext
     ) -> None:
+        arch = bundle.arch
         self.prompts = list(cfg.lora.preserve_prompts)
         self.weight = float(cfg.lora.preserve_weight)
         self.bundle = bundle
-        self.ids = bundle.tokenize(self.prompts).to(device)
-        # the text encoder reads these prompts anew only where its own adapters change them
-        self.te_adapted = has_lora(bundle.text_encoder)
-        self._unet_layers = lora_layers(bundle.unet)  # found once: target() runs every step
-        encoder = bundle.text_encoder
-        with torch.no_grad(), adapters_off(encoder), _eval(encoder), autocast():
-            # the base's hidden states of each prompt, at the training step's precision:
+        self.ids = arch.tokenize(bundle, self.prompts).to(device)
+        encoders = list(bundle.text_encoders.values())
+        # the text encoders read these prompts anew only where their own adapters change them
+        self.te_adapted = any(has_lora(e) for e in encoders)
+        self._layers = lora_layers(bundle.denoiser)  # found once: target() runs every step
+        with torch.no_grad(), adapters_off(*encoders), evaluating(*encoders), autocast():
+            # the base's text conditioning of each prompt, at the training step's precision:
             # constant, since the base never trains
-            self.base_states = encoder(self.ids)[0]
+            self.base = arch.encode(bundle, self.ids)
+
+    @property
+    def base_states(self) -> torch.Tensor:
+        """The base's hidden states of each preserved prompt."""
+        return self.base.hidden
 
     def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """One preservation prompt per image of the batch (indices), drawn from `gen`."""
         pick = torch.randint(len(self.prompts), (n,), generator=gen, device=gen.device)
         return pick.to(self.ids.device)
 
-    def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor):
+    def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor, batch=None):
         """The base's prediction on `noisy` under the drawn prompts: what must not change."""
-        unet = self.bundle.unet
-        with torch.no_grad(), _bypassed(self._unet_layers), _eval(unet):  # the base, as it samples
-            states = self.base_states[pick]
-            return unet(noisy, timesteps, encoder_hidden_states=states).sample
-
-
-@contextmanager
-def _eval(module: torch.nn.Module):
-    """`module` in eval mode (no dropout), its mode restored on exit."""
-    training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(training)
+        bundle = self.bundle
+        arch = bundle.arch
+        with torch.no_grad(), _bypassed(self._layers), evaluating(bundle.denoiser):  # the base
+            cond = arch.condition(bundle, self.base[pick], batch or {})
+            return arch.predict(bundle, noisy, timesteps, cond)

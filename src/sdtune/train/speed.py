@@ -52,15 +52,15 @@ def attention_kernel(cfg: TrainConfig) -> AbstractContextManager:
     return nullcontext()  # sdpa: PyTorch picks; xformers: set on the UNet's processors
 
 
-def prepare_unet(unet: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Switches that change the UNet module itself (before Accelerate wraps it)."""
+def prepare_denoiser(denoiser: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Switches that change the denoiser module itself (before Accelerate wraps it)."""
     if cfg.attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
     if cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
 
 
-def training_forward(unet: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The module the training step calls: the (wrapped) UNet, compiled when asked. Sampling and
-    validation keep calling the plain UNet, so other shapes never trigger a recompilation."""
-    return torch.compile(unet) if cfg.compile else unet
+def training_forward(denoiser: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The module the training step calls: the (wrapped) denoiser, compiled when asked. Sampling
+    and validation call the plain one, so other shapes never trigger a recompilation."""
+    return torch.compile(denoiser) if cfg.compile else denoiser

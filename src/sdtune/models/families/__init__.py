@@ -1,0 +1,39 @@
+"""The model families sdtune trains, registered in one place: each module lists its families
+(FAMILIES), its tiny presets (PRESETS) and how it recognises a diffusers folder of its layout
+(family_of_folder). Adding a family is one module and one entry in MODULES."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtune.errors import ModelError
+from sdtune.models.families import sd
+from sdtune.models.families.base import Conditioning, Family
+
+MODULES = (sd,)
+FAMILIES: dict[str, Family] = {f.name: f for m in MODULES for f in m.FAMILIES}
+PRESETS = {name: build for m in MODULES for name, build in m.PRESETS.items()}
+
+__all__ = ["FAMILIES", "PRESETS", "Conditioning", "Family", "family_named", "family_of_folder"]
+
+
+def family_named(name: str) -> Family:
+    """The family a checkpoint or sdtune_model.json names."""
+    if name not in FAMILIES:
+        raise ModelError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def family_of_folder(path: Path, info: dict) -> Family:
+    """The family of a diffusers pipeline folder, from its layout and configs (never guessed:
+    a layout no family recognises is a one-line error)."""
+    for module in MODULES:
+        found = module.family_of_folder(path, info)
+        if found is not None:
+            return found
+    if (path / "text_encoder_2").is_dir():
+        raise ModelError(
+            f"model.base: {path} is an SDXL pipeline (it has text_encoder_2); "
+            "sdtune train supports SD 1.x/2.x layouts so far"
+        )
+    raise ModelError(f"model.base: {path} is a diffusers folder of a layout sdtune does not know")

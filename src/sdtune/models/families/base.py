@@ -1,0 +1,236 @@
+"""What every model family implements: the one seam between sdtune and an architecture.
+
+A family knows its components (which one denoises, which encode text, whether a VAE maps
+images to latents), how they load from a diffusers folder or a single file and how they are
+saved, how captions become a `Conditioning`, how the denoiser is called, its training
+objective, its LoRA targets, and the file layouts of the ecosystem (single-file key names,
+kohya LoRA names, textual-inversion embeddings, the diffusers pipeline that loads an export).
+Nothing outside `models/families/` asks which family a model is: it asks the family.
+
+Nothing here assumes a UNet, one text encoder or DDPM; the SD family (`sd.py`) is the first
+implementation, and the base methods below are what families share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from sdtune.config import DiffusionConfig
+    from sdtune.models.bundle import ModelBundle
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on, one row per image: the text encoders' hidden
+    states, a pooled text embedding where the family uses one (SDXL, SD3), and extra
+    per-image conditioning (SDXL's micro-conditioning time ids)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(
+            fn(self.hidden),
+            None if self.pooled is None else fn(self.pooled),
+            {k: fn(v) for k, v in self.extra.items()},
+        )
+
+    def __getitem__(self, index) -> Conditioning:
+        return self._map(lambda t: t[index])
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def expand(self, n: int) -> Conditioning:
+        """One row repeated `n` times (the empty prompt's conditioning for a batch)."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def with_extra(self, **extra: torch.Tensor) -> Conditioning:
+        return replace(self, extra={**self.extra, **extra})
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        first = parts[0]
+        return Conditioning(
+            torch.cat([p.hidden for p in parts]),
+            None if first.pooled is None else torch.cat([p.pooled for p in parts]),
+            {k: torch.cat([p.extra[k] for p in parts]) for k in first.extra},
+        )
+
+
+class Family:
+    """The operations an architecture supplies (see the module docstring). One instance per
+    family (and variant), registered in `models/families/__init__.py`."""
+
+    name: str = ""
+    """Recorded in checkpoints, exports and sdtune_model.json: sd1, sd2, pixel, custom, sdxl."""
+    label: str = ""
+    """How it is printed, e.g. 'Stable Diffusion 1.x'."""
+    denoiser: str = "unet"
+    """The component that predicts the noise (the one trained by default)."""
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    """The text-encoder components, each with a tokenizer of the same name."""
+    pipeline_class: str = ""
+    """The diffusers pipeline that samples this family and loads its exports ('' for none)."""
+    kohya_prefixes: dict[str, str] = {}
+    """Component -> kohya LoRA key prefix (lora_unet, lora_te, lora_te1, ...)."""
+
+    # ------------------------------------------------------------ components
+
+    def components(self, bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+        """Every module by component name (the prefix of parameter names), VAE last."""
+        return dict(bundle.modules)
+
+    def is_text_encoder(self, component: str) -> bool:
+        return component in self.text_encoders
+
+    def image_channels(self, bundle: ModelBundle) -> int:
+        vae = bundle.vae
+        return int(vae.config.in_channels if vae is not None else self.latent_channels(bundle))
+
+    def latent_channels(self, bundle: ModelBundle) -> int:
+        return int(bundle.denoiser.config.in_channels)
+
+    def downsample_factor(self, bundle: ModelBundle) -> int:
+        """Pixels per latent cell along one side (1 for pixel-space models)."""
+        vae = bundle.vae
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    def resolution_multiple(self, bundle: ModelBundle) -> int:
+        """Image sides must be a multiple of this (the denoiser's total downsampling)."""
+        raise NotImplementedError
+
+    def default_resolution(self, bundle: ModelBundle) -> int:
+        raise NotImplementedError
+
+    def architecture(self, bundle: ModelBundle) -> dict[str, Any]:
+        """The configs that fix the architecture, for a checkpoint's record."""
+        raise NotImplementedError
+
+    def describe(self, bundle: ModelBundle) -> str:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ loading and saving
+
+    def load_folder(self, path: Path, source: str, info: dict) -> ModelBundle:
+        raise NotImplementedError
+
+    def load_single_file(self, path: Path, config_dir: Path, source: str) -> ModelBundle:
+        raise NotImplementedError
+
+    def save(self, bundle: ModelBundle, directory: Path, info: dict) -> None:
+        """Write the bundle as a diffusers-layout folder (one folder per component)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ conditioning
+
+    def tokenize(self, bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
+        """Token ids of `prompts`, one row per prompt (the family's layout: several encoders'
+        ids side by side), so that batches of them concatenate and index as tensors do."""
+        raise NotImplementedError
+
+    def max_tokens(self, bundle: ModelBundle) -> int:
+        raise NotImplementedError
+
+    def token_counts(self, bundle: ModelBundle, prompts: list[str]) -> list[int]:
+        """Tokens each prompt needs before truncation (to report long captions)."""
+        raise NotImplementedError
+
+    def encode(
+        self,
+        bundle: ModelBundle,
+        ids: torch.Tensor,
+        encoders: dict[str, torch.nn.Module] | None = None,
+    ) -> Conditioning:
+        """The text conditioning of token ids; `encoders` replaces modules (the training
+        loop's wrapped ones)."""
+        raise NotImplementedError
+
+    def conditioning(self, bundle: ModelBundle, prompts: list[str], device) -> Conditioning:
+        """The text conditioning of `prompts`, on `device`."""
+        return self.encode(bundle, self.tokenize(bundle, prompts).to(device))
+
+    def condition(self, bundle: ModelBundle, text: Conditioning, batch: dict) -> Conditioning:
+        """The text conditioning plus what a batch's images add (nothing for SD)."""
+        return text
+
+    def predict(
+        self,
+        bundle: ModelBundle,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        denoiser: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's output on noisy latents; `denoiser` replaces the module (the training
+        loop's wrapped or compiled one)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ images and the objective
+
+    def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor, generator=None):
+        """Images in [-1, 1] to the denoiser's input space (VAE latents, scaled; or the pixels)."""
+        vae = bundle.vae
+        if vae is None:
+            return pixels
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        return dist.sample(generator=generator) * vae.config.scaling_factor
+
+    def decode_latents(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's space back to images in [-1, 1]."""
+        vae = bundle.vae
+        if vae is None:
+            return latents
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+
+    def objective(self, bundle: ModelBundle, diffusion: DiffusionConfig, device):
+        """The training objective (diffusion/objective.py) on this model's schedule."""
+        raise NotImplementedError
+
+    def apply_diffusion_settings(self, bundle: ModelBundle, diffusion: DiffusionConfig) -> None:
+        """Apply diffusion.* overrides (prediction type, schedule) to the loaded model."""
+
+    def set_dropout(self, bundle: ModelBundle, p: float) -> None:
+        """model.dropout: dropout probability `p` inside the denoiser's blocks."""
+        raise NotImplementedError
+
+    def make_sampler(self, bundle: ModelBundle, name: str):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ file layouts
+
+    def single_file_state(self, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+        """The whole model under the original (single-file) key names."""
+        raise NotImplementedError
+
+    def check_export(self, bundle: ModelBundle, fmt: str, base: str) -> None:
+        """A one-line UserError when this model cannot be written as `fmt`."""
+
+    def lora_loader(self):
+        """The diffusers LoRA loader class that reads this family's LoRA files (both layouts)."""
+        raise NotImplementedError
+
+    def load_denoiser_lora(self, bundle: ModelBundle, state, alphas, metadata, name: str):
+        """The denoiser's part of a LoRA file (as lora_loader read it) as adapter `name`."""
+        raise NotImplementedError
+
+    def kohya_metadata(self, bundle: ModelBundle) -> dict[str, str]:
+        """sd-scripts' ss_base_model_version, ss_v2 and modelspec.architecture for this family."""
+        return {}
+
+    def embedding_file(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A textual-inversion file's tensors from the vectors learned per text encoder."""
+        raise NotImplementedError
+
+    def read_embedding(self, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """Vectors per text encoder from an embedding file's tensors (the inverse)."""
+        raise NotImplementedError

@@ -1,0 +1,320 @@
+"""Setting up a run: the accelerator, the model as the config trains it, the data (and its
+cache), the live training objects, the step's context, and the state to start from."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.checkpoint.state import (
+    TrainingProgress,
+    architecture_record,
+    clean_temporaries,
+    frozen_fingerprint,
+    load_training_state,
+)
+from sdtune.config import RunConfig, to_dict, to_toml
+from sdtune.data import build_datasets
+from sdtune.data.order import derive_seed
+from sdtune.errors import ConfigError, DataError
+from sdtune.models import describe, load_model
+from sdtune.models.adapt import prepare_model
+from sdtune.monitor.logging import MetricsLog, Progress
+from sdtune.train.dreambooth import with_dreambooth
+from sdtune.train.ema import EMA
+from sdtune.train.guard import StepGuard
+from sdtune.train.optim import build_lr_scheduler, build_optimizer, param_groups, skips_on_device
+from sdtune.train.parts import grid_prompts, truncate_metrics
+from sdtune.train.preserve import OutputPreservation
+from sdtune.train.speed import check_speed_options, prepare_denoiser, set_tf32, training_forward
+from sdtune.train.step import BatchSource, StepContext, TrainingObjects
+
+
+@dataclass
+class Run:
+    """Everything a run holds while it trains: built by `setup`, read and updated by the step,
+    `watch` and `finish`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    say: Any
+    accelerator: Any
+    track: Any
+    bundle: Any
+    data: Any
+    objects: TrainingObjects
+    ctx: StepContext
+    state: TrainingProgress
+    log: MetricsLog | None
+    progress: Progress
+    prompts: list[str]
+    config_toml: str
+    last_saved: int = -1
+    last_save_time: float = field(default_factory=time.monotonic)
+    window_images: int = 0
+    window_start: float = field(default_factory=time.monotonic)
+    last_loss: float = float("nan")
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def restore(self, path: Path) -> TrainingProgress:
+        """The training objects as checkpoint `path` holds them; returns its progress."""
+        return load_training_state(path, self.objects, self.accelerator.process_index)
+
+
+def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
+    """Build the run `cfg` describes in `run_dir` (prepared), from scratch or `resume_from`."""
+    accelerator, track = _accelerator(cfg, run_dir)
+    main = accelerator.is_main_process
+    if not main:  # one voice: the main process speaks and writes the run directory
+        say = _silent
+    if cfg.train.mixed_precision != "no" and accelerator.device.type != "cuda":
+        say(
+            f"train.mixed_precision={cfg.train.mixed_precision} ignored: no GPU, training in float32"
+        )
+    torch.manual_seed(derive_seed(cfg.seed, "setup", accelerator.process_index))
+    if main:
+        clean_temporaries(run_dir / "checkpoints", say)
+    config_toml = to_toml(cfg)
+    if main:
+        (run_dir / "config.toml").write_text(config_toml)
+    bundle, trainable, architecture = _model(cfg, run_dir, main, say)
+    bundle.to(accelerator.device)
+    data = _data(cfg, bundle, run_dir, accelerator, say)
+    objects, ctx = _training(cfg, bundle, data, trainable, architecture, accelerator, say)
+    state = TrainingProgress()
+    run = Run(
+        cfg,
+        run_dir,
+        say,
+        accelerator,
+        track,
+        bundle,
+        data,
+        objects,
+        ctx,
+        state,
+        None,
+        None,
+        [],
+        config_toml,
+    )  # noqa: E501
+    if resume_from is not None:
+        run.state = run.restore(resume_from)
+        say(f"resumed from {resume_from} (step {run.state.step}, epoch {run.state.position.epoch})")
+        if main:
+            evaluated = any(r["step"] == run.state.step for r in run.state.evaluations)
+            truncate_metrics(run_dir / "metrics.jsonl", run.state.step, evaluated)
+            truncate_metrics(run_dir / "events.jsonl", run.state.step, True)
+        run.last_saved = run.state.step
+    ctx.guard.load(run.state)
+    ctx.source.restart(run.state.position)
+    run.log = MetricsLog(run_dir, purge_step=run.state.step + 1) if main else None
+    run.prompts = grid_prompts(cfg, [r.caption for r in data.train.records])
+    run.progress = Progress(cfg.train.max_steps, initial=run.state.step, quiet=not main)
+    return run
+
+
+def _accelerator(cfg: RunConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    use_cuda = torch.cuda.is_available()
+    trackers = _check_trackers(cfg.monitor.trackers)
+    check_speed_options(cfg.train, use_cuda)
+    if use_cuda:
+        set_tf32(cfg.train.tf32)
+    # the text encoder may stop training midway (train.text_encoder_steps): DDP must allow it
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=cfg.train.text_encoder_steps is not None
+    )
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision if use_cuda else "no",
+        cpu=not use_cuda,
+        log_with=trackers or None,
+        project_dir=str(run_dir),
+        kwargs_handlers=[ddp],
+    )
+    if trackers:
+        accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
+    return accelerator, accelerator.log if trackers else None
+
+
+def _model(cfg: RunConfig, run_dir: Path, main: bool, say):
+    """The base model made into what the config trains, its trainable parameters, and the
+    architecture record a checkpoint must match."""
+    bundle = load_model(cfg.model, cfg.diffusion, cfg.seed)
+    say(describe(bundle))
+    freeze = prepare_model(bundle, cfg)  # textual-inversion token, freezing, LoRA
+    say(freeze.table())
+    if main:
+        (run_dir / "trainable.txt").write_text(freeze.table() + "\n")
+    multiple = bundle.arch.resolution_multiple(bundle)
+    if cfg.data.resolution % multiple:
+        raise ConfigError(
+            f"data.resolution: {cfg.data.resolution} is not a multiple of {multiple} "
+            f"(this model downsamples by {multiple})"
+        )
+    named = {f"{c}.{n}": p for c, m in bundle.components().items() for n, p in m.named_parameters()}
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    frozen = frozen_fingerprint({n: p for n, p in named.items() if not p.requires_grad})
+    return bundle, trainable, architecture_record(bundle, trainable, frozen, cfg.model.base)
+
+
+def _data(cfg: RunConfig, bundle, run_dir: Path, accelerator, say):
+    data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, say)
+    if cfg.dreambooth.instance_prompt is not None:
+        data = with_dreambooth(cfg, data, bundle, run_dir, accelerator.device, accelerator, say)
+    if accelerator.is_main_process:
+        report = json.dumps(data.report.to_dict(), indent=2) + "\n"
+        (run_dir / "data_report.json").write_text(report)
+    num_examples, micro, world = len(data.train), cfg.train.batch_size, accelerator.num_processes
+    if num_examples < micro * world:
+        raise DataError(
+            f"data: {num_examples} training image(s) in {data.source}, fewer than "
+            f"train.batch_size={micro} x {world} process(es); lower the batch size or add images"
+        )
+    report_long_prompts(bundle, [r.caption for r in data.train.records], say)
+    val_n = len(data.val) if data.val else 0
+    say(f"data: {num_examples} training / {val_n} validation images from {data.source}")
+    return data
+
+
+def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator, say):
+    """The training objects (optimizer, schedule, EMA, ...) and the step's context."""
+    arch, device = bundle.arch, accelerator.device
+    denoiser, encoders = bundle.denoiser, bundle.text_encoders
+    training_text = {n: any(p.requires_grad for p in e.parameters()) for n, e in encoders.items()}
+    if bundle.vae is not None:
+        bundle.vae.eval()
+    for name, encoder in encoders.items():
+        encoder.train(training_text[name])
+    denoiser.train()
+    if cfg.model.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    prepare_denoiser(denoiser, cfg.train)
+    precision = accelerator.mixed_precision
+    cache = None  # latents / text states computed once, on disk (data.cache_*)
+    if cfg.data.cache_latents or cfg.data.cache_text:
+        cache = _build_cache(cfg, data, bundle, precision, accelerator, say)
+    preserve = None  # LoRA output preservation (lora.preserve_prompts)
+    if cfg.lora.preserve_prompts:
+        preserve = OutputPreservation(cfg, bundle, device, accelerator.autocast)
+        report_long_prompts(bundle, preserve.prompts, say, "lora.preserve_prompts", "prompt")
+        say(
+            f"lora: output preservation on {len(preserve.prompts)} prompt(s), weight {preserve.weight:g}"
+        )  # noqa: E501
+    groups = param_groups(trainable, cfg, arch)
+    say(
+        "optimizer groups: "
+        + "; ".join(f"{g['name']} ({len(g['params'])} tensors, lr {g['lr']:g})" for g in groups)
+    )
+    optimizer = build_optimizer(groups, cfg.train)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    ema = EMA(list(trainable.values()), cfg.train.ema_decay) if cfg.train.ema else None
+    # only modules that train are wrapped (DDP refuses one without gradients)
+    wrapped_names = [n for n in encoders if training_text[n]]
+    prepared = accelerator.prepare(denoiser, *[encoders[n] for n in wrapped_names], optimizer)
+    denoiser, optimizer = prepared[0], prepared[-1]
+    encoders = {**encoders, **dict(zip(wrapped_names, prepared[1:-1]))}
+    objects = TrainingObjects(
+        trainable, optimizer, lr_scheduler, ema, accelerator.scaler, architecture
+    )
+    pin = cfg.data.pin_memory and device.type == "cuda"
+    shard = (accelerator.process_index, accelerator.num_processes)
+    source = BatchSource(
+        data, cache, cfg.train.batch_size, cfg.seed, shard, cfg.data.num_workers, pin
+    )
+    ctx = StepContext(
+        cfg=cfg,
+        bundle=bundle,
+        objective=arch.objective(bundle, cfg.diffusion, device),
+        accelerator=accelerator,
+        objects=objects,
+        source=source,
+        guard=StepGuard(cfg.train.spike_factor, cfg.train.spike_window, device),
+        denoiser=training_forward(denoiser, cfg.train),
+        encoders=encoders,
+        train_text=any(training_text.values()),
+        # fused optimizers skip a bad step on the device; others (and fp16's scaler) read it
+        device_skip=skips_on_device(optimizer) and accelerator.scaler is None,
+        preserve=preserve,
+    )
+    return objects, ctx
+
+
+def _build_cache(cfg: RunConfig, data, bundle, precision, accelerator, say):
+    """The latent/text cache of the training set: built on the main process, read by all."""
+    from sdtune.data.cache import build_cache, default_cache_dir
+
+    def build():
+        return build_cache(
+            data.train.records,
+            data.train.spec,
+            bundle,
+            cfg.data.cache_dir or default_cache_dir(),
+            latents=cfg.data.cache_latents,
+            text=cfg.data.cache_text,
+            batch_size=cfg.train.batch_size,
+            precision=precision,
+            say=say,
+        )
+
+    cache = build() if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return cache if cache is not None else build()  # other ranks find every entry built
+
+
+def report_long_prompts(bundle, prompts: list[str], say, key: str = "data", noun: str = "caption"):
+    limit = bundle.arch.max_tokens(bundle)
+    counts = bundle.arch.token_counts(bundle, prompts)
+    long = [c for c, n in zip(prompts, counts) if n > limit]
+    if long:
+        say(
+            f"{key}: {len(long)} {noun}(s) exceed the text encoder's {limit} tokens and are "
+            f"truncated (e.g. {long[0][:60]!r})"
+        )
+
+
+def _check_trackers(trackers: list[str]) -> list[str]:
+    """Weights & Biases / MLflow through Accelerate, only when installed (clear error if not)."""
+    import importlib.util
+
+    for name in trackers:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"monitor.trackers: '{name}' is asked for but not installed (pip install {name})"
+            )
+    return list(trackers)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"max_steps": 3}} -> {"train.max_steps": 3}: MLflow's params are flat strings."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) else str(value)
+            )
+    return flat
+
+
+def _silent(*args, **kwargs) -> None:
+    """`say` on the processes other than the main one."""

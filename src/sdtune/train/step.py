@@ -1,0 +1,279 @@
+"""One optimizer step: the micro-batches' forward and backward, clipping, the guard's decision
+on the device, the update, EMA and the LR schedule. It reads nothing back from the GPU.
+
+Every random draw of step s comes from generators seeded by (seed, s, micro-batch, process)
+and the global seed set from (seed, s, process) for dropout, so a step is a function of the
+training state alone: a resumed run takes exactly the steps an uninterrupted one takes.
+Optional behaviour plugs in: output preservation (`preserve`), and the test hooks that poison
+or spike a loss (`FaultHooks`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sdtune.data import next_batch
+from sdtune.data.cache import cached_batch
+from sdtune.data.order import derive_seed, generator
+from sdtune.diffusion.targets import diffusion_loss
+from sdtune.models.families import Conditioning
+from sdtune.train.optim import step_unless
+from sdtune.train.parts import batches
+from sdtune.train.speed import attention_kernel
+
+# |update| / |weights| is measured on a copy of the weights taken before the step, of at most
+# this many bytes: every weight while they fit (the tiny presets, adapters), else every k-th
+# element of every tensor (a full SD 1.5 UNet would need 3.2 GiB more on the logged steps)
+UPDATE_RATIO_SAMPLE_BYTES = 64 * 2**20
+
+
+@dataclass
+class TrainingObjects:
+    """The live training state that a checkpoint saves and loads, besides the progress."""
+
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    scaler: Any
+    architecture: dict
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.trainable.values())
+
+
+class FaultHooks:
+    """Test hooks (environment variables) that make a step's loss bad, to test the guard:
+    SDTUNE_POISON_STEPS=3,7 makes those steps' loss NaN; SDTUNE_SPIKE_AT=N multiplies step N's
+    loss by 1000 before any rollback."""
+
+    def __init__(self) -> None:
+        self.poison = set(filter(None, os.environ.get("SDTUNE_POISON_STEPS", "").split(",")))
+        self.spike = os.environ.get("SDTUNE_SPIKE_AT")
+
+    def apply(self, loss: torch.Tensor, step: int, rollbacks: int) -> torch.Tensor:
+        if str(step) in self.poison:
+            loss = loss * float("nan")
+        if rollbacks == 0 and self.spike == str(step):
+            loss = loss * 1000.0
+        return loss
+
+
+class BatchSource:
+    """This process's micro-batches in the order of `next_batch`: decoded images through the
+    loader, or, with every latent cached, straight from the cache (nothing decoded)."""
+
+    def __init__(self, data, cache, micro: int, seed: int, shard, workers: int, pin: bool):
+        self.data, self.cache, self.micro, self.seed, self.shard = data, cache, micro, seed, shard
+        self.workers, self.pin = workers, pin
+        self.cached_latents = cache is not None and cache.latents is not None
+        self.cached_text = cache is not None and cache.text is not None
+        self._loader = None
+
+    def restart(self, position) -> None:
+        """Read from `position` on (a run's start, a resume, a rollback)."""
+        if not self.cached_latents:
+            self._loader = batches(
+                self.data.train, self.micro, self.seed, position, self.workers, self.pin, self.shard
+            )
+
+    def take(self, position, gen: torch.Generator, bundle, device):
+        """(batch, latents, the position after it); the latents drawn from `gen` exactly as the
+        VAE's encoding draws them, whether cached or not."""
+        keys, position = next_batch(
+            position, self.micro, len(self.data.train), self.seed, self.shard
+        )
+        if self.cached_latents:  # no image decoded: the same draws from gen as encode_images
+            batch = cached_batch(self.cache, self.data.train, keys, gen, device)
+            return batch, batch["latents"], position
+        batch = next(self._loader)
+        pixels = batch["pixel_values"].to(device, non_blocking=True)
+        with torch.no_grad():
+            latents = bundle.encode_images(pixels, gen)
+        return batch, latents, position
+
+
+@dataclass
+class StepContext:
+    """What a step needs that does not change from step to step."""
+
+    cfg: Any  # the RunConfig
+    bundle: Any
+    objective: Any
+    accelerator: Any
+    objects: TrainingObjects
+    source: BatchSource
+    guard: Any
+    denoiser: torch.nn.Module  # the wrapped (DDP) and maybe compiled denoiser
+    encoders: dict[str, torch.nn.Module]  # the text encoders, wrapped where they train
+    train_text: bool  # whether any text encoder trains
+    device_skip: bool  # whether the optimizer skips a bad step on the device
+    preserve: Any = None  # OutputPreservation (lora.preserve_prompts), or None
+    hooks: FaultHooks = field(default_factory=FaultHooks)
+
+
+@dataclass
+class StepResult:
+    grad_norm: torch.Tensor
+    names: list[str]
+    ratio_before: tuple[int, list[torch.Tensor]] | None
+    """The sample of the weights before the update (logged steps), for |update| / |weights|."""
+
+
+def train_step(ctx: StepContext, state, log_now: bool) -> StepResult:
+    """Take optimizer step `state.step` (and advance state.step and state.position)."""
+    cfg, accelerator = ctx.cfg, ctx.accelerator
+    device, rank = accelerator.device, accelerator.process_index
+    step, accum = state.step, cfg.train.grad_accum
+    torch.manual_seed(derive_seed(cfg.seed, "step", step, rank))  # dropout: a function of step
+    step_loss = torch.zeros((), device=device)
+    step_kept = torch.zeros((), device=device) if ctx.preserve is not None else None
+    te_steps = cfg.train.text_encoder_steps
+    train_text_now = ctx.train_text and (te_steps is None or step < te_steps)
+    names: list[str] = []
+    for m in range(accum):
+        gen = generator(cfg.seed, "noise", step, m, rank, device=device)
+        batch, latents, state.position = ctx.source.take(state.position, gen, ctx.bundle, device)
+        names += batch["names"]
+        sync = m == accum - 1
+        with nullcontext() if sync else accelerator.no_sync(ctx.denoiser), accelerator.autocast():
+            loss, kept = _micro_batch_loss(ctx, batch, latents, gen, train_text_now)
+            loss = ctx.hooks.apply(loss, step + 1, state.rollbacks)
+        accelerator.backward(loss / accum)
+        step_loss += loss.detach() / accum
+        if kept is not None:
+            step_kept += kept / accum
+    return _update(ctx, state, step_loss, step_kept, names, log_now)
+
+
+def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: bool):
+    """(loss, the unweighted preservation loss or None) of one micro-batch."""
+    bundle, arch, device, preserve = (
+        ctx.bundle,
+        ctx.bundle.arch,
+        ctx.accelerator.device,
+        ctx.preserve,
+    )
+    noised = ctx.objective.draw(latents, gen)
+    pick = preserve.draw(latents.shape[0], gen) if preserve is not None else None
+    attention = ctx.cfg.train
+    kept_target = None
+    if pick is not None:  # the base's predictions to keep (lora.preserve_*)
+        with attention_kernel(attention):
+            kept_target = preserve.target(noised.noisy, noised.timesteps, pick, batch)
+    cond = _conditioning(ctx, batch, pick, train_text_now)
+    inputs, t_in = noised.noisy, noised.timesteps
+    if pick is not None:  # one denoiser call: instance half, preservation half
+        inputs, t_in = torch.cat([inputs, inputs]), torch.cat([t_in, t_in])
+    with attention_kernel(attention):
+        pred = arch.predict(bundle, inputs, t_in, cond, denoiser=ctx.denoiser)
+    # per-image weights: DreamBooth's prior-loss weight, else ones (exact)
+    weights = batch["weights"].to(device, non_blocking=True)
+    if noised.weights is not None:
+        weights = noised.weights * weights
+    if pick is None:
+        return diffusion_loss(pred, noised.target, weights), None
+    pred, pred_kept = pred.chunk(2)
+    kept_loss = diffusion_loss(pred_kept, kept_target, noised.weights)
+    loss = diffusion_loss(pred, noised.target, weights) + preserve.weight * kept_loss
+    return loss, kept_loss.detach()
+
+
+def _conditioning(ctx: StepContext, batch, pick, train_text_now: bool) -> Conditioning:
+    """The batch's conditioning (and, with preservation, the preserved prompts' after it): the
+    text encoders' own where they read the preserved prompts (their adapters change them, in
+    the same call as the captions), else the base's, computed once."""
+    bundle, arch, device, preserve = (
+        ctx.bundle,
+        ctx.bundle.arch,
+        ctx.accelerator.device,
+        ctx.preserve,
+    )
+    n = len(batch["captions"])
+    read_kept = pick is not None and preserve.te_adapted and not ctx.source.cached_text
+    if ctx.source.cached_text:  # the text encoders are frozen
+        text = ctx.source.cache.text.conditioning(batch["captions"], device)
+    else:
+        ids = arch.tokenize(bundle, batch["captions"]).to(device, non_blocking=True)
+        if read_kept:  # one text-encoder call for both halves
+            ids = torch.cat([ids, preserve.ids[pick]])
+        with nullcontext() if train_text_now else torch.no_grad():
+            text = arch.encode(bundle, ids, ctx.encoders)
+    cond = arch.condition(bundle, text[:n], batch)
+    if pick is None:
+        return cond
+    kept = text[n:] if read_kept else preserve.base[pick].to(device=device, dtype=text.hidden.dtype)
+    return Conditioning.cat([cond, arch.condition(bundle, kept, batch)])
+
+
+def _update(ctx: StepContext, state, step_loss, step_kept, names, log_now: bool) -> StepResult:
+    """Clip, let the guard decide on the device, update, EMA, LR schedule, count the step."""
+    from sdtune.checkpoint.state import crash_point
+
+    accelerator, objects, cfg = ctx.accelerator, ctx.objects, ctx.cfg
+    params = objects.params
+    if cfg.train.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    else:
+        accelerator.unscale_gradients()  # fp16: the norm in true units (else a no-op)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if accelerator.num_processes > 1:  # every process decides on the same numbers
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+        if step_kept is not None:
+            step_kept = accelerator.reduce(step_kept, reduction="mean")
+    before = ratio_sample(params) if log_now and cfg.train.log_update_ratio else None
+    optimizer, guard = objects.optimizer, ctx.guard
+    if accelerator.scaler is None:
+        skip = guard.check(step_loss, grad_norm, step_kept)  # on the device: no sync
+        if ctx.device_skip:
+            step_unless(optimizer, skip)
+        elif not guard.read_now(skip):
+            optimizer.step()
+    else:  # fp16: an overflowing gradient is the loss scaler's to skip, not a bad step
+        skip = guard.check(step_loss, part=step_kept)
+        if not guard.read_now(skip):
+            optimizer.step()
+        else:
+            accelerator.scaler.update()  # its bookkeeping, without the step
+        skip = torch.maximum(skip, (~torch.isfinite(grad_norm)).float())
+    if objects.ema is not None:
+        objects.ema.step(skip)  # left as it was where the update was skipped
+    objects.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    guard.push(state.step, names)
+    crash_point("step", state.step)
+    return StepResult(grad_norm, names, before)
+
+
+def _ratio_stride(params: list[torch.nn.Parameter]) -> int:
+    total = sum(p.numel() * p.element_size() for p in params)
+    return max(1, -(-total // UPDATE_RATIO_SAMPLE_BYTES))
+
+
+def _sampled(p: torch.Tensor, stride: int) -> torch.Tensor:
+    flat = p.detach().reshape(-1)
+    return flat if stride == 1 else flat[::stride]
+
+
+def ratio_sample(params: list[torch.nn.Parameter]) -> tuple[int, list[torch.Tensor]]:
+    """The weights (or an evenly strided sample of them) before a logged step."""
+    stride = _ratio_stride(params)
+    return stride, [_sampled(p, stride).clone() for p in params]
+
+
+def update_ratio(params: list[torch.nn.Parameter], before: tuple[int, list[torch.Tensor]]) -> float:
+    """|update| / |weights| over the sample `ratio_sample` took (all weights when they fit)."""
+    stride, old = before
+    delta, norm = [], []
+    for p, b in zip(params, old):  # one tensor's sample alive at a time (a channels-last
+        now = _sampled(p, stride).float()  # weight is copied to be flattened)
+        delta.append((now - b.float()).pow(2).sum())
+        norm.append(now.pow(2).sum())
+    return float(torch.stack(delta).sum().sqrt() / torch.stack(norm).sum().sqrt().clamp(min=1e-12))

@@ -1,0 +1,83 @@
+"""One training step on a tiny preset, against the same computation written out by hand."""
+
+import copy
+
+import torch
+
+from sdtune.config import load_config
+from sdtune.data import collate, next_batch
+from sdtune.data.order import generator
+from sdtune.train.setup import setup
+from sdtune.train.step import train_step
+
+OVERRIDES = [
+    "model.base=preset:tiny-digits",
+    "data.source=digits",
+    "data.resolution=16",
+    "data.limit=16",
+    "data.caption_dropout=0.5",
+    "train.batch_size=4",
+    "train.optimizer=sgd",
+    "train.momentum=0",
+    "train.weight_decay=0",
+    "train.learning_rate=0.05",
+    "train.max_grad_norm=null",
+    "train.ema=false",
+    "train.max_steps=3",
+]
+
+
+def _run(tmp_path, *extra):
+    cfg = load_config(None, [*OVERRIDES, *extra])
+    (tmp_path / "run").mkdir()
+    return setup(cfg, tmp_path / "run", None, lambda *_: None)
+
+
+def test_one_step_is_the_loss_and_update_written_out(tmp_path):
+    run = _run(tmp_path)
+    bundle, cfg = run.bundle, run.cfg
+    unet, text_encoder = bundle.unet, bundle.text_encoder
+    before = copy.deepcopy(unet)
+
+    result = train_step(run.ctx, run.state, log_now=True)
+    (report,) = run.ctx.guard.reports(all_steps=True)
+
+    # the batch: this process's share of the first global batch, as the dataset gives it
+    keys, position = next_batch(type(run.state.position)(), 4, len(run.data.train), cfg.seed)
+    batch = collate([run.data.train[k] for k in keys])
+    assert run.state.position == position and run.state.step == 1
+    # the draws of step 0, micro-batch 0, process 0, in order: noise, then timesteps
+    gen = generator(cfg.seed, "noise", 0, 0, 0)
+    x0 = batch["pixel_values"]  # pixel space: the latents are the pixels
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    abar = bundle.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # Ho et al. 2020, eq. 4
+    ids = bundle.tokenizer(
+        batch["captions"], padding="max_length", max_length=12, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        hidden = text_encoder(ids)[0]
+    pred = before(noisy, t, encoder_hidden_states=hidden).sample
+    loss = (pred - noise).pow(2).flatten(1).mean(1).mean()  # epsilon target, unweighted
+    loss.backward()
+
+    assert abs(report.loss - loss.item()) < 1e-6 and not report.bad
+    grads = [p.grad for p in before.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    torch.testing.assert_close(result.grad_norm, norm, rtol=1e-5, atol=1e-7)
+    for (name, new), old in zip(unet.named_parameters(), before.parameters()):
+        torch.testing.assert_close(new, old - 0.05 * old.grad, rtol=0, atol=1e-6, msg=name)
+    # the text encoder did not train
+    assert not any(p.requires_grad for p in text_encoder.parameters())
+
+
+def test_a_poisoned_step_is_skipped_on_the_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_POISON_STEPS", "1")
+    run = _run(tmp_path)
+    before = [p.detach().clone() for p in run.bundle.unet.parameters()]
+    train_step(run.ctx, run.state, log_now=False)
+    (report,) = run.ctx.guard.reports(all_steps=True)
+    assert report.bad and not report.finite
+    assert all(torch.equal(a, b) for a, b in zip(before, run.bundle.unet.parameters()))
+    assert run.state.step == 1  # the step is counted; its update is not applied
