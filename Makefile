@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: quickstart test lint clean lock test-latest
+.PHONY: quickstart quickstart-xl test lint clean lock test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ $(VENV)/.installed-dev: pyproject.toml $(LOCK) | $(BIN)/python
 
 quickstart: $(VENV)/.installed
 	$(BIN)/sdtune train examples/quickstart.toml --output runs/quickstart --overwrite
+
+quickstart-xl: $(VENV)/.installed
+	$(BIN)/sdtune train examples/quickstart_xl.toml --output runs/quickstart_xl --overwrite
 
 # The report test renders in Debian's chromium; a fresh CI machine gets it from Debian's registry.
 define CHROMIUM

@@ -4,13 +4,16 @@ Pre-trains the quickstart model on the digits 0-8 only, then teaches it the digi
 real images with each method (full fine-tune, LoRA with and without output preservation,
 DreamBooth with prior preservation, textual inversion) and reports, for each: the judged
 accuracy on "nine" prompts, the accuracy on the other digits before and after (forgetting), the
-training time and the trainable parameters. Each method runs with three seeds (their mean is
-reported, with the range). One command, CPU only, about 30 minutes on 2 cores:
+training time and the trainable parameters. Each method runs with five seeds: the mean is
+reported with the worst seed and the spread, because a user gets one seed, not the mean. One
+command, CPU only, about an hour on 2 cores:
 
     python -m benchmarks.fewshot            # writes benchmarks/results/fewshot.{json,md}
+    python -m benchmarks.fewshot --seeds 21 22 23 24 25 --judge-seed 99   # other draws
 
-and rewrites the table in README.md and benchmarks/README.md. The target (the issue's): at
-least 0.80 on "nine" while the other digits lose at most 5 points, for LoRA and DreamBooth.
+and rewrites the table in README.md and benchmarks/README.md (default seeds and judge seed
+only). The target, on the worst seed: at least 0.90 on "nine" while the other digits lose at
+most 1 point, for the recommended LoRA and for DreamBooth-LoRA.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- fewshot:begin -->", "<!-- fewshot:end -->"
-TARGET_NINE, TARGET_FORGETTING = 0.80, 5.0
+TARGET_NINE, TARGET_FORGETTING = 0.90, 1.0
+TARGETED = ("lora", "dreambooth-lora")  # the recommended few-shot settings the target is for
+DEFAULT_SEEDS = [1, 2, 3, 4, 5]
 NINE = 9
 INSTANCE_PROMPT = "a handwritten digit nine"
 TOKEN = "<nine>"
@@ -270,6 +275,9 @@ def run(
         def mean(key: str, runs: list[dict] = runs) -> float:
             return float(np.mean([r[key] for r in runs]))
 
+        worst_nine = min(r["nine_accuracy"] for r in runs)
+        worst_forgetting = max(r["forgetting_points"] for r in runs)
+
         row = {
             "method": name,
             "steps": config["train"]["max_steps"],
@@ -277,13 +285,17 @@ def run(
             "others_before": before["others"],
             "others_after": mean("others_after"),
             "forgetting_points": mean("forgetting_points"),
+            "worst_nine_accuracy": worst_nine,
+            "worst_forgetting_points": worst_forgetting,
+            "nine_std": float(np.std([r["nine_accuracy"] for r in runs])),
             "train_seconds": mean("train_seconds"),
             "trainable_parameters": after["trainable_parameters"],
             "runs": runs,
         }
-        row["meets_target"] = (
-            row["nine_accuracy"] >= TARGET_NINE and row["forgetting_points"] <= TARGET_FORGETTING
+        row["meets_target"] = (  # on every seed, not on the mean
+            worst_nine >= TARGET_NINE and worst_forgetting <= TARGET_FORGETTING
         )
+        row["targeted"] = name in TARGETED
         rows.append(row)
     return {
         "benchmark": "few-shot digit 9 (10 real images) on a model pre-trained on digits 0-8",
@@ -318,31 +330,37 @@ def markdown(result: dict) -> str:
         return f" ({format(min(values), fmt)} to {format(max(values), fmt)})"
 
     lines = [
-        "| method | steps | nine accuracy | other digits before → after | forgetting (points) "
-        "| meets target | train time | trainable params |",
-        "|---|---:|---:|---:|---:|:-:|---:|---:|",
+        "| method | steps | nine: mean (range) | nine: worst seed | forgetting: mean (range) "
+        "| forgetting: worst seed | target on the worst seed | train time | trainable params |",
+        "|---|---:|---:|---:|---:|---:|:-:|---:|---:|",
         f"| base (pre-trained on 0–8) | {BASE['train']['max_steps']} | "
-        f"{base['per_class'][NINE]:.2f} | {others:.3f} | – | – | "
+        f"{base['per_class'][NINE]:.2f} | – | – (others {others:.3f}) | – | – | "
         f"{base['train_seconds']:.0f} s | {base['trainable_parameters']:,} |",
     ]
     for r in result["rows"]:
+        worst_nine = r.get("worst_nine_accuracy", r["nine_accuracy"])
+        worst_forgetting = r.get("worst_forgetting_points", r["forgetting_points"])
+        verdict = "yes" if r["meets_target"] else "no"
+        if not r.get("targeted", True):
+            verdict = f"({verdict})"
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['nine_accuracy']:.2f}"
-            f"{spread(r, 'nine_accuracy', '.2f')} | "
-            f"{r['others_before']:.3f} → {r['others_after']:.3f} | "
+            f"{spread(r, 'nine_accuracy', '.2f')} | **{worst_nine:.2f}** | "
             f"{r['forgetting_points']:+.1f}{spread(r, 'forgetting_points', '+.1f')} | "
-            f"{'yes' if r['meets_target'] else 'no'} | "
+            f"**{worst_forgetting:+.1f}** | {verdict} | "
             f"{r['train_seconds']:.0f} s | {r['trainable_parameters']:,} |"
         )
     machine = result["machine"]
     seeds = ", ".join(map(str, result["seeds"]))
     lines += [
         "",
-        f"Each method fine-tuned with seeds {seeds}: the mean, and in brackets the lowest and "
-        f"highest run. Judged on {result['images_per_class']} generated images per digit (seed "
-        f"{result['judge_seed']}). Target: nine ≥ {TARGET_NINE:.2f} and forgetting ≤ "
-        f"{TARGET_FORGETTING:g} points, on the means. `{result['command']}` on "
-        f"{machine['cpus']} CPU cores, torch {machine['torch']}, {result['created'][:10]}.",
+        f"Each method fine-tuned with seeds {seeds}: the mean, in brackets the lowest and "
+        f"highest run, and the worst seed on its own. Judged on {result['images_per_class']} "
+        f"generated images per digit (seed {result['judge_seed']}). Target, on every seed: "
+        f"nine ≥ {TARGET_NINE:.2f} and forgetting ≤ {TARGET_FORGETTING:g} point, for "
+        f"{' and '.join(TARGETED)} (in brackets for the other methods, which it is not set "
+        f"for). `{result['command']}` on {machine['cpus']} CPU cores, torch "
+        f"{machine['torch']}, {result['created'][:10]}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -352,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "runs" / "fewshot"), help="run folders")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fewshot"))
     parser.add_argument("--per-class", type=int, default=100, help="judged images per digit")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tune seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help="fine-tune seeds (at least 5)"
+    )
     parser.add_argument("--judge-seed", type=int, default=7, help="seed of the judged images")
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (default all)")
     parser.add_argument("--fresh", action="store_true", help="pre-train the base again")
@@ -372,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(table)
     print(table)
     print(f"fewshot: results in {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    if not args.no_readme and not args.only:
+    if len(args.seeds) < 5:
+        print("fewshot: fewer than 5 seeds say little about the worst seed a user may get")
+    default_draws = args.seeds == DEFAULT_SEEDS and args.judge_seed == 7
+    if not args.no_readme and not args.only and default_draws:
         from benchmarks.report import replace_between
 
         for readme in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):

@@ -84,3 +84,18 @@ def test_weighted_loss():
     target = torch.zeros(2, 1, 2, 2)
     assert diffusion_loss(pred, target).item() == 1.0
     assert diffusion_loss(pred, target, torch.tensor([1.0, 0.0])).item() == 0.5
+
+
+def test_low_discrepancy_timesteps_cover_the_range_evenly():
+    from sdtune.diffusion.schedules import low_discrepancy_timesteps
+
+    t = low_discrepancy_timesteps(10, 1000, torch.Generator().manual_seed(3), "cpu")
+    gaps = torch.diff(torch.sort(t).values)
+    assert t.dtype == torch.long and ((0 <= t) & (t < 1000)).all()
+    assert ((gaps >= 99) & (gaps <= 101)).all()  # one in each tenth of [0, T)
+    again = low_discrepancy_timesteps(10, 1000, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(t, again)  # a function of the generator (exact resume)
+    gen = torch.Generator().manual_seed(0)
+    first = torch.stack([low_discrepancy_timesteps(4, 1000, gen, "cpu")[0] for _ in range(4000)])
+    assert abs(first.float().mean().item() - 499.5) < 15  # each one is still uniform
+    assert torch.histc(first.float(), bins=4, min=0, max=1000).min() > 900

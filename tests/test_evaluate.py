@@ -329,3 +329,13 @@ def test_deferred_guard_gives_the_run_of_an_immediate_one(tmp_path, monkeypatch,
     progress = [json.loads((r / final / "progress.json").read_text()) for r in runs.values()]
     for key in ("skipped_steps", "recent_losses", "rollbacks", "lr_scale", "bad_streak"):
         assert progress[0][key] == progress[1][key], key
+
+
+def test_generator_metrics_need_two_held_out_images():
+    from types import SimpleNamespace
+
+    from sdtune.evaluate.assess import assess
+
+    data = SimpleNamespace(val=[object()], train=[object()] * 5)
+    values, notes = assess(None, None, data, "cpu", 10)
+    assert values == {} and "1 held-out image; they need at least 2" in notes[0]

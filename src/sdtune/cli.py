@@ -148,6 +148,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         path, token = _token_file(spec)
         load_embedding_file(bundle, path, token or f"<{path.stem}>")
         print(f"embedding {path} loaded as token {token or f'<{path.stem}>'}")
+    multiple = bundle.arch.resolution_multiple(bundle)
+    for flag, value in (
+        ("--resolution", args.resolution),
+        ("--width", args.width),
+        ("--height", args.height),
+    ):
+        if value is not None and value % multiple:
+            raise UserError(
+                f"{flag} {value}: this model needs image sides that are multiples of {multiple}"
+            )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle.to(device)
     expanded = [p for p in prompts for _ in range(args.num)]
@@ -161,6 +171,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         resolution=args.resolution,
         device=device,
+        width=args.width,
+        height=args.height,
     )
     out = save_grid(images, Path(args.out), nrow=args.num)
     if args.images_dir:
@@ -224,6 +236,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bundle.to(device)
     data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, print)
     values, notes = assess(bundle, cfg, data, device, args.num_images)
+    if not values:  # nothing could be measured: say why, as an error
+        raise UserError(f"sdtune eval {args.checkpoint}: {'; '.join(notes)}")
     for note in notes:
         print(note)
     for key, value in values.items():
@@ -342,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number(int, 8),
         default=None,
         help="image side in pixels (default: the model's)",
+    )
+    p.add_argument(
+        "--width", type=_number(int, 8), default=None, help="image width (default: --resolution)"
+    )
+    p.add_argument(
+        "--height", type=_number(int, 8), default=None, help="image height (default: --resolution)"
     )
     p.add_argument(
         "--config-source",

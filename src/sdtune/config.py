@@ -160,6 +160,8 @@ class DiffusionConfig(Section):
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice, unset disables."""
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     """Offset noise strength: adds a per-channel constant to the noise (helps very dark/bright images)."""
+    timestep_sampling: Literal["uniform", "low_discrepancy"] = "uniform"
+    """How a batch's timesteps are drawn: 'uniform' (each on its own) or 'low_discrepancy' (spread evenly over [0, T) from one random offset, Kingma et al. 2021: steadier gradients for small batches and few images)."""
 
 
 class TrainConfig(Section):
@@ -173,6 +175,8 @@ class TrainConfig(Section):
     """Peak learning rate."""
     text_encoder_lr: float | None = Field(None, gt=0.0, le=1.0)
     """Learning rate for text-encoder parameters when they are trainable (unset: learning_rate)."""
+    text_encoder_2_lr: float | None = Field(None, gt=0.0, le=1.0)
+    """Learning rate for the second text encoder (SDXL's OpenCLIP bigG) when it trains (unset: text_encoder_lr)."""
     text_encoder_steps: int | None = Field(None, ge=0)
     """Stop training the text encoder (weights or LoRA) after this many steps; the UNet goes on (unset: never)."""
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adamw8bit"] = "adamw"

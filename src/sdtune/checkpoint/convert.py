@@ -125,14 +125,62 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
     return out
 
 
-def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel state dict under SD 1.x names (prefix cond_stage_model.transformer.)."""
-    # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the SD 1.x layout keeps it
+def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's state under `text_model.*` names: transformers >= 5.6 flattened
+    CLIPTextModel (no `text_model.`), while the original layouts keep it."""
     return {
-        TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
+        k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
         for k, v in state.items()
         if not k.endswith("position_ids")
     }
+
+
+def text_encoder_to_ldm(
+    state: dict[str, torch.Tensor], prefix: str = TEXT_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel state dict under SD 1.x names (prefix cond_stage_model.transformer.;
+    SDXL's first encoder: conditioner.embedders.0.transformer.)."""
+    return {prefix + k: v for k, v in _text_model_names(state).items()}
+
+
+_OPEN_CLIP_BLOCK = [
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+]
+
+
+def text_encoder_to_open_clip(
+    state: dict[str, torch.Tensor], prefix: str
+) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict in OpenCLIP's layout (SD 2.x's and SDXL's
+    second encoder): q, k and v in one in_proj, the projection as a matrix applied on the
+    right, the position embedding a bare tensor."""
+    state = _text_model_names(state)
+    out = {
+        "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+        "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+        "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    layers = "text_model.encoder.layers."
+    count = len({k[len(layers) :].split(".")[0] for k in state if k.startswith(layers)})
+    for i in range(count):
+        src, dst = f"{layers}{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            )
+        for a, b in _OPEN_CLIP_BLOCK:
+            for kind in ("weight", "bias"):
+                out[f"{dst}{b}{kind}"] = state.pop(f"{src}{a}{kind}")
+    if state:
+        raise ValueError(f"no OpenCLIP name for text-encoder parameters {sorted(state)[:3]}")
+    return {prefix + k: v for k, v in out.items()}
 
 
 def bundle_to_single_file(bundle) -> dict[str, torch.Tensor]:

@@ -28,18 +28,18 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from sdtune.config import check_cacheable
 from sdtune.data.order import generator
 from sdtune.data.sources import Record
-from sdtune.data.transforms import DECODE_VERSION, TransformSpec, apply_transform
+from sdtune.data.transforms import DECODE_VERSION, TransformSpec, transform_with_geometry
 from sdtune.errors import ConfigError, DataError
 from sdtune.files import TMP_GLOB, atomic_output
 from sdtune.models.families.base import Conditioning
 
 POOLED = "/pooled"  # the key suffix of a caption's pooled text embedding (families with one)
+GEOMETRY = "/geometry"  # of an image's latents: original size and crop offsets (time ids)
 
 if TYPE_CHECKING:
     from sdtune.data.dataset import ImageTextDataset
@@ -181,6 +181,13 @@ class LatentCache:
         dist = DiagonalGaussianDistribution(params.to(device, non_blocking=True))  # no stream sync
         return dist.sample(generator=generator) * self.scaling_factor
 
+    def geometry(self, indices: Sequence[int], flipped: Sequence[bool]) -> torch.Tensor:
+        """(original height, width, crop top, left) of each cached image, as the dataset gives
+        them."""
+        return torch.stack(
+            [self.store.get(self.keys[i][f] + GEOMETRY) for i, f in zip(indices, flipped)]
+        )
+
 
 class TextCache:
     """Cached text-encoder hidden states, by caption."""
@@ -241,12 +248,21 @@ class DataCache:
     stats: BuildStats = field(default_factory=BuildStats)
 
 
-def _fill(store: ShardStore, wanted: dict, encode: Callable, sizes: tuple[int, int], what, say):
-    """Compute the entries of `wanted` (key -> input) that `store` lacks, `encode` taking a
-    list of inputs and giving a batch of tensors (or several, as {key suffix: batch}); each
-    `shard_size` entries are one shard. Returns (computed, reused)."""
+def _fill(
+    store: ShardStore,
+    wanted: dict,
+    encode: Callable,
+    sizes: tuple[int, int],
+    what,
+    say,
+    parts: tuple[str, ...] = ("",),
+):
+    """Compute the entries of `wanted` (key -> input) that `store` lacks (any of the key
+    suffixes `parts`), `encode` taking a list of inputs and giving a batch of tensors (or
+    several, as {key suffix: batch}); each `shard_size` entries are one shard. Returns
+    (computed, reused)."""
     batch_size, shard_size = sizes
-    todo = [(key, x) for key, x in wanted.items() if key not in store]
+    todo = [(k, x) for k, x in wanted.items() if any(k + part not in store for part in parts)]
     reused = len(wanted) - len(todo)
     say(f"cache: {what}: {len(todo)} to encode, {reused} already in {store.folder}")
     with tqdm(total=len(todo), desc=f"cache {what}", disable=None) as bar:
@@ -265,7 +281,7 @@ def _fill(store: ShardStore, wanted: dict, encode: Callable, sizes: tuple[int, i
 
 def _build_latents(records, spec, bundle, cache_dir, sizes, stats, say) -> LatentCache:
     check_cacheable(spec)
-    vae = bundle.vae
+    vae, arch = bundle.vae, bundle.arch
     vae_hash = component_hash(vae)
     flips = (False, True) if spec.hflip > 0 else (False,)
     keys = []
@@ -276,17 +292,18 @@ def _build_latents(records, spec, bundle, cache_dir, sizes, stats, say) -> Laten
     wanted = {k: (i, f) for i, ks in enumerate(keys) for f, k in ks.items()}  # equal images: once
     device = next(vae.parameters()).device
 
-    def encode(items: list[tuple[int, bool]]) -> torch.Tensor:
-        pixels = torch.stack([apply_transform(records[i].open(), spec, None) for i, _ in items])
-        flip = torch.tensor([f for _, f in items]).view(-1, 1, 1, 1)
-        # the dataset flips after the crop; a flip commutes with the final [-1, 1] scaling
-        pixels = torch.where(flip, TF.horizontal_flip(pixels), pixels)
-        return vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
+    def encode(items: list[tuple[int, bool]]) -> dict[str, torch.Tensor]:
+        made = [transform_with_geometry(records[i].open(), spec, None, f) for i, f in items]
+        pixels = torch.stack([x for x, _ in made])
+        geometry = torch.stack([g for _, g in made])
+        with arch.vae_precision(bundle, pixels):
+            params = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
+        return {"": params, GEOMETRY: geometry}
 
     was_training = vae.training
     vae.eval()
     try:
-        computed = _fill(store, wanted, encode, sizes, "latents", say)
+        computed = _fill(store, wanted, encode, sizes, "latents", say, ("", GEOMETRY))
     finally:
         vae.train(was_training)
     stats.latents_computed, stats.latents_reused = computed
@@ -385,7 +402,9 @@ def cached_batch(
     captions = ["" if d else dataset.records[i].caption for i, (_, d) in zip(indices, choices)]
     hidden = cache.text.states(captions, device) if cache.text is not None else None  # as before
     records = [dataset.records[i] for i in indices]
+    geometry = cache.latents.geometry(indices, [f for f, _ in choices])
     return {
+        "geometry": geometry,
         "latents": latents,
         "captions": captions,
         "encoder_hidden_states": hidden,

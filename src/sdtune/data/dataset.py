@@ -11,7 +11,7 @@ import torch
 from sdtune.config import DataConfig
 from sdtune.data.order import generator
 from sdtune.data.sources import Record, ScanReport, digits_records, folder_records
-from sdtune.data.transforms import TransformSpec, apply_transform
+from sdtune.data.transforms import TransformSpec, transform_with_geometry
 from sdtune.errors import DataError
 
 MEMO_BYTES = 512 * 2**20
@@ -36,7 +36,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.augment = augment
         # Without random augmentation an image's tensor never changes: keep it when it fits.
         size = len(records) * spec.channels * spec.resolution**2 * 4
-        self._memo: dict[int, torch.Tensor] | None = (
+        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if not spec.is_random and size <= MEMO_BYTES else None
         )
 
@@ -47,11 +47,14 @@ class ImageTextDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index]
         rng = generator(self.seed, "example", epoch, index) if self.augment else None
-        pixels = self._memo.get(index) if self._memo is not None else None
-        if pixels is None:
-            pixels = apply_transform(record.open(), self.spec, rng if self.spec.is_random else None)
+        memo = self._memo.get(index) if self._memo is not None else None
+        if memo is None:
+            memo = transform_with_geometry(
+                record.open(), self.spec, rng if self.spec.is_random else None
+            )
             if self._memo is not None:
-                self._memo[index] = pixels
+                self._memo[index] = memo
+        pixels, geometry = memo
         caption = record.caption
         if rng is not None and self.caption_dropout > 0:
             if float(torch.rand((), generator=rng)) < self.caption_dropout:
@@ -62,6 +65,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "label": record.label,
             "name": record.name,
             "weight": record.weight,
+            "geometry": geometry,
         }
 
 
@@ -72,6 +76,7 @@ def collate(items: list[dict]) -> dict:
         "labels": torch.tensor([it["label"] for it in items]),
         "names": [it["name"] for it in items],
         "weights": torch.tensor([it.get("weight", 1.0) for it in items]),
+        "geometry": torch.stack([it["geometry"] for it in items]),
     }
 
 

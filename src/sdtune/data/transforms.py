@@ -68,11 +68,28 @@ def apply_transform(
     image: Image.Image, spec: TransformSpec, rng: torch.Generator | None
 ) -> torch.Tensor:
     """Preprocess one image to a CxHxW tensor in [-1, 1]; `rng` None means no random change."""
+    return transform_with_geometry(image, spec, rng)[0]
+
+
+def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of torchvision's centre crop of `size` from a height x width image."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def transform_with_geometry(
+    image: Image.Image, spec: TransformSpec, rng: torch.Generator | None, flip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_transform`, and where the result came from: (original height, original width,
+    crop top, crop left) as int64, the offsets in the resized image (SDXL's micro-conditioning
+    reads them). A flipped image's left offset is measured in the flipped image. `flip` flips
+    without `rng` (the latent cache's flipped entries: the dataset flips after the crop too)."""
     x = to_tensor(image, spec.channels)
+    original = x.shape[-2:]
     size = spec.resolution
     x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
     h, w = x.shape[-2:]
     if spec.center_crop or rng is None:
+        top, left = center_crop_offsets(h, w, size)
         x = TF.center_crop(x, [size, size])
     else:
         top = int(torch.randint(0, h - size + 1, (), generator=rng))
@@ -83,6 +100,8 @@ def apply_transform(
             angle = _uniform(rng, -spec.rotation, spec.rotation)
             x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR)
         if spec.hflip > 0 and float(torch.rand((), generator=rng)) < spec.hflip:
+            flip = True
+        if flip:
             x = TF.horizontal_flip(x)
         if spec.color_jitter > 0:
             s = spec.color_jitter
@@ -90,4 +109,9 @@ def apply_transform(
             x = TF.adjust_contrast(x, _uniform(rng, 1 - s, 1 + s))
             if spec.channels == 3:
                 x = TF.adjust_saturation(x, _uniform(rng, 1 - s, 1 + s))
-    return x.clamp(0, 1) * 2.0 - 1.0
+    elif flip:
+        x = TF.horizontal_flip(x)
+    if flip:
+        left = w - left - size
+    geometry = torch.tensor([original[0], original[1], max(top, 0), max(left, 0)])
+    return x.clamp(0, 1) * 2.0 - 1.0, geometry

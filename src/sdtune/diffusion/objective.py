@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sdtune.diffusion.schedules import add_noise, sample_timesteps, snr
+from sdtune.diffusion.schedules import (
+    add_noise,
+    low_discrepancy_timesteps,
+    sample_timesteps,
+    snr,
+)
 from sdtune.diffusion.targets import min_snr_weights, offset_noise, training_target
 
 
@@ -30,8 +35,9 @@ class Noised:
 
 class DDPM:
     """Denoising diffusion (Ho et al. 2020) on a discrete schedule of T steps: x_t =
-    sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t uniform; the target is eps or v (Salimans & Ho
-    2022); min-SNR-gamma weights (Hang et al. 2023); offset noise (Guttenberg 2023)."""
+        sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t uniform (independently, or spread evenly over
+    each batch: diffusion.timestep_sampling); the target is eps or v (Salimans & Ho
+        2022); min-SNR-gamma weights (Hang et al. 2023); offset noise (Guttenberg 2023)."""
 
     def __init__(
         self,
@@ -40,18 +46,23 @@ class DDPM:
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         device: torch.device | str = "cpu",
+        timestep_sampling: str = "uniform",
     ) -> None:
         self.alphas_cumprod = alphas_cumprod.to(device)
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
         self.noise_offset = noise_offset
+        self.sample_timesteps = {
+            "uniform": sample_timesteps,
+            "low_discrepancy": low_discrepancy_timesteps,
+        }[timestep_sampling]
 
     def draw(self, latents: torch.Tensor, gen: torch.Generator) -> Noised:
         """Noise, offset, timesteps (in this order, from `gen`), then the noised batch."""
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         noise = offset_noise(noise, self.noise_offset, gen)
-        timesteps = sample_timesteps(
+        timesteps = self.sample_timesteps(
             latents.shape[0], self.num_train_timesteps, gen, latents.device
         )
         noisy, target = self.at(latents, noise, timesteps)

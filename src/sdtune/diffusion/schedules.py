@@ -54,6 +54,19 @@ def sample_timesteps(
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
 
 
+def low_discrepancy_timesteps(
+    batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """A batch's timesteps evenly spread over [0, T) from one uniform offset, in a random order:
+    t_i = floor(((u + i / B) mod 1) T), the low-discrepancy sampler of Kingma et al. 2021 (VDM).
+    Each t is still uniform, but every batch covers low, mid and high noise alike, so the
+    gradient of a small batch varies less from step to step. Drawn from `generator`."""
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+    order = torch.randperm(batch, generator=generator, device=device)
+    fractions = (u + order.to(torch.float64) / batch) % 1.0
+    return (fractions * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+
+
 def stratified_timesteps(count: int, num_train_timesteps: int) -> torch.Tensor:
     """`count` timesteps at the centres of equal strata of [0, T): a fixed, deterministic cover."""
     edges = (torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count

@@ -18,6 +18,11 @@ def assess(bundle, cfg, data, device, num_images: int) -> tuple[dict[str, float]
     """Generator metrics of `num_images` images from fixed prompts and seed against the data."""
     if data.val is None:
         return {}, ["generator metrics skipped: no held-out images (data.val_fraction = 0)"]
+    if len(data.val) < 2:
+        return {}, [
+            f"generator metrics skipped: {len(data.val)} held-out image; they need at least 2 "
+            "(raise data.val_fraction or add images)"
+        ]
     labels = None
     if cfg.data.source == "digits":
         from sdtune.evaluate.judge import judge_prompts

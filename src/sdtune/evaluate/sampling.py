@@ -32,11 +32,15 @@ def generate(
     resolution: int | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    width: int | None = None,
+    height: int | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1] (N x C x H x W), one per prompt; image i's noise depends only on (seed, i)."""
+    """Images in [0, 1] (N x C x H x W), one per prompt; image i's noise depends only on (seed, i).
+    The size is `height` x `width`, each defaulting to `resolution` (else the model's own)."""
     arch = bundle.arch
-    size = resolution or arch.default_resolution(bundle)
-    latent_size = size // bundle.downsample_factor
+    side = resolution or arch.default_resolution(bundle)
+    size = (height or side, width or side)
+    factor = bundle.downsample_factor
     channels = arch.latent_channels(bundle)
     dtype = next(bundle.denoiser.parameters()).dtype
     guided = guidance_scale != 1.0
@@ -50,14 +54,14 @@ def generate(
                 [
                     torch.randn(
                         channels,
-                        latent_size,
-                        latent_size,
+                        size[0] // factor,
+                        size[1] // factor,
                         generator=generator(seed, "sample", start + i),
                     )
                     for i in range(len(chunk))
                 ]
             ).to(device=device, dtype=dtype)
-            sizes = {"target_size": (size, size)}  # the micro-conditioning of families that use it
+            sizes = {"target_size": size}  # the micro-conditioning of families that use it
             if guided:
                 cond = Conditioning.cat([uncond.expand(len(chunk)), cond])
             cond = arch.condition(bundle, cond, sizes)

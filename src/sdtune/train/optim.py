@@ -101,11 +101,13 @@ def build_lr_scheduler(
 def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig, arch) -> list[dict]:
     """Optimizer groups: optimizer.param_groups first (a parameter joins the first group whose
     pattern matches), then one group per component: the denoiser at train.learning_rate, each
-    text encoder (the family says which components are) at train.text_encoder_lr. Each group
-    is named, for the log."""
+    text encoder (the family says which components are) at train.text_encoder_lr, SDXL's
+    second at train.text_encoder_2_lr (unset: text_encoder_lr). Each group is named, for the
+    log."""
     from sdtune.models.freezing import compile_pattern
 
     te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
+    own_lr = {"text_encoder_2": cfg.train.text_encoder_2_lr or te_lr}
     user = [
         (i, g, [compile_pattern(p, f"optimizer.param_groups[{i}].params") for p in g.params])
         for i, g in enumerate(cfg.optimizer.param_groups)
@@ -115,6 +117,7 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig, arch)
     for name, param in trainable.items():
         component = name.split(".", 1)[0]
         default_lr = te_lr if arch.is_text_encoder(component) else cfg.train.learning_rate
+        default_lr = own_lr.get(component, default_lr)
         for i, group, patterns in user:
             if any(rx.fullmatch(name) for rx in patterns):
                 key = f"group{i}" if group.lr is not None else f"group{i}.{component}"

@@ -94,5 +94,5 @@ class OutputPreservation:
         bundle = self.bundle
         arch = bundle.arch
         with torch.no_grad(), _bypassed(self._layers), evaluating(bundle.denoiser):  # the base
-            cond = arch.condition(bundle, self.base[pick], batch or {})
+            cond = arch.condition(bundle, self.base[pick], {"latents": noisy, **(batch or {})})
             return arch.predict(bundle, noisy, timesteps, cond)

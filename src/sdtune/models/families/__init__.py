@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.errors import ModelError
-from sdtune.models.families import sd
+from sdtune.models.families import sd, sdxl
 from sdtune.models.families.base import Conditioning, Family
 
-MODULES = (sd,)
+MODULES = (sd, sdxl)
 FAMILIES: dict[str, Family] = {f.name: f for m in MODULES for f in m.FAMILIES}
 PRESETS = {name: build for m in MODULES for name, build in m.PRESETS.items()}
 
@@ -31,9 +31,4 @@ def family_of_folder(path: Path, info: dict) -> Family:
         found = module.family_of_folder(path, info)
         if found is not None:
             return found
-    if (path / "text_encoder_2").is_dir():
-        raise ModelError(
-            f"model.base: {path} is an SDXL pipeline (it has text_encoder_2); "
-            "sdtune train supports SD 1.x/2.x layouts so far"
-        )
     raise ModelError(f"model.base: {path} is a diffusers folder of a layout sdtune does not know")

@@ -13,6 +13,7 @@ implementation, and the base methods below are what families share.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +177,11 @@ class Family:
         raise NotImplementedError
 
     # ------------------------------------------------------------ images and the objective
+
+    def vae_precision(self, bundle: ModelBundle, tensor: torch.Tensor):
+        """The context the VAE runs in (a family whose VAE overflows in float16 leaves any
+        autocast here)."""
+        return nullcontext()
 
     def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor, generator=None):
         """Images in [-1, 1] to the denoiser's input space (VAE latents, scaled; or the pixels)."""

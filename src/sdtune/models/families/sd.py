@@ -152,26 +152,36 @@ class StableDiffusion(Family):
             pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, pipe.vae, source
         )
 
+    tokenizer_folders = {"text_encoder": "tokenizer"}
+    """Text-encoder component -> the folder of its tokenizer in a diffusers pipeline."""
+
+    def pipeline_index(self) -> dict:
+        """model_index.json's components (after _class_name and _diffusers_version)."""
+        return {
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        }
+
     def save(self, bundle, directory: Path, info: dict) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         bundle.unet.save_pretrained(directory / "unet", safe_serialization=True)
-        bundle.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
-        bundle.tokenizer.save_pretrained(directory / "tokenizer")
+        for name, folder in self.tokenizer_folders.items():
+            bundle.modules[name].save_pretrained(directory / name, safe_serialization=True)
+            bundle.tokenizers[name].save_pretrained(directory / folder)
         bundle.noise_scheduler.save_pretrained(directory / "scheduler")
         if bundle.vae is not None:  # pixel models have no diffusers pipeline, so no index
             bundle.vae.save_pretrained(directory / "vae", safe_serialization=True)
             index = {
                 "_class_name": self.pipeline_class,
                 "_diffusers_version": diffusers_version(),
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "image_encoder": [None, None],
-                "requires_safety_checker": False,
+                **self.pipeline_index(),
             }
             (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         write_model_info(bundle, directory, info)
@@ -211,6 +221,7 @@ class StableDiffusion(Family):
             diffusion.min_snr_gamma,
             diffusion.noise_offset,
             device,
+            diffusion.timestep_sampling,
         )
 
     def apply_diffusion_settings(self, bundle, diffusion) -> None:
