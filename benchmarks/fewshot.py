@@ -128,20 +128,31 @@ def methods(base_model: Path) -> dict[str, dict]:
         "class_guidance_scale": 1.0,
         "class_sample_steps": 25,
     }
-    lora = {
-        "enabled": True,
-        "rank": 8,
-        "alpha": 8,
-        "unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-        "text_encoder": True,
+    # sdtune's recommended few-shot settings (examples/lora_fewshot_sd15.toml): rank 32 (a
+    # rank-8 adapter's random initialisation decided whether a seed learned the new digit),
+    # timesteps spread evenly over each batch, a cosine decay with a short warm-up, and an EMA
+    # of the adapter weights
+    fewshot = {
+        "lora": {"rank": 32, "alpha": 32},
+        "diffusion": {"timestep_sampling": "low_discrepancy"},
+        "train": {
+            "max_steps": 400,
+            "learning_rate": 1e-3,
+            "lr_schedule": "cosine",
+            "warmup_steps": 20,
+            "ema": True,
+            "ema_decay": 0.99,
+        },
     }
-    lora_plain = _merge(
+    preserve = {"lora": {"preserve_prompts": others, "preserve_weight": 1.0}}
+    lora_r8 = _merge(
         common,
         {
             "lora": {"enabled": True, "rank": 8, "alpha": 8, "text_encoder": False},
             "train": {"max_steps": 200, "learning_rate": 1e-3},
         },
     )
+    lora_plain = _merge(lora_r8, fewshot)
     return {
         "full": _merge(
             common,
@@ -152,14 +163,17 @@ def methods(base_model: Path) -> dict[str, dict]:
         ),
         # sdtune's default targets (attention and feed-forward), UNet only, keeping what the
         # base draws for the other digits' prompts (output preservation: no class images)
-        "lora": _merge(lora_plain, {"lora": {"preserve_prompts": others, "preserve_weight": 1.0}}),
+        "lora": _merge(lora_plain, preserve),
         "lora-plain": lora_plain,  # the same adapters and steps, trained on the ten nines alone
+        "lora-r8-constant": _merge(lora_r8, preserve),  # the recommendation until 2026-12
+        # the same adapters as lora, with DreamBooth's instance prompt and class images; their
+        # prior loss is what makes DreamBooth forget here, so it weighs little beside output
+        # preservation, and the class images are sampled at guidance 3
         "dreambooth-lora": _merge(
-            common,
+            _merge(_merge(common, {"lora": lora_r8["lora"], "dreambooth": prior}), fewshot),
             {
-                "lora": lora,
-                "dreambooth": prior,
-                "train": {"max_steps": 300, "learning_rate": 1e-3},
+                **preserve,
+                "dreambooth": {"prior_loss_weight": 0.1, "class_guidance_scale": 3.0},
             },
         ),
         "dreambooth-full": _merge(

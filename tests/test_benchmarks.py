@@ -242,9 +242,32 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
         "dreambooth-lora",
         "dreambooth-full",
         "textual-inversion",
+        "lora-r8-constant",
     }
     for config in configs.values():
         validate_config({**config, "seed": 2})
+    # the benchmark's recommended LoRA is the example users copy (less its toy-model lr)
+    import tomllib
+    from pathlib import Path
+
+    example = tomllib.loads(
+        (Path(__file__).parents[1] / "examples" / "lora_fewshot_sd15.toml").read_text()
+    )
+    lora = validate_config(configs["lora"])
+    shipped = validate_config(example)
+    for section, key in [
+        ("lora", "rank"),
+        ("lora", "alpha"),
+        ("lora", "preserve_weight"),
+        ("diffusion", "timestep_sampling"),
+        ("train", "max_steps"),
+        ("train", "lr_schedule"),
+        ("train", "warmup_steps"),
+        ("train", "ema"),
+        ("train", "ema_decay"),
+    ]:
+        ours, theirs = getattr(getattr(lora, section), key), getattr(getattr(shipped, section), key)
+        assert ours == theirs, f"{section}.{key}: benchmark {ours} vs example {theirs}"
     run = {"seed": 1, "nine_accuracy": 0.9, "others_after": 0.97, "forgetting_points": 2.3}
     row = {
         "method": "lora",
