@@ -247,8 +247,9 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
     for config in configs.values():
         validate_config({**config, "seed": 2})
     # the benchmark's recommended LoRA is the example users copy (less its toy-model lr)
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     example = tomllib.loads(
         (Path(__file__).parents[1] / "examples" / "lora_fewshot_sd15.toml").read_text()
