@@ -174,6 +174,8 @@ def methods(base_model: Path) -> dict[str, dict]:
             {
                 **preserve,
                 "dreambooth": {"prior_loss_weight": 0.1, "class_guidance_scale": 3.0},
+                # half of each batch is class images: 600 steps give the nines lora's 400 or so
+                "train": {"max_steps": 600},
             },
         ),
         "dreambooth-full": _merge(
