@@ -7,7 +7,7 @@
   two text encoders). Random weights cost the same FLOPs and memory as trained ones.
 
 `sd15` is handed to sdtune's real loader by adding it to the preset table in the benchmark's
-own process (`register_presets`); `sdxl` is counted only, since sdtune train refuses SDXL so far.
+own process (`register_presets`); `sdxl` is counted only: the harness does not time SDXL yet (sdtune train itself trains it).
 """
 
 from __future__ import annotations

@@ -150,8 +150,8 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
         return None
     if arch.base is None:
         raise BenchmarkError(
-            f"--model {arch.name}: sdtune train does not support SDXL yet (it refuses SDXL "
-            "bases); --flops-only counts the FLOPs of its step"
+            f"--model {arch.name}: the harness does not time SDXL yet (sdtune train trains "
+            "SDXL; its side-by-side run is still to come); --flops-only counts the FLOPs of its step"
         )
     if args.warmup < 1 or args.steps < 2 or args.repeats < 1 or args.workers < 0:
         raise BenchmarkError(
