@@ -33,6 +33,33 @@ def load_component(path: Path, name: str, load):
         raise ModelError(f"model.base: cannot load {path / name}: {first}") from exc
 
 
+def load_parts(path: Path, encoders: dict):
+    """(UNet, VAE or None, text encoders, tokenizers, scheduler) of a diffusers folder;
+    `encoders` maps each text-encoder folder to (its class, its tokenizer's folder)."""
+    unet = load_component(
+        path, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    )
+    vae = None
+    if (path / "vae" / "config.json").is_file():
+        vae = load_component(
+            path, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae")
+        )
+    modules, tokenizers = [], []
+    for name, (cls, folder) in encoders.items():
+        modules.append(
+            load_component(path, name, lambda c=cls, n=name: c.from_pretrained(path, subfolder=n))
+        )
+        tokenizer = load_component(
+            path, folder, lambda f=folder: CLIPTokenizer.from_pretrained(path, subfolder=f)
+        )
+        check_tokenizer(tokenizer, path / folder)
+        tokenizers.append(tokenizer)
+    scheduler = load_component(
+        path, "scheduler", lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    )
+    return unet, vae, modules, tokenizers, scheduler
+
+
 def check_tokenizer(tokenizer, where: Path) -> None:
     if not 0 < tokenizer.model_max_length <= 4096:  # an empty tokenizer/ gives 10**30
         raise ModelError(
@@ -109,27 +136,10 @@ class StableDiffusion(Family):
                 f"model.base: {path} has no {'/, '.join(missing)}/ folder; a Stable Diffusion "
                 "pipeline folder holds unet/, text_encoder/, tokenizer/, scheduler/ (and vae/)"
             )
-        unet = load_component(
-            path, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        unet, vae, encoders, tokenizers, scheduler = load_parts(
+            path, {"text_encoder": (CLIPTextModel, "tokenizer")}
         )
-        vae = None
-        if (path / "vae" / "config.json").is_file():
-            vae = load_component(
-                path, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae")
-            )
-        text_encoder = load_component(
-            path,
-            "text_encoder",
-            lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-        )
-        tokenizer = load_component(
-            path, "tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        )
-        check_tokenizer(tokenizer, path / "tokenizer")
-        scheduler = load_component(
-            path, "scheduler", lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        )
-        return self.bundle(unet, text_encoder, tokenizer, scheduler, vae, source)
+        return self.bundle(unet, encoders[0], tokenizers[0], scheduler, vae, source)
 
     def load_single_file(self, path: Path, config_dir: Path, source: str):
         from diffusers import StableDiffusionPipeline

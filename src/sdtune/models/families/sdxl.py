@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.errors import ModelError, UserError
 from sdtune.models.families.base import Conditioning
 from sdtune.models.families.sd import (
     StableDiffusion,
-    check_tokenizer,
-    load_component,
+    load_parts,
     text_config,
     tokenize_with,
 )
@@ -93,29 +92,14 @@ class StableDiffusionXL(StableDiffusion):
                 "scheduler/ (and vae/)"
             )
 
-        def part(name, load):
-            return load_component(path, name, load)
-
-        unet = part("unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet"))
-        vae = None
-        if (path / "vae" / "config.json").is_file():
-            vae = part("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae"))
-        te1 = part(
-            "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        unet, vae, encoders, tokenizers, scheduler = load_parts(
+            path,
+            {
+                "text_encoder": (CLIPTextModel, "tokenizer"),
+                "text_encoder_2": (CLIPTextModelWithProjection, "tokenizer_2"),
+            },
         )
-        te2 = part(
-            "text_encoder_2",
-            lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
-        )
-        tokenizers = []
-        for name in ("tokenizer", "tokenizer_2"):
-            tok = part(name, lambda n=name: CLIPTokenizer.from_pretrained(path, subfolder=n))
-            check_tokenizer(tok, path / name)
-            tokenizers.append(tok)
-        scheduler = part(
-            "scheduler", lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        )
-        return self.bundle(unet, (te1, te2), tokenizers, scheduler, vae, source)
+        return self.bundle(unet, encoders, tokenizers, scheduler, vae, source)
 
     def load_single_file(self, path: Path, config_dir: Path, source: str):
         from diffusers import StableDiffusionXLPipeline
@@ -185,7 +169,8 @@ class StableDiffusionXL(StableDiffusion):
         pooled = second.text_embeds
         # the empty prompt is no conditioning at all: zeros, as SDXL was trained with dropped
         # captions and as its pipelines guide (force_zeros_for_empty_prompt)
-        empty = (ids == self.tokenize(bundle, [""]).to(ids.device)).all(dim=1)
+        # (a prompt with no tokens: its ids are BOS then EOS, read off the ids, not tokenized)
+        empty = ids[:, 1] == bundle.tokenizers["text_encoder"].eos_token_id
         keep = (~empty).to(hidden.dtype)
         return Conditioning(hidden * keep[:, None, None], pooled * keep[:, None].to(pooled.dtype))
 
@@ -199,8 +184,6 @@ class StableDiffusionXL(StableDiffusion):
         if geometry is None:
             geometry = torch.tensor([[target[0], target[1], 0, 0]]).expand(n, 4)
         geometry = torch.as_tensor(geometry)
-        if geometry.shape[0] != n:  # preservation's half repeats the batch's images
-            geometry = geometry.repeat(n // geometry.shape[0], 1)
         sizes = torch.tensor([list(target)]).expand(n, 2)
         ids = torch.cat([geometry, sizes], dim=1).to(text.hidden.device, text.hidden.dtype)
         return text.with_extra(**{TIME_IDS: ids})
