@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed-and-memory issue, in one script (some steps, or all):
 #
-#   benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory' | all]
+#   benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory xl-speed xl-memory' | all]
 #
 # speed:    SD 1.5 at 512 px, batch $BATCH (default 16), bf16: sdtune with cached latents and
 #           text states, side by side with diffusers' train_text_to_image.py (PEER_SCRIPT),
@@ -11,6 +11,11 @@
 #           takes about 2 minutes; inductor's on-disk cache makes later runs start sooner)
 # memory:   the two memory recipes at batch 1, peak CUDA memory allocated: full fine-tune
 #           (target <= 16 GB) and LoRA (target <= 6 GB)
+# xl-speed: SDXL (the published 2.57B UNet, random weights) at 1024 px, batch $XL_BATCH (default
+#           4), bf16, side by side with diffusers' train_text_to_image_sdxl.py ($PEER_SDXL; both
+#           encode images and captions once before training)
+# xl-memory: SDXL at 1024 px, batch 1: LoRA (target <= 12 GiB) and full fine-tune (target <=
+#           24 GiB), peak CUDA memory allocated
 #
 # Every step has its own time limit (STEP_LIMIT seconds, default 500; DEADLINE seconds from the
 # start, when set, ends the last one sooner) and a failing step does not stop the others; a
@@ -19,8 +24,9 @@
 # model and cache folders stay in $WORK (default /tmp/sdtune-gpu-bench) for the next steps.
 # Each step takes 1.5 to 4.5 minutes on one H100.
 set -u
-peer=${1:?usage: benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory' | all]}
-out=${2:?usage: benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory' | all]}
+usage="usage: benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory xl-speed xl-memory' | all]"
+peer=${1:?$usage}
+out=${2:?$usage}
 what=${3:-all}
 batch=${BATCH:-16}
 images=${IMAGES:-256}
@@ -29,15 +35,23 @@ work=${WORK:-/tmp/sdtune-gpu-bench}
 limit=${STEP_LIMIT:-500}
 deadline=${DEADLINE:-0}  # seconds from the start after which no step runs on (0: none)
 for word in $what; do
-    case $word in speed | speed-cl | compiled | memory | all) ;;
-    *) echo "benchmarks/gpu.sh: unknown step '$word' (speed, speed-cl, compiled, memory, all)" >&2
+    case $word in speed | speed-cl | compiled | memory | xl-speed | xl-memory | all) ;;
+    *) echo "benchmarks/gpu.sh: unknown step '$word' (speed, speed-cl, compiled, memory, xl-speed, xl-memory, all)" >&2
        exit 2 ;;
     esac
 done
+case " $what " in *" xl-speed "*)
+    if [ -z "${PEER_SDXL:-}" ] || [ ! -f "$PEER_SDXL" ]; then
+        echo "benchmarks/gpu.sh: xl-speed needs PEER_SDXL=PATH of diffusers' train_text_to_image_sdxl.py" >&2
+        exit 2
+    fi
+esac
 failed=0
 mkdir -p "$out" "$work"
 common=(--model sd15 --resolution 512 --peak-tflops 790 --images "$images" --workers "$workers" --work "$work"
         --out "$out" --no-readme)
+xl_common=(--model sdxl --resolution 1024 --peak-tflops 790 --images "$images" --workers "$workers"
+           --work "$work" --out "$out" --no-readme)
 
 step() {  # step NAME ARGS...: one harness invocation, limited, logged
     local name=$1
@@ -88,5 +102,23 @@ case " $what " in *" memory "* | *" all "*)
     step memory-lora "${common[@]}" --batch-size 1 --repeats 1 --warmup 2 --steps 4 \
         --set lora.enabled=true --set model.gradient_checkpointing=true \
         --set data.cache_latents=true --set data.cache_text=true
+esac
+case " $what " in *" xl-speed "* | *" all "*)
+    if [ -z "${PEER_SDXL:-}" ] || [ ! -f "$PEER_SDXL" ]; then
+        echo "== xl-speed: skipped, PEER_SDXL names no train_text_to_image_sdxl.py" >&2
+        failed=1
+    else
+    step xl-speed "${xl_common[@]}" --batch-size "${XL_BATCH:-4}" --repeats "${REPEATS:-1}" \
+        --peer "$PEER_SDXL"
+    fi
+esac
+case " $what " in *" xl-memory "* | *" all "*)
+    step xl-memory-lora "${xl_common[@]}" --batch-size 1 --repeats 1 --warmup 2 --steps 4 \
+        --set lora.enabled=true --set model.gradient_checkpointing=true \
+        --set data.cache_latents=true --set data.cache_text=true
+    step xl-memory-full "${xl_common[@]}" --batch-size 1 --repeats 1 --warmup 2 --steps 4 \
+        --set model.gradient_checkpointing=true --set train.optimizer=adamw8bit \
+        --set train.log_update_ratio=false --set data.cache_latents=true \
+        --set data.cache_text=true
 esac
 exit $failed

@@ -1,13 +1,16 @@
 """The models the throughput benchmark trains, and the FLOP count of one training step.
 
-- sdtune's tiny presets (`tiny-sd`, `tiny-digits`), as `model.base = "preset:NAME"` says;
+- sdtune's tiny presets (`tiny-sd`, `tiny-digits`, `tiny-sdxl`), as `model.base = "preset:NAME"`
+  says;
 - full-size Stable Diffusion architectures built from their published component configs
   (written out below, so nothing is downloaded) with seeded random weights: `sd15` (UNet
   859.5M parameters, VAE 83.7M, CLIP ViT-L/14 text encoder 123.1M) and `sdxl` (UNet 2.57B,
-  two text encoders). Random weights cost the same FLOPs and memory as trained ones.
+  CLIP ViT-L and OpenCLIP bigG text encoders). Random weights cost the same FLOPs and memory
+  as trained ones.
 
-`sd15` is handed to sdtune's real loader by adding it to the preset table in the benchmark's
-own process (`register_presets`); `sdxl` is counted only: the harness does not time SDXL yet (sdtune train itself trains it).
+The full-size models are handed to sdtune's real loader by adding them to the preset table in
+the benchmark's own process (`register_presets`). Each model with a VAE names the diffusers
+example script that trains its family: the peer of a side-by-side run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sdtune.diffusion.schedules import make_noise_scheduler
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.families import PRESETS
 from sdtune.models.families.sd import SD1
+from sdtune.models.families.sdxl import SDXL
 from sdtune.models.presets import build_preset
 from sdtune.models.tokenizer import build_tiny_tokenizer
 
@@ -117,14 +121,19 @@ class Arch:
     resolution: int
     batch_size: int
     latent: bool
-    """True when the model has a VAE (only such models fit diffusers' text-to-image script)."""
+    """True when the model has a VAE (only such models fit diffusers' text-to-image scripts)."""
+    peer: str | None = None
+    """The diffusers example script that trains this model's family (None: no peer)."""
 
 
+PEER_SD = "examples/text_to_image/train_text_to_image.py"
+PEER_SDXL = "examples/text_to_image/train_text_to_image_sdxl.py"
 ARCHS = {
-    "tiny-sd": Arch("tiny-sd", "preset:tiny-sd", 32, 64, True),
+    "tiny-sd": Arch("tiny-sd", "preset:tiny-sd", 32, 64, True, PEER_SD),
     "tiny-digits": Arch("tiny-digits", "preset:tiny-digits", 16, 64, False),
-    "sd15": Arch("sd15", "preset:bench-sd15", 512, 8, True),
-    "sdxl": Arch("sdxl", None, 1024, 4, True),
+    "tiny-sdxl": Arch("tiny-sdxl", "preset:tiny-sdxl", 32, 64, True, PEER_SDXL),
+    "sd15": Arch("sd15", "preset:bench-sd15", 512, 8, True, PEER_SD),
+    "sdxl": Arch("sdxl", "preset:bench-sdxl", 1024, 4, True, PEER_SDXL),
 }
 
 
@@ -148,9 +157,29 @@ def sd15(dropout: float = 0.0) -> ModelBundle:
     return SD1.bundle(unet, text_encoder, tokenizer, scheduler, vae, "preset:bench-sd15")
 
 
+# stabilityai/stable-diffusion-xl-base-1.0: vae/config.json differs from SD's in these
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+
+def sdxl(dropout: float = 0.0) -> ModelBundle:
+    """SDXL base 1.0 at full size with random weights: the 2.57B UNet, CLIP ViT-L and OpenCLIP
+    bigG (with its projection), SDXL's VAE (sdtune's byte-level tokenizer for both, as in sd15)."""
+    tokenizers = [build_tiny_tokenizer(max_length=77), build_tiny_tokenizer(max_length=77)]
+    encoders = [
+        CLIPTextModel(_clip_config(CLIP_L, tokenizers[0])),
+        CLIPTextModelWithProjection(_clip_config(CLIP_BIGG, tokenizers[1])),
+    ]
+    vae = AutoencoderKL(**SDXL_VAE)
+    unet = UNet2DConditionModel(**SDXL_UNET, dropout=dropout)
+    scheduler = make_noise_scheduler(1000, "scaled_linear", "epsilon")
+    return SDXL.bundle(unet, encoders, tokenizers, scheduler, vae, "preset:bench-sdxl")
+
+
 def register_presets() -> None:
-    """Let `model.base = "preset:bench-sd15"` name the full-size SD 1.5 (this process only)."""
+    """Let `model.base = "preset:bench-sd15"` and `"preset:bench-sdxl"` name the full-size
+    models (this process only)."""
     PRESETS.setdefault("bench-sd15", sd15)
+    PRESETS.setdefault("bench-sdxl", sdxl)
 
 
 def build_bundle(arch: Arch, seed: int = 0) -> ModelBundle:
@@ -166,11 +195,12 @@ def _meta_components(arch: Arch) -> tuple[UNet2DConditionModel, list, Autoencode
     if arch.name == "sd15":
         unet_cfg, text_cfgs, vae_cfg = SD15_UNET, [CLIPTextConfig(**CLIP_L)], SD_VAE
     elif arch.name == "sdxl":
-        unet_cfg, vae_cfg = SDXL_UNET, {**SD_VAE, "sample_size": 1024}
+        unet_cfg, vae_cfg = SDXL_UNET, SDXL_VAE
         text_cfgs = [CLIPTextConfig(**CLIP_L), CLIPTextConfig(**CLIP_BIGG)]
     else:  # a tiny preset is cheap to build for real; its configs are what counts
         bundle = build_bundle(arch)
-        unet_cfg, text_cfgs = dict(bundle.unet.config), [bundle.text_encoder.config]
+        unet_cfg = dict(bundle.unet.config)
+        text_cfgs = [encoder.config for encoder in bundle.text_encoders.values()]
         vae_cfg = dict(bundle.vae.config) if bundle.vae is not None else None
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)

@@ -1,10 +1,15 @@
 """What both trainers share, and the peer's side of it.
 
-The peer is diffusers' `examples/text_to_image/train_text_to_image.py`, given by path (the
-user takes it from the diffusers repository, at the tag of the installed diffusers; it is
+The peer is diffusers' example script for the model's family: `examples/text_to_image/
+train_text_to_image.py` for SD 1.x/2.x, `train_text_to_image_sdxl.py` for SDXL, given by path
+(the user takes it from the diffusers repository, at the tag of the installed diffusers; it is
 never kept in this repository). Both trainers read the same image folder (the digits written
 as PNGs with a metadata.jsonl) and the same diffusers pipeline folder (the model saved once
 by sdtune's `save_bundle`), with the same optimizer settings, batch and resolution.
+
+The SDXL script encodes every image and caption once before its first step (`datasets.map`)
+and trains on those latents and embeddings; sdtune does the same work per step with
+`data.cache_latents` and `data.cache_text`, which the harness then sets (`PEER_PRECOMPUTES`).
 """
 
 from __future__ import annotations
@@ -17,34 +22,53 @@ from pathlib import Path
 
 from sdtune.errors import UserError
 
-PEER_PATH = "examples/text_to_image/train_text_to_image.py"
 PEER_NEEDS = ("datasets", "torchvision", "tensorboard", "packaging")
 # The settings both trainers run with: the peer's defaults, spelled out for sdtune too.
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
+# What a peer script computes once before training instead of at every step: sdtune's matching
+# overrides, so that both trainers do the same work per step.
+PEER_PRECOMPUTES = {
+    "examples/text_to_image/train_text_to_image_sdxl.py": [
+        "data.cache_latents=true",
+        "data.cache_text=true",
+    ]
+}
 
 
 class BenchmarkError(UserError):
     """The benchmark cannot run as asked; the message says what to do."""
 
 
-def check_peer(script: Path) -> dict:
+def check_peer(script: Path, arch) -> dict:
     """The peer script's facts (path, sha256, minimum diffusers), or a one-line error naming
-    what is missing."""
+    what is missing. `arch` says which diffusers example it must be."""
     import hashlib
 
     import diffusers
     from packaging.version import Version
 
+    if arch.peer is None:
+        raise BenchmarkError(
+            f"--peer: diffusers' text-to-image scripts train latent (VAE) models; {arch.name} "
+            "has no VAE, so it has no peer"
+        )
     if not script.is_file():
         raise BenchmarkError(
-            f"--peer {script}: no such file; take {PEER_PATH} from the diffusers repository "
+            f"--peer {script}: no such file; take {arch.peer} from the diffusers repository "
             f"at the tag of your diffusers (v{diffusers.__version__})"
         )
     text = script.read_text(encoding="utf-8")
-    if "--train_data_dir" not in text or "def main" not in text:
-        raise BenchmarkError(f"--peer {script}: this is not diffusers' {PEER_PATH}")
+    xl = "StableDiffusionXLPipeline" in text
+    if (
+        "--train_data_dir" not in text
+        or "def main" not in text
+        or xl != arch.peer.endswith("_sdxl.py")
+    ):
+        raise BenchmarkError(
+            f"--peer {script}: this is not diffusers' {arch.peer}, the peer for --model {arch.name}"
+        )
     missing = [name for name in PEER_NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         raise BenchmarkError(
@@ -60,6 +84,7 @@ def check_peer(script: Path) -> dict:
         )
     return {
         "path": str(script),
+        "example": arch.peer,
         "sha256": hashlib.sha256(text.encode()).hexdigest(),
         "min_diffusers": needs,
         "has_interpolation_flag": "--image_interpolation_mode" in text,

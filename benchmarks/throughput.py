@@ -1,8 +1,10 @@
 """Training throughput: sdtune's real training loop, optionally side by side with diffusers'
-train_text_to_image.py on the same model, data and batch.
+example script for the model's family (train_text_to_image.py, train_text_to_image_sdxl.py) on
+the same model, data and batch.
 
     python -m benchmarks.throughput                                # tiny-sd, 32 px, batch 64
     python -m benchmarks.throughput --peer /tmp/peer/train_text_to_image.py
+    python -m benchmarks.throughput --model tiny-sdxl --peer /tmp/peer/train_text_to_image_sdxl.py
     python -m benchmarks.throughput --model sd15 --batch-size 8   # full-size SD 1.5, random weights
     python -m benchmarks.throughput --model sdxl --flops-only
     python -m benchmarks.throughput --compare train.compile=true --compare data.cache_latents=true
@@ -96,7 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--images", type=int, help="use only the first N digits (default: all 1,797)")
     p.add_argument(
-        "--peer", type=Path, help="path of diffusers' train_text_to_image.py, to run side by side"
+        "--peer",
+        type=Path,
+        help="path of diffusers' example script for the model's family, to run side by side "
+        "(train_text_to_image.py; train_text_to_image_sdxl.py for tiny-sdxl and sdxl)",
     )
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table)")
     p.add_argument("--cpu", action="store_true", help="hide GPUs from the runs")
@@ -134,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     """Run the benchmark `args` describe; the result (also written to args.out), or None."""
     from benchmarks.models import ARCHS, parameter_counts, step_flops
-    from benchmarks.peer import check_peer
+    from benchmarks.peer import PEER_PRECOMPUTES, check_peer
 
     arch = ARCHS[args.model]
     resolution = args.resolution or arch.resolution
     batch = args.batch_size or arch.batch_size
-    peer = check_peer(args.peer) if args.peer is not None and not args.flops_only else None
+    peer = check_peer(args.peer, arch) if args.peer is not None and not args.flops_only else None
+    if peer is not None:  # sdtune does the work per step that the peer does (the SDXL caches)
+        args.set = [*PEER_PRECOMPUTES.get(arch.peer, []), *args.set]
     flops = step_flops(arch, resolution, batch, args.train_text_encoder)
     if args.flops_only:
         counts = ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in parameter_counts(arch).items())
@@ -148,19 +155,13 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
         print(f"GFLOP per step: {flops['total'] / 1e9:,.1f} ({parts})")
         print(f"GFLOP per image: {flops['total'] / batch / 1e9:,.1f}")
         return None
-    if arch.base is None:
-        raise BenchmarkError(
-            f"--model {arch.name}: the harness does not time SDXL yet (sdtune train trains "
-            "SDXL; its side-by-side run is still to come); --flops-only counts the FLOPs of its step"
-        )
     if args.warmup < 1 or args.steps < 2 or args.repeats < 1 or args.workers < 0:
         raise BenchmarkError(
             "--warmup must be >= 1, --steps >= 2, --repeats >= 1 and --workers >= 0"
         )
-    if peer is not None and (not arch.latent or args.train_text_encoder):
+    if peer is not None and args.train_text_encoder:
         raise BenchmarkError(
-            "--peer: the peer script trains the UNet of a latent (VAE) model only; "
-            "use a model with a VAE and no --train-text-encoder"
+            "--peer: the peer script trains the UNet only; leave out --train-text-encoder"
         )
     cuda = not args.cpu and _cuda_available()
     precision = args.precision or ("bf16" if cuda else "no")
@@ -168,7 +169,8 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     work.mkdir(parents=True, exist_ok=True)
     specs = _specs(args, arch, resolution, batch, precision, peer, work)
     counted = {  # the FLOPs each trainer's step really runs (a cache skips its encoder)
-        name: _counted_flops(flops, spec.get("config")) for name, spec in specs.items()
+        name: _counted_flops(flops, spec.get("config") or spec.get("precomputes"))
+        for name, spec in specs.items()
     }
     versions_now, parameters = versions(), parameter_counts(arch)  # once, not every round
 
@@ -279,9 +281,13 @@ def _specs(args, arch, resolution: int, batch: int, precision: str, peer, work: 
             "config": _with_overrides(config, overrides, work),
         }
     if peer is not None:
+        from benchmarks.peer import PEER_PRECOMPUTES
+
+        precomputed = [item.partition("=")[0] for item in PEER_PRECOMPUTES.get(arch.peer, [])]
         specs["peer"] = {
             "trainer": "peer",
             "script": peer["path"],
+            "precomputes": {"data": {key.split(".")[1]: True for key in precomputed}},
             "args": peer_args(
                 peer, model_dir, data_dir, work / "runs" / "peer", resolution, batch,
                 max_steps, precision, args.ema, args.workers,
@@ -394,7 +400,8 @@ def _run(
 
 
 def _counted_flops(flops: dict, config: dict | None) -> int:
-    """The FLOPs of a step as this trainer is configured: a cache skips its encoder."""
+    """The FLOPs of a step as this trainer is configured: a cache (sdtune's, or the peer's
+    encodings made before training) skips its encoder."""
     data = (config or {}).get("data", {})
     skipped = flops["vae_encode"] * bool(data.get("cache_latents"))
     return flops["total"] - skipped - flops["text_encoder"] * bool(data.get("cache_text"))

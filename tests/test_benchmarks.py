@@ -1,7 +1,8 @@
 """The throughput benchmark: a real (short) run on the tiny preset, its result file, its errors.
 
-The side-by-side test needs diffusers' examples/text_to_image/train_text_to_image.py, which is
-not part of this repository: set SDTUNE_PEER_SCRIPT to its path to run it.
+The side-by-side tests need diffusers' examples/text_to_image/train_text_to_image.py and
+train_text_to_image_sdxl.py, which are not part of this repository: set SDTUNE_PEER_SCRIPT
+and SDTUNE_PEER_SCRIPT_SDXL to their paths to run them.
 """
 
 import importlib.util
@@ -182,7 +183,48 @@ def test_flop_count_and_full_size_configs():
     assert step_flops(ARCHS["tiny-sd"], 32, 4, False)["total"] == 2 * tiny["total"]
     counts = parameter_counts(ARCHS["sd15"])  # the published SD 1.5 sizes
     assert counts == {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
-    assert parameter_counts(ARCHS["sdxl"])["unet"] == 2_567_463_684
+    assert parameter_counts(ARCHS["sdxl"]) == {  # the published SDXL base 1.0 sizes
+        "unet": 2_567_463_684,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 694_659_840,
+        "vae": 83_653_863,
+    }
+    xl = step_flops(ARCHS["tiny-sdxl"], 32, 2, train_text=False)  # both encoders, time ids
+    assert xl["text_encoder"] > 0 and xl["unet_forward"] > 0
+    assert step_flops(ARCHS["tiny-sdxl"], 32, 4, False)["total"] == 2 * xl["total"]
+
+
+def test_full_size_sdxl_is_what_sdtune_loads():
+    """`--model sdxl` trains through sdtune's preset table: the builder makes the published
+    architecture (built on the meta device here: shapes only)."""
+    import torch
+
+    from benchmarks.models import register_presets
+    from sdtune.models.families import PRESETS
+
+    register_presets()
+    with torch.device("meta"):
+        bundle = PRESETS[ARCHS["sdxl"].base.removeprefix("preset:")]()
+    assert bundle.family == "sdxl"
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in bundle.modules.items()}
+    assert counts == parameter_counts(ARCHS["sdxl"])
+    assert bundle.vae.config.scaling_factor == 0.13025 and bundle.vae.config.force_upcast
+
+
+def test_peer_script_must_match_the_model(tmp_path, monkeypatch):
+    sd = tmp_path / "train_text_to_image.py"
+    sd.write_text('def main():\n    "--train_data_dir"\n')
+    xl = tmp_path / "train_text_to_image_sdxl.py"
+    xl.write_text('def main():\n    "--train_data_dir"\n    StableDiffusionXLPipeline\n')
+    real = importlib.util.find_spec  # the peer's own requirements (datasets) count as found
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: real(name) or object())
+    assert check_peer(xl, ARCHS["tiny-sdxl"])["example"].endswith("_sdxl.py")
+    with pytest.raises(BenchmarkError, match="not diffusers' .*_sdxl.py, the peer for --model"):
+        check_peer(sd, ARCHS["tiny-sdxl"])
+    with pytest.raises(BenchmarkError, match="train_text_to_image.py, the peer for --model"):
+        check_peer(xl, ARCHS["tiny-sd"])
+    with pytest.raises(BenchmarkError, match="tiny-digits has no VAE"):
+        check_peer(sd, ARCHS["tiny-digits"])
 
 
 def test_missing_peer_script_is_a_one_line_error(tmp_path, capsys):
@@ -200,7 +242,7 @@ def test_missing_peer_requirement_is_named(tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name)
     )
     with pytest.raises(BenchmarkError, match=r"needs datasets.*pip install datasets"):
-        check_peer(script)
+        check_peer(script, ARCHS["tiny-sd"])
 
 
 def test_bad_override_fails_before_any_run(tmp_path, capsys):
@@ -227,6 +269,27 @@ def test_side_by_side_with_the_peer(tmp_path):
     ratio = summary["sdtune"]["images_per_s"] / summary["peer"]["images_per_s"]
     assert summary["ratio"] == pytest.approx(ratio)
     assert "--train_data_dir" in result["setup"]["peer_args"]
+
+
+PEER_SDXL = os.environ.get("SDTUNE_PEER_SCRIPT_SDXL")
+
+
+@pytest.mark.skipif(
+    not PEER_SDXL or not Path(PEER_SDXL).is_file(),
+    reason="diffusers' train_text_to_image_sdxl.py is not in this repository; "
+    "set SDTUNE_PEER_SCRIPT_SDXL=PATH to run the SDXL side-by-side test",
+)
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs `datasets`")
+def test_sdxl_side_by_side_with_the_peer(tmp_path):
+    """The SDXL peer encodes images and captions before training; sdtune then caches both."""
+    result = _run(tmp_path, "--model", "tiny-sdxl", "--resolution", "32", "--repeats", "1",
+                  "--peer", PEER_SDXL)  # fmt: skip
+    assert [r["trainer"] for r in result["runs"]] == ["sdtune", "peer"]
+    data = result["setup"]["sdtune_config"]["data"]
+    assert data["cache_latents"] and data["cache_text"]
+    flops, counted = result["flops_per_step"], result["flops_counted"]
+    assert counted["peer"] == counted["sdtune"]
+    assert counted["peer"] == flops["total"] - flops["vae_encode"] - flops["text_encoder"]
 
 
 def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
