@@ -6,7 +6,7 @@ import torch
 from sdtune.config import load_config
 from sdtune.errors import ConfigError, ModelError
 from sdtune.models import apply_freezing, load_model, save_bundle
-from sdtune.models.loading import detect_family
+from sdtune.models.families import detect_family
 from sdtune.models.tokenizer import build_tiny_tokenizer
 
 

@@ -313,21 +313,12 @@ class LoraConfig(Section):
     """Scale numerator: the update is (alpha / rank) * B A (unset: alpha = rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapter's input."""
-    unet_targets: list[str] = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "proj_in",
-        "proj_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-    ]
-    """UNet module names (suffixes) that get adapters: attention and feed-forward projections."""
+    unet_targets: list[str] | None = Field(None, min_length=1)
+    """Denoiser module names (suffixes) that get adapters (unset: the family's default, for SD and SDXL the attention and feed-forward projections: to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2)."""
     text_encoder: bool = False
     """Also put adapters on the text encoder (its learning rate is train.text_encoder_lr)."""
-    text_encoder_targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    """Text-encoder module names (suffixes) that get adapters."""
+    text_encoder_targets: list[str] | None = Field(None, min_length=1)
+    """Text-encoder module names (suffixes) that get adapters (unset: the family's default, for CLIP q_proj, k_proj, v_proj, out_proj, fc1, fc2)."""
     preserve_prompts: list[str] = []
     """Output preservation: prompts whose images must not change, e.g. ['a photo of a dog'] or the other subjects the model draws. Each step the frozen base predicts the batch's noisy latents under them and the adapted model is pulled towards it: prior preservation without class images."""
     preserve_weight: float = Field(1.0, gt=0.0, allow_inf_nan=False)

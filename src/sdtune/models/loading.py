@@ -16,18 +16,10 @@ from sdtune.config import DiffusionConfig, ModelConfig
 from sdtune.errors import ModelError
 from sdtune.models.bundle import MODEL_FILE, ModelBundle, save_bundle
 from sdtune.models.families import family_of_folder
-from sdtune.models.families.sd import sd_variant
 from sdtune.models.presets import build_preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
-
-def detect_family(unet_config: dict, has_second_text_encoder: bool, has_vae: bool) -> str:
-    """sd1, sd2, sdxl, pixel or custom, from the UNet's config (and which components exist)."""
-    if has_second_text_encoder or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return sd_variant(unet_config, has_vae)
 
 
 def resolve_hub_id(repo_id: str) -> Path:

@@ -60,11 +60,13 @@ def add_lora(bundle: ModelBundle, settings: LoraSettings) -> None:
             target_modules=_target_regex(module, targets, key),
         )
 
+    defaults = bundle.arch.lora_targets  # the family's, unless the config names them
     denoiser = bundle.denoiser
-    denoiser.add_adapter(config(denoiser, settings.unet_targets, "lora.unet_targets"))
+    targets = settings.unet_targets or defaults["denoiser"]
+    denoiser.add_adapter(config(denoiser, targets, "lora.unet_targets"))
     if settings.text_encoder:  # every text encoder of the family
+        targets = settings.text_encoder_targets or defaults["text_encoder"]
         for encoder in bundle.text_encoders.values():
-            targets = settings.text_encoder_targets
             inject(encoder, config(encoder, targets, "lora.text_encoder_targets"), ADAPTER)
 
 

@@ -14,7 +14,15 @@ MODULES = (sd, sdxl)
 FAMILIES: dict[str, Family] = {f.name: f for m in MODULES for f in m.FAMILIES}
 PRESETS = {name: build for m in MODULES for name, build in m.PRESETS.items()}
 
-__all__ = ["FAMILIES", "PRESETS", "Conditioning", "Family", "family_named", "family_of_folder"]
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "Conditioning",
+    "Family",
+    "detect_family",
+    "family_named",
+    "family_of_folder",
+]
 
 
 def family_named(name: str) -> Family:
@@ -32,3 +40,10 @@ def family_of_folder(path: Path, info: dict) -> Family:
         if found is not None:
             return found
     raise ModelError(f"model.base: {path} is a diffusers folder of a layout sdtune does not know")
+
+
+def detect_family(unet_config: dict, has_second_text_encoder: bool, has_vae: bool) -> str:
+    """sd1, sd2, sdxl, pixel or custom, from a UNet's config (and which components exist)."""
+    if has_second_text_encoder or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return sd.sd_variant(unet_config, has_vae)

@@ -84,6 +84,9 @@ class Family:
     """The diffusers pipeline that samples this family and loads its exports ('' for none)."""
     kohya_prefixes: dict[str, str] = {}
     """Component -> kohya LoRA key prefix (lora_unet, lora_te, lora_te1, ...)."""
+    lora_targets: dict[str, tuple[str, ...]] = {}
+    """Default LoRA targets, module-name suffixes, for the denoiser ("denoiser") and for each
+    text encoder ("text_encoder"); `lora.unet_targets` / `lora.text_encoder_targets` override."""
 
     # ------------------------------------------------------------ components
 

@@ -88,6 +88,14 @@ class StableDiffusion(Family):
     denoiser = "unet"
     text_encoders = ("text_encoder",)
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    # the UNet's attention and feed-forward projections (with the transformer blocks' in/out
+    # projections); every projection of CLIP's attention and MLP. SDXL inherits them.
+    lora_targets = {
+        "denoiser": (
+            "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
+        ),
+        "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    }  # fmt: skip
 
     def __init__(self, name: str, label: str) -> None:
         self.name, self.label = name, label
