@@ -169,3 +169,40 @@ def test_truncate_metrics_on_resume(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
     truncate_metrics(path, 2, evaluated_at_step=False)
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]
+
+
+def test_inspect_reads_what_sdtune_exports(tmp_path, capsys):
+    """`sdtune inspect` names an export's kind from its header alone: single file (both
+    containers), diffusers folder, diffusers and kohya LoRA (rank, targets, metadata)."""
+    from sdtune.checkpoint.export import export_model
+    from sdtune.cli import main
+    from sdtune.config import LoraConfig
+    from sdtune.models.lora import add_lora
+    from sdtune.models.presets import build_preset
+
+    bundle, meta = build_preset("tiny-sd", 0), {"base_model": "preset:tiny-sd"}
+    for fmt, name in (("single-file", "m.safetensors"), ("ckpt", "m.ckpt"), ("diffusers", "d")):
+        export_model(bundle, meta, fmt, tmp_path / name)
+    add_lora(bundle, LoraConfig(enabled=True, rank=4, text_encoder=True))
+    for fmt in ("lora", "kohya"):
+        export_model(bundle, meta, fmt, tmp_path / f"{fmt}.safetensors")
+    said = {}
+    for name in ("m.safetensors", "m.ckpt", "d", "lora.safetensors", "kohya.safetensors"):
+        capsys.readouterr()
+        assert main(["inspect", str(tmp_path / name)]) == 0
+        said[name] = capsys.readouterr().out
+    for name in ("m.safetensors", "m.ckpt"):
+        assert "single-file checkpoint, 368 tensors" in said[name]
+        assert "model.diffusion_model" in said[name] and "preset:tiny-sd" in said[name]
+    assert "diffusers model folder (StableDiffusionPipeline)" in said["d"]
+    assert "unet                        792,964 values" in said["d"]
+    for name, kind in (("lora.safetensors", "diffusers"), ("kohya.safetensors", "kohya")):
+        assert f"{kind} LoRA" in said[name]
+        assert "rank 4; adapters on 12 text_encoder modules, 48 unet modules" in said[name]
+        assert "to_out.0, to_q, to_v, v_proj" in said[name]
+    assert "metadata ss_network_dim: 4" in said["kohya.safetensors"]
+    (tmp_path / "x.bin").write_bytes(b"junk")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    for name in ("x.bin", "bad.safetensors"):
+        assert main(["inspect", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1

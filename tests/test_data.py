@@ -138,6 +138,34 @@ def test_small_images_are_reported(tiny_image_folder):
     assert any("smaller than data.resolution=64" in line for line in lines)
 
 
+def test_conversions_are_stated_once(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("L", (40, 40), 128).save(folder / "grey.png")
+    Image.new("LA", (40, 40), (128, 100)).save(folder / "grey-alpha.png")
+    Image.new("RGB", (80, 40), (1, 2, 3)).save(folder / "wide.png")
+    Image.new("RGBA", (40, 44), (1, 2, 3, 0)).save(folder / "tall.png")
+    for path in folder.glob("*.png"):
+        path.with_suffix(".txt").write_text("x\n")
+    lines = []
+    cfg = _cfg(**{"data.path": folder, "data.resolution": 32, "data.val_fraction": 0.0})
+    split = build_datasets(cfg, 3, 0, lines.append)
+    said = [line for line in lines if line.startswith("data: ")]
+    assert "data: 2 greyscale image(s) converted to RGB" in said
+    assert "data: 2 image(s) with transparency flattened onto white" in said
+    cut = [line for line in said if "not square" in line]
+    assert cut == [
+        f"data: 2 image(s) not square: the square crop cuts off up to 50% of an image "
+        f"({folder / 'wide.png'}); 1 lose more than 10%"
+    ]
+    lines.clear()
+    build_datasets(cfg, 1, 0, lines.append)  # a one-channel model: colour becomes grey
+    assert "data: 2 colour image(s) converted to one (grey) channel" in lines
+    report = split.report.to_dict()
+    assert report["modes"] == {"L": 1, "LA": 1, "RGB": 1, "RGBA": 1}
+    assert report["transparent"] == 2 and len(report["square_crop_cuts"]) == 2
+
+
 def test_augmentations_are_seeded_per_epoch_and_example(tiny_image_folder):
     cfg = _cfg(
         **{

@@ -298,8 +298,14 @@ def test_sdtune_eval_and_metrics_during_training(tmp_path, capsys):
     assert main(["eval", str(run), "--num-images", "20"]) == 0
     out = capsys.readouterr().out
     assert "gen_precision" in out and "judged_accuracy" in out and "FID/KID skipped" in out
-    saved = json.loads((run / "checkpoints" / "step-0000004" / "eval.json").read_text())
+    # written beside the checkpoint, never inside the verified directory
+    saved = json.loads((run / "checkpoints" / "eval-step-0000004.json").read_text())
     assert saved["weights"] == "ema" and 0 <= saved["memorisation"] <= 1
+    assert not (run / "checkpoints" / "step-0000004" / "eval.json").exists()
+    assert "few reference images" in out  # 20 images against 20 held-out ones: rough numbers
+    from sdtune.checkpoint.store import verify_checkpoint
+
+    verify_checkpoint(run / "checkpoints" / "step-0000004")
 
 
 def test_deferred_guard_gives_the_run_of_an_immediate_one(tmp_path, monkeypatch, capsys):

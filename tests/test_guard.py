@@ -127,3 +127,19 @@ def test_optimizers_that_cannot_skip_on_the_device_are_known():
     assert not skips_on_device(torch.optim.RMSprop([p], lr=0.1))
     # a skipped first step would keep fused SGD's uninitialised momentum buffers
     assert not skips_on_device(torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True))
+
+
+def test_progress_eta_is_smoothed(monkeypatch, capsys):
+    """Without a terminal, each log line's ETA comes from a moving average of the step time:
+    one slow interval (an evaluation) moves it by a third, not all the way."""
+    from sdtune.monitor import logging as log
+
+    clock = iter([0.0, 10.0, 20.0, 50.0])
+    monkeypatch.setattr(log.time, "monotonic", lambda: next(clock))
+    progress = log.Progress(100, quiet=False)
+    progress.interactive = False
+    for step in (10, 20, 30):
+        progress.update(step, 0.5, 1e-4, 1.0, True)
+    etas = [line.split("eta ")[1] for line in capsys.readouterr().out.splitlines()]
+    # 1 s/step, 1 s/step, then a 3 s/step interval: 0.7 * 1 + 0.3 * 3 = 1.6 s/step
+    assert etas == ["90s", "80s", "112s"]

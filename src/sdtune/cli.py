@@ -1,4 +1,8 @@
-"""The `sdtune` command line: one plain function per command."""
+"""sdtune: train and fine-tune Stable Diffusion models (SD 1.x, 2.x, SDXL) and small diffusion
+models, with checkpoints you can resume exactly and a report of every run.
+
+Start with `sdtune train examples/quickstart.toml` (about two minutes on a CPU), then
+`sdtune report runs/quickstart` to see what it learned. `sdtune COMMAND --help` says more."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from sdtune.checkpoint.state import resolve_resume
     from sdtune.config import load_config
-    from sdtune.train.loop import train
+    from sdtune.train.loop import TrainingInterrupted, train
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.output) if args.output else cfg.output_dir
@@ -33,18 +37,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     processes.wait_for_everyone()
     if not main and args.resume is not None:
         resume_from = resolve_resume(run_dir, args.resume, args.fast_verify, lambda *_: None)
-    result = train(cfg, run_dir, resume_from)
+    try:
+        result = train(cfg, run_dir, resume_from)
+    except TrainingInterrupted as stop:  # not an error: the resume command, as typed here
+        if main:
+            print(f"sdtune: {stop.describe(_train_command(args))}", file=sys.stderr)
+        return stop.exit_code
     if result.judged_accuracy is not None:
         print(f"training took {result.train_seconds:.1f}s")
         print(f"judged_accuracy={result.judged_accuracy:.2f}")
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> str:
+    """`sdtune train CONFIG` with the --set overrides this run was started with."""
+    import shlex
+
+    words = ["sdtune", "train", str(args.config)]
+    for item in args.set or []:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
 def _resolve_and_prepare(args: argparse.Namespace, cfg, run_dir: Path) -> Path | None:
     """The checkpoint `--resume` means (checked against the config), or a prepared new run."""
     from sdtune.checkpoint.state import CONFIG_KEY, check_resume_config, resolve_resume
     from sdtune.config import to_dict
-    from sdtune.rundir import check_output, finished_results, prepare_run_dir
+    from sdtune.rundir import check_output, finished_results, never_trained, prepare_run_dir
 
     check_output(run_dir)  # never a user's own folder, whatever the flags say
     resume_from = None
@@ -66,7 +85,11 @@ def _resolve_and_prepare(args: argparse.Namespace, cfg, run_dir: Path) -> Path |
                 "checkpoint to continue from; keep it and choose another --output, or pass "
                 "--overwrite instead of --resume to train it again from scratch"
             )
-        prepare_run_dir(run_dir, args.overwrite or args.resume is not None)
+        again = not args.overwrite and never_trained(run_dir)
+        prepare_run_dir(run_dir, args.overwrite or (args.resume is not None and not again))
+        if again:
+            print(f"run directory: {run_dir} held a run that stopped before its first step: "
+                  "starting it again there")  # fmt: skip
     print(f"run directory: {run_dir}")
     return resume_from
 
@@ -191,10 +214,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         load_checkpoint_run,
         resolve_checkpoint,
     )
+    from sdtune.models.lora import has_lora
 
-    check_export_target(args.format, Path(args.out), args.overwrite)  # before loading anything
+    resolved = check_export_target(args.format, Path(args.out), args.overwrite)  # before loading
     ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
     bundle, meta, cfg = load_checkpoint_run(ckpt, args.weights)
+    what = args.format
+    if args.format == "merged":  # say what was written, LoRA or not
+        layout = "a single file" if resolved == "single-file" else "a diffusers folder"
+        if any(has_lora(m) for m in bundle.components().values()):
+            what = f"merged (the LoRA baked into the base, {layout})"
+        else:
+            what = f"merged (this run has no LoRA: the whole model as trained, {layout})"
     out = export_model(
         bundle,
         meta,
@@ -204,9 +235,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         lora_scale=args.lora_scale,
         token=cfg.textual_inversion.token,
     )
-    print(
-        f"exported {ckpt} ({meta['weights']} weights, step {meta['steps']}) as {args.format} to {out}"
-    )
+    print(f"exported {ckpt} ({meta['weights']} weights, step {meta['steps']}) as {what} to {out}")
     return 0
 
 
@@ -242,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(note)
     for key, value in values.items():
         print(f"{key:<18} {value:.4f}")
-    out = ckpt / "eval.json"
+    out = ckpt.parent / f"eval-{ckpt.name}.json"  # beside it: a verified checkpoint stays as saved
     out.write_text(
         json.dumps(
             {"checkpoint": str(ckpt), "weights": meta["weights"], **values, "notes": notes},
@@ -298,7 +327,12 @@ def _number(kind, low=None, finite=True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdtune", description=__doc__)
+    import sdtune
+
+    parser = _Parser(
+        prog="sdtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"sdtune {sdtune.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -408,8 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="show and verify what a checkpoint (or run) holds")
-    p.add_argument("path", help="checkpoint directory, checkpoints/ folder or run directory")
+    p = sub.add_parser(
+        "inspect", help="show and verify what a checkpoint (or run) holds, or what an export is"
+    )
+    p.add_argument(
+        "path",
+        help="checkpoint directory, checkpoints/ folder or run directory; or an exported file "
+        "(.safetensors, .ckpt: single file, LoRA, embedding) or model folder",
+    )
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_inspect)
 
@@ -471,12 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
     except UserError as exc:
         if args.debug:
             raise
         _error_line(str(exc))
         return exc.exit_code
+    except BrokenPipeError:  # `sdtune inspect RUN | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error as Python flushes at exit
+        return 141
     except OSError as exc:  # no permission, a read-only or full disk, a vanished file
         if args.debug:
             raise

@@ -44,6 +44,19 @@ def finished_results(run_dir: Path) -> list[str]:
     return [name for name in RESULTS if (run_dir / name).exists()]
 
 
+def never_trained(run_dir: Path) -> bool:
+    """A run directory whose run stopped before its first step (a bad file found while loading,
+    Ctrl+C during set-up): no checkpoint, no result, no logged step. Running the same command
+    again continues in it instead of asking for --overwrite (what it made, such as DreamBooth's
+    class images, is kept and reused)."""
+    if not is_run_dir(run_dir) or finished_results(run_dir):
+        return False
+    if any((run_dir / "checkpoints").glob("step-*")):
+        return False
+    metrics = run_dir / "metrics.jsonl"
+    return not (metrics.is_file() and '"loss"' in metrics.read_text(errors="replace"))
+
+
 def check_output(run_dir: Path) -> None:
     """`run_dir` is usable as a run directory: absent, empty, or marked as one by sdtune."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -59,7 +72,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     """Create `run_dir`; if it already holds a run, replace it only with `overwrite`, removing
     just the files sdtune wrote."""
     check_output(run_dir)
-    if is_run_dir(run_dir):
+    if is_run_dir(run_dir) and not overwrite and never_trained(run_dir):
+        pass  # stopped before its first step: start it again here, keeping what it made
+    elif is_run_dir(run_dir):
         if not overwrite:
             raise RunDirError(
                 f"--output {run_dir} already holds a training run; pass --overwrite to replace it "

@@ -12,6 +12,7 @@ import pickle
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -261,7 +262,52 @@ def test_overwrite_removes_only_what_sdtune_wrote(capsys, tiny_cfg, run_copy):
     assert not stale.exists() and (run_copy / "model").is_dir()
 
 
+def test_every_bad_file_is_listed_and_reported_before_the_run_stops(capsys, tmp_path):
+    folder = _folder(tmp_path)
+    for i in range(6):
+        (folder / f"p{i}.txt").write_text(f"photo {i}\n")
+    (folder / "p1.png").write_bytes(b"not a png")
+    (folder / "p2.txt").unlink()
+    (folder / "p4.txt").write_bytes(b"caf\xe9\n")
+    run = tmp_path / "run"
+    capsys.readouterr()
+    line = refused(capsys, ["train", _folder_cfg(tmp_path, folder), "--output", run],
+                   "3 bad files in total", protect=[folder])  # fmt: skip
+    assert str(run / "data_report.json") in line
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["on_bad_file"] == "error"
+    assert sorted(Path(e["file"]).name for e in report["bad_files"]) == [
+        "p1.png",
+        "p2.png",
+        "p4.txt:1",
+    ]
+
+
+def test_a_run_that_failed_before_its_first_step_can_be_run_again(capsys, tmp_path):
+    folder = _folder(tmp_path)
+    for i in range(6):
+        (folder / f"p{i}.txt").write_text(f"photo {i}\n")
+    (folder / "p3.txt").write_bytes(b"caf\xe9\n")
+    config, run = _folder_cfg(tmp_path, folder), tmp_path / "run"
+    refused(capsys, ["train", config, "--output", run], "p3.txt", protect=[folder])
+    (folder / "p3.txt").write_text("photo 3\n")  # fixed: the same command now trains
+    assert main(["train", str(config), "--output", str(run)]) == 0
+    assert "stopped before its first step: starting it again" in capsys.readouterr().out
+    assert (run / "model").is_dir()
+    refused(capsys, ["train", config, "--output", run], "already holds a training run")
+
+
 # ---------------------------------------------------------------- exports and sampling
+
+
+def test_merged_export_of_a_run_without_lora_says_what_it_wrote(capsys, run_copy, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["export", str(run_copy), "--format", "merged", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert (
+        "as merged (this run has no LoRA: the whole model as trained, a diffusers folder)" in said
+    )
+    assert (out / "unet").is_dir()
 
 
 def test_export_never_replaces_a_users_folder(capsys, run_copy, tmp_path):
@@ -569,3 +615,16 @@ def test_model_folders_missing_parts(capsys, run_copy, tmp_path):
     assert main(["export", str(run_copy), "--format", "diffusers", "--out", str(model)]) == 0
     shutil.rmtree(model / "tokenizer")
     refused(capsys, ["sample", model, "--prompt", "x", "--out", tmp_path / "g.png"], "tokenizer/")
+
+
+def test_a_closed_pipe_is_not_a_traceback(run_copy):
+    """`sdtune inspect RUN | head`: the reader went away before sdtune wrote."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdtune", "inspect", str(run_copy)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # closed before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err

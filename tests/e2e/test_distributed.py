@@ -41,6 +41,7 @@ def test_two_processes_train_shard_roll_back_and_resume_exactly(tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     # one voice: the main process alone prints and writes the run directory
     assert straight.stdout.count("trained to step 10") == 1
+    assert straight.stdout.count("processes: 2; global batch 4 images per step") == 1
     assert "diverged at step 8: rolled back to step-0000006" in straight.stdout
     events = [json.loads(line) for line in (tmp_path / "a" / "events.jsonl").open()]
     assert [e["event"] for e in events] == ["skipped_step", "rollback"]

@@ -182,6 +182,9 @@ def test_sigterm_saves_and_exits_with_resume_hint(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "stopped by SIGTERM" in err and "--resume" in err and err.strip().count("\n") == 0
+    # not an error, and the resume command is the one to type: this config, this folder
+    assert "error" not in err
+    assert f"sdtune train {config} --set checkpoint.every_steps=0 --output {run} --resume" in err
     latest = (run / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("-")[1])
     assert 2 <= step < 500
@@ -202,6 +205,8 @@ def test_sigterm_saves_and_exits_with_resume_hint(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-2:] == [step, step + 1]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["event"]) for e in events[-2:]] == [(step, "stopped"), (step, "resumed")]
 
 
 def test_resume_refuses_a_changed_config(straight, tmp_path):

@@ -166,6 +166,11 @@ def test_quickstart_model_judges_itself(cli, tmp_path):
     assert "held-out accuracy 0.9" in proc.stdout
     judged = json.loads((run / "judge.json").read_text())
     assert judged["num_images"] == 20 and 0 <= judged["judged_accuracy"] <= 1
+    # the report is written last, so that it holds the judged accuracy too
+    assert (
+        f"<th>judged accuracy</th><td>{judged['judged_accuracy']:.3f}"
+        in (run / "report.html").read_text()
+    )
     assert Image.open(run / "judge_samples.png").size == (2 * 17 + 1, 10 * 17 + 1)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,27 +101,49 @@ def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Reco
     return train, val
 
 
-def _apply_policy(report: ScanReport, cfg: DataConfig, say: Callable[[str], None]) -> None:
+def _apply_policy(
+    report: ScanReport, cfg: DataConfig, say: Callable[[str], None], report_path: Path | None
+) -> None:
+    """Skip the bad files (listed), or stop with every one of them listed (up to 20 here, all in
+    data_report.json, written first) so that they can be fixed at once."""
     if not report.problems:
         return
-    first_file, first_reason = report.problems[0]
     n = len(report.problems)
+    verb = "skipped" if cfg.on_bad_file == "skip" else "bad file"
+    for file, reason in report.problems[:20]:
+        say(f"{verb} {file}: {reason}")
+    if n > 20:
+        say(f"... and {n - 20} more (all listed in data_report.json)")
     if cfg.on_bad_file == "error":
-        more = f" ({n} bad files in total)" if n > 1 else ""
+        if report_path is not None:
+            write_report(report, report_path, cfg.on_bad_file)
+        first_file, first_reason = report.problems[0]
+        more = f" ({n} bad files in total, listed above" if n > 1 else ""
+        if more:
+            more += f" and in {report_path})" if report_path is not None else ")"
         raise DataError(
             f"{first_file}: {first_reason}{more}; fix it, or set data.on_bad_file='skip' to leave bad files out"
         )
-    for file, reason in report.problems[:20]:
-        say(f"skipped {file}: {reason}")
-    if n > 20:
-        say(f"... and {n - 20} more (all listed in data_report.json)")
     say(f"data: skipped {n} bad file(s) (data.on_bad_file='skip')")
 
 
+def write_report(report: ScanReport, path: Path, policy: str) -> None:
+    """data_report.json: every bad file and why, what was upscaled, and the policy applied."""
+    found = report.to_dict()
+    if policy == "error":  # nothing was skipped: the run stopped on them
+        found["bad_files"] = found.pop("skipped")
+    path.write_text(json.dumps({**found, "on_bad_file": policy}, indent=2) + "\n")
+
+
 def build_datasets(
-    cfg: DataConfig, channels: int, seed: int, say: Callable[[str], None] = print
+    cfg: DataConfig,
+    channels: int,
+    seed: int,
+    say: Callable[[str], None] = print,
+    report_path: Path | None = None,
 ) -> DataSplit:
-    """Scan the source, report problems, split train/validation deterministically from `seed`."""
+    """Scan the source, report problems, split train/validation deterministically from `seed`.
+    With `report_path`, bad files that stop the run are written there before it stops."""
     report = ScanReport()
     if cfg.source == "digits":
         records = digits_records()
@@ -134,18 +158,17 @@ def build_datasets(
     val_records: list[Record] = []
     if cfg.val_path is not None:
         val_records = folder_records(cfg.val_path, cfg.caption_extension, cfg.resolution, report)
-    _apply_policy(report, cfg, say)
+    _apply_policy(report, cfg, say, report_path)
     if cfg.val_path is None:
         records, val_records = _split(records, cfg.val_fraction, seed)
     if cfg.limit is not None:
         records = records[: cfg.limit]
     if not records:
         raise DataError(f"data: no usable training images in {source}")
-    if report.small:
-        say(
-            f"data: {len(report.small)} image(s) smaller than data.resolution={cfg.resolution} "
-            f"are upscaled (e.g. {report.small[0]})"
-        )
+    for line in report.conversions(
+        channels, cfg.resolution, cropped=True
+    ):  # every image is cropped square
+        say(f"data: {line}")
     spec = TransformSpec(
         resolution=cfg.resolution,
         channels=channels,

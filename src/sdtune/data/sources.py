@@ -56,12 +56,46 @@ class ScanReport:
 
     problems: list[tuple[str, str]] = field(default_factory=list)
     small: list[str] = field(default_factory=list)
+    modes: dict[str, int] = field(default_factory=dict)
+    """How many images of each PIL mode the folder holds (what is converted, and to what)."""
+    transparent: int = 0
+    """Images with transparency (flattened onto white)."""
+    crop_loss: list[tuple[str, float]] = field(default_factory=list)
+    """(image, fraction of its area a square crop cuts off), for images that are not square."""
 
     def to_dict(self) -> dict:
         return {
             "skipped": [{"file": f, "reason": r} for f, r in self.problems],
             "smaller_than_resolution": self.small,
+            "modes": self.modes,
+            "transparent": self.transparent,
+            "square_crop_cuts": [{"file": f, "fraction": round(c, 4)} for f, c in self.crop_loss],
         }
+
+    def conversions(self, channels: int, resolution: int, cropped: bool) -> list[str]:
+        """What preprocessing does to these images, each said once (not per image)."""
+        lines = []
+        grey = sum(n for m, n in self.modes.items() if m in ("L", "LA", "1", "I", "I;16", "F"))
+        colour = sum(self.modes.values()) - grey
+        if channels == 3 and grey:
+            lines.append(f"{grey} greyscale image(s) converted to RGB")
+        if channels == 1 and colour:
+            lines.append(f"{colour} colour image(s) converted to one (grey) channel")
+        if self.transparent:
+            lines.append(f"{self.transparent} image(s) with transparency flattened onto white")
+        if self.small:
+            lines.append(
+                f"{len(self.small)} image(s) smaller than data.resolution={resolution} are "
+                f"upscaled (e.g. {self.small[0]})"
+            )
+        if cropped and self.crop_loss:
+            name, worst = max(self.crop_loss, key=lambda item: item[1])
+            over = sum(1 for _, c in self.crop_loss if c > 0.1)
+            lines.append(
+                f"{len(self.crop_loss)} image(s) not square: the square crop cuts off up to "
+                f"{worst:.0%} of an image ({name}); {over} lose more than 10%"
+            )
+        return lines
 
 
 def digits_records() -> list[Record]:
@@ -76,10 +110,13 @@ def digits_records() -> list[Record]:
     ]
 
 
-def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+def _check_image(path: Path, report: ScanReport) -> tuple[str | None, tuple[int, int] | None]:
     try:
         with Image.open(path) as im:
             im.load()
+            report.modes[im.mode] = report.modes.get(im.mode, 0) + 1
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                report.transparent += 1
             return None, im.size
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         return f"cannot read image ({exc})", None
@@ -159,12 +196,14 @@ def folder_records(
                 report.problems.append((where, f"cannot read caption ({reason})"))
     records = []
     for path, text in entries:
-        problem, size = _check_image(path)
+        problem, size = _check_image(path, report)
         if problem:
             report.problems.append((str(path), problem))
             continue
         if size is not None and min(size) < resolution:
             report.small.append(str(path))
+        if size is not None and size[0] != size[1]:
+            report.crop_loss.append((str(path), 1 - min(size) / max(size)))
         records.append(Record(str(path.relative_to(root)), text or "", path=path))
     if not records and not report.problems:
         kinds = "/".join(sorted(IMAGE_SUFFIXES))

@@ -102,6 +102,9 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
     return {"fid": float(fid.compute()), "kid": float(kid.compute()[0])}
 
 
+FEW_REFERENCE = 50  # held-out images below which precision/recall are only a rough sign
+
+
 @dataclass
 class GeneratorReport:
     values: dict[str, float]
@@ -122,6 +125,12 @@ def generator_metrics(
         "memorisation": memorisation(f_train, f_real, f_fake, ratio),
     }
     notes = []
+    if len(real) < FEW_REFERENCE:  # k-NN balls around a handful of images cover everything
+        notes.append(
+            f"precision/recall: few reference images ({len(real)} held out, k={k} nearest "
+            f"neighbours): the numbers mean little below {FEW_REFERENCE}; hold out more "
+            "images (data.val_fraction or data.val_path)"
+        )
     try:
         values.update(fid_kid(real, fake))
     except MetricUnavailable as exc:

@@ -67,8 +67,8 @@ class Progress:
         self.bar = tqdm(
             total=total, initial=initial, dynamic_ncols=True, disable=not self.interactive
         )
-        self.start = time.monotonic()
-        self.start_step = initial
+        self.last = (time.monotonic(), initial)
+        self.step_seconds: float | None = None  # smoothed seconds per step, for the ETA
 
     def update(
         self, step: int, loss: float, lr: float, images_per_s: float, log_line: bool
@@ -79,14 +79,25 @@ class Progress:
                 loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False
             )
         elif log_line and not self.quiet:
-            done = step - self.start_step
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / max(done, 1) * (self.total - step)
+            eta = self._eta(step)
             print(
                 f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
                 f"{images_per_s:.1f} img/s eta {eta:.0f}s",
                 flush=True,
             )
+
+    def _eta(self, step: int) -> float:
+        """Seconds left at the smoothed step time (an exponential moving average over the
+        intervals between log lines, as tqdm smooths its own): one slow interval, such as an
+        evaluation, moves it by a third of its excess, not all of it."""
+        now = time.monotonic()
+        then, then_step = self.last
+        self.last = (now, step)
+        if step > then_step:
+            seconds = (now - then) / (step - then_step)
+            smoothed = self.step_seconds
+            self.step_seconds = seconds if smoothed is None else 0.7 * smoothed + 0.3 * seconds
+        return (self.step_seconds or 0.0) * (self.total - step)
 
     def write(self, text: str) -> None:
         if self.interactive:

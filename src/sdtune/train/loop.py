@@ -88,7 +88,6 @@ def finish(run: Run, train_seconds: float) -> TrainResult:
         crash_point("end", state.step)
         result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
         _write_summary(run, result)
-        say(f"report: {write_report(run.run_dir)}")
         if run.log is not None:
             run.log.close()
         if cfg.evaluate.judge:
@@ -96,6 +95,7 @@ def finish(run: Run, train_seconds: float) -> TrainResult:
 
             with maybe_ema(ema):
                 result.judged_accuracy = run_judge(run.bundle, cfg, run.run_dir, run.device, say)
+        say(f"report: {write_report(run.run_dir)}")  # last: it holds every end-of-run number
     run.accelerator.end_training()
     return result
 

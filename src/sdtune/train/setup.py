@@ -3,7 +3,6 @@ cache), the live training objects, the step's context, and the state to start fr
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from sdtune.checkpoint.state import (
 )
 from sdtune.config import RunConfig, to_dict, to_toml
 from sdtune.data import build_datasets
+from sdtune.data.dataset import write_report
 from sdtune.data.order import derive_seed
 from sdtune.errors import ConfigError, DataError
 from sdtune.models import describe, load_model
@@ -125,6 +125,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
     ctx.guard.load(run.state)
     ctx.source.restart(run.state.position)
     run.log = MetricsLog(run_dir, purge_step=run.state.step + 1) if main else None
+    if run.log is not None and resume_from is not None:
+        run.log.event(run.state.step, "resumed", f"resumed from {resume_from.name}")
     run.prompts = grid_prompts(cfg, [r.caption for r in data.train.records])
     run.progress = Progress(cfg.train.max_steps, initial=run.state.step, quiet=not main)
     return run
@@ -177,12 +179,14 @@ def _model(cfg: RunConfig, run_dir: Path, main: bool, say):
 
 
 def _data(cfg: RunConfig, bundle, run_dir: Path, accelerator, say):
-    data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, say)
+    main, report_path = accelerator.is_main_process, run_dir / "data_report.json"
+    data = build_datasets(
+        cfg.data, bundle.image_channels, cfg.seed, say, report_path if main else None
+    )
     if cfg.dreambooth.instance_prompt is not None:
         data = with_dreambooth(cfg, data, bundle, run_dir, accelerator.device, accelerator, say)
-    if accelerator.is_main_process:
-        report = json.dumps(data.report.to_dict(), indent=2) + "\n"
-        (run_dir / "data_report.json").write_text(report)
+    if main:
+        write_report(data.report, report_path, cfg.data.on_bad_file)
     num_examples, micro, world = len(data.train), cfg.train.batch_size, accelerator.num_processes
     if num_examples < micro * world:
         raise DataError(
@@ -192,6 +196,13 @@ def _data(cfg: RunConfig, bundle, run_dir: Path, accelerator, say):
     report_long_prompts(bundle, [r.caption for r in data.train.records], say)
     val_n = len(data.val) if data.val else 0
     say(f"data: {num_examples} training / {val_n} validation images from {data.source}")
+    if world > 1:
+        accum = cfg.train.grad_accum
+        say(
+            f"processes: {world}; global batch {micro * accum * world} images per step "
+            f"(train.batch_size={micro} x train.grad_accum={accum} x {world} processes); "
+            "images/s is the total of all processes"
+        )
     return data
 
 

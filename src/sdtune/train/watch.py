@@ -24,9 +24,22 @@ from sdtune.train.step import StepResult, update_ratio
 
 
 class TrainingInterrupted(UserError):
-    """Stopped by SIGTERM/SIGINT after saving a checkpoint."""
+    """Stopped by SIGTERM/SIGINT after saving a checkpoint: not a failure (the CLI prints the
+    resume command with the real config path and output folder)."""
 
     exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, signal_name: str, step: int, ckpt_root, run_dir) -> None:
+        self.signal_name, self.step, self.ckpt_root, self.run_dir = (
+            signal_name, step, ckpt_root, run_dir
+        )  # fmt: skip
+        super().__init__(self.describe("sdtune train CONFIG"))
+
+    def describe(self, train_command: str) -> str:
+        return (
+            f"stopped by {self.signal_name} after step {self.step}; checkpoint saved in "
+            f"{self.ckpt_root}; resume with: {train_command} --output {self.run_dir} --resume"
+        )
 
 
 class TrainingNoSpace(UserError):
@@ -87,11 +100,9 @@ def watch(run, result: StepResult, log_now: bool, stop) -> None:
         save(run, must=True)
         run.progress.close()
         if run.log is not None:
+            run.log.event(state.step, "stopped", f"stopped by {stop.requested}, checkpoint saved")
             run.log.close()
-        raise TrainingInterrupted(
-            f"stopped by {stop.requested} after step {state.step}; checkpoint saved in "
-            f"{run.ckpt_root}; resume with: sdtune train CONFIG --output {run.run_dir} --resume"
-        )
+        raise TrainingInterrupted(stop.requested, state.step, run.ckpt_root, run.run_dir)
 
 
 def _read_reports(run, reports) -> bool:
@@ -301,12 +312,18 @@ def save(run, must: bool = False) -> None:
             f"a checkpoint needs about {needed / 2**20:.0f} MiB; free space (training goes on)"
         )
         return
+    started = time.monotonic()
     try:
-        save_training_state(
+        path = save_training_state(
             root, state, run.objects, run.config_toml, run.accelerator.process_index
         )
     except NoSpaceError:
         raise no_space("the disk filled up while saving") from None
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    run.say(
+        f"checkpoint: saved {path.name} ({size / 2**20:.1f} MiB in "
+        f"{time.monotonic() - started:.1f} s)"
+    )
     c = run.cfg.checkpoint
     for gone in rotate(
         root, c.keep_last, c.keep_every, c.keep_best, c.keep_best_mode, state.evaluations
