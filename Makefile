@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: quickstart quickstart-xl test lint clean lock test-latest
+.PHONY: quickstart quickstart-xl finetune test lint clean lock test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ $(VENV)/.installed-dev: pyproject.toml $(LOCK) | $(BIN)/python
 
 quickstart: $(VENV)/.installed
 	$(BIN)/sdtune train examples/quickstart.toml --output runs/quickstart --overwrite
+
+# A LoRA fine-tune you can see on a CPU: the quickstart's model learns a style from a folder
+# of images with caption files (trains the quickstart first when its model is missing).
+finetune: $(VENV)/.installed
+	@test -f runs/quickstart/model/sdtune_model.json || $(MAKE) quickstart
+	$(BIN)/sdtune train examples/finetune_folder.toml --output runs/finetune_folder --overwrite
 
 quickstart-xl: $(VENV)/.installed
 	$(BIN)/sdtune train examples/quickstart_xl.toml --output runs/quickstart_xl --overwrite

@@ -207,5 +207,5 @@ def sdtune_config(
             "log_every": log_every,
         },
         "checkpoint": {"every_steps": 0},
-        "evaluate": {"every_steps": 0, "val_batches": 0},
+        "evaluate": {"every_steps": 0, "val_batches": 0, "before_training": False},
     }

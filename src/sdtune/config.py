@@ -256,6 +256,8 @@ class EarlyStopConfig(Section):
 class EvaluateConfig(Section):
     every_steps: int = Field(0, ge=0)
     """Validation loss and a sample grid every N steps (0: only at the end)."""
+    before_training: bool | None = None
+    """Validation loss and the sample grid of the base model before the first step (samples/step-0000000.png), to compare with the end (unset: when fine-tuning a trained base, i.e. model.base is not a preset)."""
     prompts: list[str] = []
     """Prompts for the sample grid; empty uses the ten digit prompts for data.source='digits'."""
     num_per_prompt: int = Field(2, ge=1, le=64)

@@ -32,6 +32,7 @@ from sdtune.train.step import train_step
 from sdtune.train.watch import (
     TrainingInterrupted,
     TrainingNoSpace,
+    evaluate_before,
     is_log_step,
     record_evaluation,
     save,
@@ -55,6 +56,7 @@ class TrainResult:
 def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=print) -> TrainResult:
     """Train as `cfg` says into `run_dir` (prepared), from scratch or from a verified checkpoint."""
     run = setup(cfg, run_dir, resume_from, say)
+    evaluate_before(run)  # a fresh fine-tune: the base's samples and loss, to compare with
     started = time.monotonic()
     with StopRequest(run.progress.write) as stop:
         while run.state.step < cfg.train.max_steps and run.state.stop_reason is None:

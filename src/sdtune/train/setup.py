@@ -157,11 +157,31 @@ def _accelerator(cfg: RunConfig, run_dir: Path):
     return accelerator, accelerator.log if trackers else None
 
 
+def random_weights_note(cfg: RunConfig) -> str:
+    """What a preset base means: random weights. Trained from scratch that is the point; a
+    fine-tune of it (adapters, a token, part of the model) learns on top of noise."""
+    base = cfg.model.base
+    fine_tune = (
+        cfg.lora.enabled
+        or cfg.textual_inversion.token is not None
+        or cfg.dreambooth.instance_prompt is not None
+    )
+    if not fine_tune:
+        return f"model: {base} starts from random weights (training from scratch)"
+    return (
+        f"model: {base} has random weights, so this fine-tune learns on top of noise and its "
+        "samples stay noise; to see a fine-tune work on a CPU, start from a trained model "
+        "(e.g. the quickstart's runs/quickstart/model, as examples/finetune_folder.toml does)"
+    )
+
+
 def _model(cfg: RunConfig, run_dir: Path, main: bool, say):
     """The base model made into what the config trains, its trainable parameters, and the
     architecture record a checkpoint must match."""
     bundle = load_model(cfg.model, cfg.diffusion, cfg.seed)
     say(describe(bundle))
+    if cfg.model.base.startswith("preset:"):
+        say(random_weights_note(cfg))
     freeze = prepare_model(bundle, cfg)  # textual-inversion token, freezing, LoRA
     say(freeze.table())
     if main:

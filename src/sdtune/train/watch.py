@@ -157,6 +157,22 @@ def _log_row(run, result: StepResult, reports) -> None:
     run.window_images, run.window_start = 0, time.monotonic()
 
 
+def evaluate_before(run) -> None:
+    """The base model's validation loss and sample grid at step 0, before training: the
+    'before' of a fine-tune's before/after (not a checkpoint, not counted by early stopping)."""
+    cfg = run.cfg
+    wanted = cfg.evaluate.before_training
+    if wanted is None:
+        wanted = not cfg.model.base.startswith("preset:")
+    if not wanted or not run.main or run.state.step != 0:
+        return
+    row, grid = evaluate(
+        cfg, run.bundle, run.data, run.objects.ema, run.prompts, run.run_dir, 0, run.device
+    )
+    record_evaluation(run, row, grid, lambda text: run.progress.write(f"before training: {text}"))
+    _check_metric_names(cfg, row)
+
+
 def _evaluate(run) -> None:
     """Validation, samples (and metrics) now; a new best is saved at once; early stop."""
     cfg, state = run.cfg, run.state
