@@ -284,13 +284,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sdtune.monitor.report import write_report
+    from sdtune.files import check_writable
+    from sdtune.monitor.report import write_comparison, write_report
 
-    run_dir = Path(args.run)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no metrics.jsonl)")
-    out = write_report(run_dir, Path(args.out) if args.out else None)
-    print(f"report written to {out}")
+    run_dirs = [Path(run) for run in args.run]
+    for run_dir in run_dirs:
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise RunDirError(f"{run_dir}: not a run directory (no metrics.jsonl)")
+    if len(run_dirs) == 1:
+        out = write_report(run_dirs[0], Path(args.out) if args.out else None)
+        print(f"report written to {out}")
+        return 0
+    if len(set(p.resolve() for p in run_dirs)) < len(run_dirs):
+        raise UserError("sdtune report: a run is named twice; name each run once")
+    if not args.out:
+        raise UserError(
+            "sdtune report: with several runs, --out FILE names the comparison page "
+            "(e.g. --out compare.html)"
+        )
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the .html file to write")
+    check_writable(out, folder=False)
+    write_comparison(run_dirs, out)
+    print(f"comparison of {len(run_dirs)} runs written to {out}")
     return 0
 
 
@@ -464,9 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("report", help="write a self-contained HTML report of a run")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--out", default=None, help="output file (default RUN/report.html)")
+    p = sub.add_parser(
+        "report", help="write a self-contained HTML report of a run, or compare several runs"
+    )
+    p.add_argument(
+        "run",
+        nargs="+",
+        help="run directory; several: one page comparing them (curves overlaid, sample grids "
+        "at the same steps, the config keys that differ, the final numbers)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output file (default RUN/report.html; needed with several runs)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="configuration tools")

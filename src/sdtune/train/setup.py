@@ -3,6 +3,7 @@ cache), the live training objects, the step's context, and the state to start fr
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
     if run.log is not None and resume_from is not None:
         run.log.event(run.state.step, "resumed", f"resumed from {resume_from.name}")
     run.prompts = grid_prompts(cfg, [r.caption for r in data.train.records])
+    if main:  # what the grids' rows show, for the report
+        _write_grid_prompts(cfg, run_dir, run.prompts)
     run.progress = Progress(cfg.train.max_steps, initial=run.state.step, quiet=not main)
     return run
 
@@ -155,6 +158,23 @@ def _accelerator(cfg: RunConfig, run_dir: Path):
     if trackers:
         accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
     return accelerator, accelerator.log if trackers else None
+
+
+def _write_grid_prompts(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> None:
+    from sdtune.files import atomic_output
+
+    e = cfg.evaluate
+    settings = {
+        "prompts": prompts,
+        "num_per_prompt": e.num_per_prompt,
+        "seed": e.seed,
+        "scheduler": e.scheduler,
+        "sample_steps": e.sample_steps,
+        "guidance_scale": e.guidance_scale,
+    }
+    (run_dir / "samples").mkdir(exist_ok=True)
+    with atomic_output(run_dir / "samples" / "prompts.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def random_weights_note(cfg: RunConfig) -> str:
