@@ -311,6 +311,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_init(args: argparse.Namespace) -> int:
+    from sdtune.config import load_config
+    from sdtune.files import atomic_output
+    from sdtune.templates import render
+
+    out = Path(args.out if args.out is not None else f"{args.task}.toml")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.suffix != ".toml":
+        raise UserError(f"--out {out}: the config is TOML; name a .toml file")
+    text = render(args.task, args.base, args.data, args.resolution, str(out))
+    with atomic_output(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    load_config(str(out), [])  # what was written is a valid config (else a bug: say so)
+    print(f"wrote {out}: {args.task}; edit model.base, data.path and evaluate.prompts, then:")
+    print(f"  sdtune train {out}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from sdtune.config import load_config, to_toml
 
@@ -503,6 +522,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", default=None, help="config file (omit for the defaults)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.set_defaults(func=cmd_config_show)
+    from sdtune.templates import TASKS
+
+    c = csub.add_parser(
+        "init", help="write a commented starting config for a task (full, lora, dreambooth, ...)"
+    )
+    c.add_argument("task", choices=TASKS, help="what to train")
+    c.add_argument(
+        "--base",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="model.base: a diffusers folder, cached hub id, single file or a run's model/ "
+        "(default: SD 1.5's hub id)",
+    )
+    c.add_argument("--data", default="data/my_images", help="data.path: your image folder")
+    c.add_argument(
+        "--resolution",
+        type=_number(int, 8),
+        default=512,
+        help="data.resolution: the base's own size (512 SD 1.x, 768 SD 2.x, 1024 SDXL)",
+    )
+    c.add_argument("--out", default=None, help="the file to write (default TASK.toml)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.set_defaults(func=cmd_config_init)
     return parser
 
 

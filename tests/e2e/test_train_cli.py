@@ -203,3 +203,23 @@ def test_config_show_prints_defaults_with_help(cli):
     assert "max_steps = 7" in proc.stdout
     assert "# Number of optimizer steps to train." in proc.stdout
     assert 'base = "preset:tiny-digits"' in proc.stdout
+
+
+@pytest.mark.parametrize("task", ["full", "lora", "dreambooth", "textual-inversion"])
+def test_config_init_writes_a_config_that_trains(cli, tmp_path, tiny_image_folder, task):
+    out = tmp_path / f"{task}.toml"
+    proc = cli("config", "init", task, "--base", "preset:tiny-sd", "--data", tiny_image_folder,
+               "--resolution", "32", "--out", out)  # fmt: skip
+    assert f"sdtune train {out}" in proc.stdout
+    text = out.read_text()
+    assert text.startswith("# sdtune config: ") and 'base = "preset:tiny-sd"' in text
+    assert all(line.strip() == "" or "#" in line or "=" in line or line.startswith("[")
+               for line in text.splitlines())  # fmt: skip
+    fast = ["--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set",
+            "evaluate.sample_steps=2", "--set", "evaluate.num_per_prompt=1", "--set",
+            "dreambooth.num_class_images=2", "--set", "dreambooth.class_sample_steps=2"]  # fmt: skip
+    run = tmp_path / "run"
+    cli("train", out, "--output", run, *fast)
+    assert (run / "model").is_dir()
+    again = cli("config", "init", task, "--out", out, check=False)
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
