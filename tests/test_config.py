@@ -74,7 +74,8 @@ def test_data_path_implies_folder(tmp_path):
         ("data.source=folder", "data.path is required when data.source = 'folder'"),
         (
             "train.optimizer=lion",
-            "train.optimizer: Input should be 'adamw', 'adam', 'rmsprop', 'sgd' or 'adamw8bit'",
+            "train.optimizer: Input should be 'adamw', 'adam', 'rmsprop', 'sgd', 'adamw8bit' or "
+            "'adafactor'",
         ),
         ("data.val_fraction=1.5", "data.val_fraction: Input should be less than 1"),
         ("lora.preserve_prompts=['a dog']", "lora.preserve_prompts needs lora.enabled = true"),

@@ -179,8 +179,8 @@ class TrainConfig(Section):
     """Learning rate for the second text encoder (SDXL's OpenCLIP bigG) when it trains (unset: text_encoder_lr)."""
     text_encoder_steps: int | None = Field(None, ge=0)
     """Stop training the text encoder (weights or LoRA) after this many steps; the UNet goes on (unset: never)."""
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adamw8bit"] = "adamw"
-    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop, SGD with momentum, or AdamW with 8-bit states (bitsandbytes: pip install 'sdtune[bnb]'; a quarter of AdamW's state memory)."""
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adamw8bit", "adafactor"] = "adamw"
+    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop, SGD with momentum, AdamW with 8-bit states (bitsandbytes: pip install 'sdtune[bnb]'; a quarter of AdamW's state memory), or Adafactor (factored second moments, about no state memory; at train.learning_rate, not its own relative step size)."""
     fused_optimizer: bool = True
     """Use PyTorch's fused AdamW/Adam/SGD kernel (CPU and GPU): faster, and AdamW/Adam skip a bad step on the device, without a host-device sync (not under fp16's loss scaler)."""
     weight_decay: float = Field(1e-2, ge=0.0, le=1.0)

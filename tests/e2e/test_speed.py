@@ -26,6 +26,14 @@ def test_8bit_adamw_trains_and_resumes_bit_for_bit(tmp_path):
     assert any(q["state1"].dtype == torch.uint8 for q in quant)  # the moments really are 8-bit
 
 
+def test_adafactor_trains_and_resumes_bit_for_bit(tmp_path):
+    config = _config(tmp_path, 'optimizer = "adafactor"\n')
+    a = _assert_resume_is_exact(config, tmp_path, crash="step:3")
+    states = list(a[2]["state"].values())
+    # factored second moments: a row and a column vector for each matrix, no full moment
+    assert any("exp_avg_sq_row" in s and "exp_avg_sq" not in s for s in states)
+
+
 def test_fast_path_switches_train_on_cpu(tmp_path, capsys):
     extra = "\n".join(
         [

@@ -10,8 +10,9 @@ from sdtune.errors import ConfigError
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay, Loshchilov & Hutter 2019), Adam, RMSprop, SGD or 8-bit AdamW
-    (Dettmers et al. 2022, bitsandbytes) over param groups; fused kernels where asked and able."""
+    """AdamW (decoupled decay, Loshchilov & Hutter 2019), Adam, RMSprop, SGD, 8-bit AdamW
+    (Dettmers et al. 2022, bitsandbytes) or Adafactor over param groups; fused kernels where
+    asked and able."""
     params = [p for g in groups for p in g["params"]]
     fused = cfg.fused_optimizer and all(p.device.type in ("cuda", "cpu") for p in params)
     if cfg.optimizer in ("adamw", "adam"):
@@ -32,6 +33,19 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
             betas=cfg.adam_betas,
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
+        )
+    if cfg.optimizer == "adafactor":  # Shazeer & Stern 2018, transformers' implementation
+        from transformers.optimization import Adafactor
+
+        # at the configured rate and schedule (its relative step size off), as fine-tuning
+        # recipes for diffusion models run it
+        return Adafactor(
+            groups,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
         )
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
