@@ -92,6 +92,15 @@ def test_bad_values_name_the_key(override, expected):
     assert "\n" not in message
 
 
+def test_steps_or_epochs_not_both():
+    with pytest.raises(ConfigError, match="train.max_steps and train.max_epochs are both set"):
+        load_config(None, ["train.max_epochs=2", "train.max_steps=5"])
+    with pytest.raises(ConfigError, match="checkpoint.every_steps and checkpoint.every_epochs"):
+        load_config(None, ["checkpoint.every_epochs=1", "checkpoint.every_steps=5"])
+    cfg = load_config(None, ["train.max_epochs=2.5", "evaluate.every_epochs=1"])
+    assert cfg.train.max_epochs == 2.5 and cfg.evaluate.every_epochs == 1
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")

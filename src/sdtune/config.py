@@ -8,6 +8,7 @@ before any work starts, naming the key (and the closest valid one for a typo).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +168,8 @@ class DiffusionConfig(Section):
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1)
     """Number of optimizer steps to train."""
+    max_epochs: float | None = Field(None, gt=0.0, le=1e6)
+    """Train this many passes over the training images instead of train.max_steps (which is then ceil(epochs x images / global batch), said at start; unset: train.max_steps)."""
     batch_size: int = Field(8, ge=1)
     """Micro-batch size per process; the global batch is batch_size x grad_accum x processes."""
     grad_accum: int = Field(1, ge=1)
@@ -230,6 +233,8 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0)
     """Save a checkpoint every N steps (0: only at the end of training, on a signal, or by time)."""
+    every_epochs: float | None = Field(None, gt=0.0)
+    """Save every N passes over the training images instead (the step count said at start)."""
     every_minutes: float | None = Field(None, gt=0.0)
     """Also save when this many minutes have passed since the last save (unset disables)."""
     keep_last: int | None = Field(3, ge=1)
@@ -256,6 +261,8 @@ class EarlyStopConfig(Section):
 class EvaluateConfig(Section):
     every_steps: int = Field(0, ge=0)
     """Validation loss and a sample grid every N steps (0: only at the end)."""
+    every_epochs: float | None = Field(None, gt=0.0)
+    """Evaluate every N passes over the training images instead (the step count said at start)."""
     before_training: bool | None = None
     """Validation loss and the sample grid of the base model before the first step (samples/step-0000000.png), to compare with the end (unset: when fine-tuning a trained base, i.e. model.base is not a preset)."""
     prompts: list[str] = []
@@ -443,10 +450,46 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _steps_or_epochs(self) -> RunConfig:
+        for section, steps, epochs in (
+            ("train", "max_steps", "max_epochs"),
+            ("checkpoint", "every_steps", "every_epochs"),
+            ("evaluate", "every_steps", "every_epochs"),
+        ):
+            part = getattr(self, section)
+            if getattr(part, epochs) is not None and steps in part.model_fields_set:
+                raise ValueError(
+                    f"{section}.{steps} and {section}.{epochs} are both set; keep one of them"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _judge_needs_digits(self) -> RunConfig:
         if self.evaluate.judge and self.data.source != "digits":
             raise ValueError("evaluate.judge needs data.source = 'digits' (it judges digit images)")
         return self
+
+
+def in_steps(cfg: RunConfig, images: int, processes: int) -> tuple[RunConfig, list[str]]:
+    """`cfg` with every *_epochs key turned into its step count for `images` training images
+    over `processes` processes (an epoch is images / global batch steps), and what was done."""
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * processes
+    per_epoch = images / global_batch
+    said, update = [], {}
+    if cfg.train.max_epochs is not None:
+        steps = max(1, math.ceil(cfg.train.max_epochs * per_epoch - 1e-9))
+        update["train"] = cfg.train.model_copy(update={"max_steps": steps})
+        said.append(
+            f"train.max_epochs={cfg.train.max_epochs:g}: {steps} steps ({images} images, "
+            f"global batch {global_batch}: {per_epoch:.4g} steps an epoch)"
+        )
+    for section in ("checkpoint", "evaluate"):
+        part = getattr(cfg, section)
+        if part.every_epochs is not None:
+            every = max(1, round(part.every_epochs * per_epoch))
+            update[section] = part.model_copy(update={"every_steps": every})
+            said.append(f"{section}.every_epochs={part.every_epochs:g}: every {every} steps")
+    return (cfg.model_copy(update=update) if update else cfg), said
 
 
 # --------------------------------------------------------------------------- loading

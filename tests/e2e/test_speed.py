@@ -2,6 +2,7 @@
 a switch this machine cannot honour is a one-line error before any work."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -32,6 +33,24 @@ def test_adafactor_trains_and_resumes_bit_for_bit(tmp_path):
     states = list(a[2]["state"].values())
     # factored second moments: a row and a column vector for each matrix, no full moment
     assert any("exp_avg_sq_row" in s and "exp_avg_sq" not in s for s in states)
+
+
+def test_epochs_become_steps_and_resume_exactly(tmp_path):
+    """train.max_epochs and checkpoint/evaluate.every_epochs: counted in steps once the images
+    are known (40 training images at batch 4: 10 steps an epoch), resumed bit for bit."""
+    config = tmp_path / "cfg.toml"
+    config.write_text(
+        CONFIG.replace("max_steps = 6\n", "max_epochs = 1.5\n")
+        .replace("[checkpoint]\nevery_steps = 2\n", "[checkpoint]\nevery_epochs = 1\n")
+        .replace("[evaluate]\nevery_steps = 3\n", "[evaluate]\nevery_epochs = 0.5\n")
+    )
+    _assert_resume_is_exact(config, tmp_path, crash="step:12", step=15)
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_loss" in r] == [5, 10, 15]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")) == [
+        "step-0000010", "step-0000015",
+    ]  # fmt: skip
+    assert "max_epochs = 1.5" in (tmp_path / "a" / "config.toml").read_text()  # as asked
 
 
 def test_fast_path_switches_train_on_cpu(tmp_path, capsys):

@@ -58,6 +58,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     run = setup(cfg, run_dir, resume_from, say)
     evaluate_before(run)  # a fresh fine-tune: the base's samples and loss, to compare with
     started = time.monotonic()
+    cfg = run.cfg  # with any *_epochs turned into steps
     with StopRequest(run.progress.write) as stop:
         while run.state.step < cfg.train.max_steps and run.state.stop_reason is None:
             log_now = is_log_step(cfg, run.state.step + 1)

@@ -18,7 +18,7 @@ from sdtune.checkpoint.state import (
     frozen_fingerprint,
     load_training_state,
 )
-from sdtune.config import RunConfig, to_dict, to_toml
+from sdtune.config import RunConfig, in_steps, to_dict, to_toml
 from sdtune.data import build_datasets
 from sdtune.data.dataset import write_report
 from sdtune.data.order import derive_seed
@@ -97,6 +97,10 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
     bundle, trainable, architecture = _model(cfg, run_dir, main, say)
     bundle.to(accelerator.device)
     data = _data(cfg, bundle, run_dir, accelerator, say)
+    # epochs become steps now that the images are counted (config.toml keeps what was asked)
+    cfg, said = in_steps(cfg, len(data.train), accelerator.num_processes)
+    for line in said:
+        say(line)
     objects, ctx = _training(cfg, bundle, data, trainable, architecture, accelerator, say)
     state = TrainingProgress()
     run = Run(
