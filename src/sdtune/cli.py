@@ -163,6 +163,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     source = Path(args.model)
     if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
         source = source / "model"  # a run directory: its final model
+    if (args.width is None) != (args.height is None):
+        raise UserError("--width and --height go together: give both (or --resolution)")
+    if args.resolution is not None and args.width is not None:
+        raise UserError("--resolution and --width/--height exclude each other: choose one")
     model_cfg = ModelConfig(base=str(source), config_source=args.config_source)
     bundle = load_model(model_cfg, DiffusionConfig(), args.seed)
     if args.lora:
@@ -345,8 +349,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sdtune: error: {message}; see `{self.prog} --help`\n")
 
 
-def _number(kind, low=None, finite=True):
-    """An argparse type: an int or float, at least `low`, finite."""
+MAX_SIDE = 8192  # pixels: 8x SDXL's side; a larger image is a typo, not a wish
+
+
+def _number(kind, low=None, finite=True, high=None):
+    """An argparse type: an int or float, at least `low` (at most `high`), finite."""
 
     def parse(text: str):
         try:
@@ -357,6 +364,8 @@ def _number(kind, low=None, finite=True):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"{text} is below the smallest allowed value, {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is above the largest allowed value, {high}")
         return value
 
     return parse
@@ -423,15 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
         "--resolution",
-        type=_number(int, 8),
+        type=_number(int, 8, high=MAX_SIDE),
         default=None,
         help="image side in pixels (default: the model's)",
     )
     p.add_argument(
-        "--width", type=_number(int, 8), default=None, help="image width (default: --resolution)"
+        "--width", type=_number(int, 8, high=MAX_SIDE), default=None, help="image width (default: --resolution)"
     )
     p.add_argument(
-        "--height", type=_number(int, 8), default=None, help="image height (default: --resolution)"
+        "--height", type=_number(int, 8, high=MAX_SIDE), default=None, help="image height (default: --resolution)"
     )
     p.add_argument(
         "--config-source",

@@ -628,3 +628,49 @@ def test_a_closed_pipe_is_not_a_traceback(run_copy):
     proc.stdout.close()  # closed before the first line
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_model_folder_with_missing_weights_is_named(capsys, run_copy, tmp_path, tiny_cfg):
+    """A component whose files lack weights its config needs: one line, never random weights."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(run_copy / "model", model)
+    for component, prefix in (("text_encoder", "encoder.layers.0."), ("unet", "up_")):
+        files = list((model / component).glob("*.safetensors"))
+        state = load_file(str(files[0]))
+        save_file({k: v for k, v in state.items() if not k.startswith(prefix)}, str(files[0]))
+        line = refused(capsys, ["sample", model, "--prompt", "a", "--out", tmp_path / "g.png"],
+                       f"{component} has no", "of its weights", protect=[model])  # fmt: skip
+        shutil.rmtree(model)
+        shutil.copytree(run_copy / "model", model)
+        assert "export or download it again" in line
+
+
+def test_sampling_sizes_and_embeddings_are_checked(capsys, run_copy, tmp_path):
+    from safetensors.torch import save_file
+
+    out = ["--prompt", "a", "--steps", "2", "--out", tmp_path / "g.png"]
+    refused(capsys, ["sample", run_copy, *out, "--width", "16"], "--width and --height go together")
+    refused(capsys, ["sample", run_copy, *out, "--height", "400000", "--width", "16"],
+            "above the largest allowed value, 8192")  # fmt: skip
+    refused(capsys, ["sample", run_copy, *out, "--resolution", "16", "--width", "16",
+                     "--height", "16"], "exclude each other")  # fmt: skip
+    for name, vectors, said in (
+        ("zero", torch.zeros(0, 32), "shape [0, 32]"),
+        ("nan", torch.full((1, 32), float("nan")), "NaN or infinity"),
+    ):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"emb_params": vectors}, str(path))
+        refused(capsys, ["sample", run_copy, *out, "--embedding", f"{path}:<e>"], said,
+                protect=[path])  # fmt: skip
+
+
+def test_sdxl_only_keys_and_truncated_files(capsys, tiny_cfg, tmp_path, run_copy):
+    refused(capsys, ["train", tiny_cfg, "--output", tmp_path / "r", "--set",
+                     "train.text_encoder_2_lr=1e-5"], "train.text_encoder_2_lr",
+            "no second text encoder")  # fmt: skip
+    source = next((run_copy / "model" / "unet").glob("*.safetensors"))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    refused(capsys, ["inspect", cut], "truncated", protect=[cut])

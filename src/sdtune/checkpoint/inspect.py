@@ -79,7 +79,17 @@ def _header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str
     except (OSError, ValueError, struct.error) as exc:
         raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {k: (v["dtype"], list(v["shape"])) for k, v in header.items()}
+    try:
+        tensors = {k: (v["dtype"], list(v["shape"])) for k, v in header.items()}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"{path}: not a readable .safetensors file (a garbled header)") from None
+    size, needed = path.stat().st_size, 8 + length + end
+    if size < needed:
+        raise UserError(
+            f"{path}: truncated: {size:,} bytes, but its header describes {needed:,}; copy or "
+            "download it again"
+        )
     return tensors, metadata
 
 

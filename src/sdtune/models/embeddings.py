@@ -156,7 +156,22 @@ def read_embedding_file(bundle: ModelBundle, path: Path) -> dict[str, torch.Tens
         raise UserError(f"--embedding {path}: cannot read it ({exc})") from None
     if not isinstance(state, dict):
         raise UserError(f"--embedding {path}: not an embedding file (no named tensors)")
-    return bundle.arch.read_embedding(state, path)
+    vectors = bundle.arch.read_embedding(state, path)
+    for component, got in vectors.items():
+        if got.ndim != 2 or got.shape[0] == 0 or got.shape[1] == 0:
+            raise UserError(
+                f"--embedding {path}: {component}'s vectors have shape {list(got.shape)}; an "
+                "embedding holds one or more vectors of the text encoder's width"
+            )
+        if not torch.isfinite(got).all():
+            raise UserError(f"--embedding {path}: {component}'s vectors hold NaN or infinity")
+    counts = {got.shape[0] for got in vectors.values()}
+    if len(counts) > 1:
+        raise UserError(
+            f"--embedding {path}: the text encoders' parts have different numbers of vectors "
+            f"({', '.join(f'{c}: {v.shape[0]}' for c, v in vectors.items())}); they must match"
+        )
+    return vectors
 
 
 def load_embedding_file(bundle: ModelBundle, path: Path, token: str) -> None:

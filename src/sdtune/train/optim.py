@@ -122,6 +122,11 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], cfg: RunConfig, arch)
 
     te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
     own_lr = {"text_encoder_2": cfg.train.text_encoder_2_lr or te_lr}
+    if cfg.train.text_encoder_2_lr is not None and "text_encoder_2" not in arch.text_encoders:
+        raise ConfigError(
+            "train.text_encoder_2_lr: this model has no second text encoder (it is SDXL's); "
+            "leave the key out, or use train.text_encoder_lr"
+        )
     user = [
         (i, g, [compile_pattern(p, f"optimizer.param_groups[{i}].params") for p in g.params])
         for i, g in enumerate(cfg.optimizer.param_groups)

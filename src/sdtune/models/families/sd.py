@@ -33,22 +33,34 @@ def load_component(path: Path, name: str, load):
         raise ModelError(f"model.base: cannot load {path / name}: {first}") from exc
 
 
+def load_weights(path: Path, name: str, cls):
+    """Component `name` of the folder at `path` as `cls`, with every weight its architecture
+    has: a weight missing from the files, or of another shape, is a one-line error (the
+    libraries would leave it random, or on the meta device, and say so only in a log)."""
+    loaded = load_component(
+        path, name, lambda: cls.from_pretrained(path, subfolder=name, output_loading_info=True)
+    )
+    module, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    for kind, what in (("missing_keys", "has no"), ("mismatched_keys", "has wrong shapes for")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or [])
+        if keys:
+            raise ModelError(
+                f"model.base: {path / name} {what} {len(keys)} of its weights (e.g. {keys[0]}); "
+                "the folder is incomplete or of another architecture: export or download it again"
+            )
+    return module
+
+
 def load_parts(path: Path, encoders: dict):
     """(UNet, VAE or None, text encoders, tokenizers, scheduler) of a diffusers folder;
     `encoders` maps each text-encoder folder to (its class, its tokenizer's folder)."""
-    unet = load_component(
-        path, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    )
+    unet = load_weights(path, "unet", UNet2DConditionModel)
     vae = None
     if (path / "vae" / "config.json").is_file():
-        vae = load_component(
-            path, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae")
-        )
+        vae = load_weights(path, "vae", AutoencoderKL)
     modules, tokenizers = [], []
     for name, (cls, folder) in encoders.items():
-        modules.append(
-            load_component(path, name, lambda c=cls, n=name: c.from_pretrained(path, subfolder=n))
-        )
+        modules.append(load_weights(path, name, cls))
         tokenizer = load_component(
             path, folder, lambda f=folder: CLIPTokenizer.from_pretrained(path, subfolder=f)
         )

@@ -33,6 +33,7 @@ from sdtune.errors import ModelError, UserError
 from sdtune.models.families.base import Conditioning
 from sdtune.models.families.sd import (
     StableDiffusion,
+    check_tokenizer,
     load_parts,
     text_config,
     tokenize_with,
@@ -82,15 +83,19 @@ class StableDiffusionXL(StableDiffusion):
             self.name, modules, dict(zip(TEXT_ENCODERS, tokenizers)), scheduler, source
         )
 
-    def load_folder(self, path: Path, source: str, info: dict):
+    @staticmethod
+    def check_layout(path: Path, key: str = "model.base") -> None:
         wanted = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
         missing = [c for c in wanted if not (path / c).is_dir()]
         if missing:
             raise ModelError(
-                f"model.base: {path} has no {'/, '.join(missing)}/ folder; an SDXL pipeline "
+                f"{key}: {path} has no {'/, '.join(missing)}/ folder; an SDXL pipeline "
                 "folder holds unet/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
                 "scheduler/ (and vae/)"
             )
+
+    def load_folder(self, path: Path, source: str, info: dict):
+        self.check_layout(path)
 
         unet, vae, encoders, tokenizers, scheduler = load_parts(
             path,
@@ -104,6 +109,7 @@ class StableDiffusionXL(StableDiffusion):
     def load_single_file(self, path: Path, config_dir: Path, source: str):
         from diffusers import StableDiffusionXLPipeline
 
+        self.check_layout(config_dir, "model.config_source")
         try:
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(path), config=str(config_dir), local_files_only=True
@@ -116,6 +122,8 @@ class StableDiffusionXL(StableDiffusion):
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         encoders = (pipe.text_encoder, pipe.text_encoder_2)
         tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+        for tokenizer, folder in zip(tokenizers, ("tokenizer", "tokenizer_2")):
+            check_tokenizer(tokenizer, config_dir / folder)
         return self.bundle(pipe.unet, encoders, tokenizers, scheduler, pipe.vae, source)
 
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
