@@ -29,11 +29,8 @@ WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 # What a peer script computes once before training instead of at every step: sdtune's matching
 # overrides, so that both trainers do the same work per step.
-PEER_PRECOMPUTES = {
-    "examples/text_to_image/train_text_to_image_sdxl.py": [
-        "data.cache_latents=true",
-        "data.cache_text=true",
-    ]
+PEER_PRECOMPUTES = {  # data.* keys set to true
+    "examples/text_to_image/train_text_to_image_sdxl.py": ("cache_latents", "cache_text"),
 }
 
 

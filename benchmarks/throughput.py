@@ -146,7 +146,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     batch = args.batch_size or arch.batch_size
     peer = check_peer(args.peer, arch) if args.peer is not None and not args.flops_only else None
     if peer is not None:  # sdtune does the work per step that the peer does (the SDXL caches)
-        args.set = [*PEER_PRECOMPUTES.get(arch.peer, []), *args.set]
+        args.set = [f"data.{key}=true" for key in PEER_PRECOMPUTES.get(arch.peer, ())] + args.set
     flops = step_flops(arch, resolution, batch, args.train_text_encoder)
     if args.flops_only:
         counts = ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in parameter_counts(arch).items())
@@ -283,11 +283,10 @@ def _specs(args, arch, resolution: int, batch: int, precision: str, peer, work: 
     if peer is not None:
         from benchmarks.peer import PEER_PRECOMPUTES
 
-        precomputed = [item.partition("=")[0] for item in PEER_PRECOMPUTES.get(arch.peer, [])]
         specs["peer"] = {
             "trainer": "peer",
             "script": peer["path"],
-            "precomputes": {"data": {key.split(".")[1]: True for key in precomputed}},
+            "precomputes": {"data": dict.fromkeys(PEER_PRECOMPUTES.get(arch.peer, ()), True)},
             "args": peer_args(
                 peer, model_dir, data_dir, work / "runs" / "peer", resolution, batch,
                 max_steps, precision, args.ema, args.workers,

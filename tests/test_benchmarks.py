@@ -253,15 +253,27 @@ def test_bad_override_fails_before_any_run(tmp_path, capsys):
     assert "--workers >= 0" in capsys.readouterr().err
 
 
-PEER = os.environ.get("SDTUNE_PEER_SCRIPT")
+def _needs_peer(variable: str, script: str):
+    """Skip unless $variable names diffusers' `script` (never kept here) and `datasets` is in."""
+    path = os.environ.get(variable)
+
+    def mark(test):
+        test = pytest.mark.skipif(
+            not path or not Path(path).is_file(),
+            reason=f"diffusers' {script} is not in this repository; set {variable}=PATH to "
+            "run the side-by-side test",
+        )(test)
+        needs = importlib.util.find_spec("datasets") is None
+        return pytest.mark.skipif(needs, reason="needs `datasets`")(test)
+
+    return path, mark
 
 
-@pytest.mark.skipif(
-    not PEER or not Path(PEER).is_file(),
-    reason="diffusers' train_text_to_image.py is not in this repository; "
-    "set SDTUNE_PEER_SCRIPT=PATH to run the side-by-side test",
-)
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs `datasets`")
+PEER, needs_peer = _needs_peer("SDTUNE_PEER_SCRIPT", "train_text_to_image.py")
+PEER_SDXL, needs_sdxl_peer = _needs_peer("SDTUNE_PEER_SCRIPT_SDXL", "train_text_to_image_sdxl.py")
+
+
+@needs_peer
 def test_side_by_side_with_the_peer(tmp_path):
     result = _run(tmp_path, "--repeats", "1", "--peer", PEER)
     assert [r["trainer"] for r in result["runs"]] == ["sdtune", "peer"]
@@ -271,15 +283,7 @@ def test_side_by_side_with_the_peer(tmp_path):
     assert "--train_data_dir" in result["setup"]["peer_args"]
 
 
-PEER_SDXL = os.environ.get("SDTUNE_PEER_SCRIPT_SDXL")
-
-
-@pytest.mark.skipif(
-    not PEER_SDXL or not Path(PEER_SDXL).is_file(),
-    reason="diffusers' train_text_to_image_sdxl.py is not in this repository; "
-    "set SDTUNE_PEER_SCRIPT_SDXL=PATH to run the SDXL side-by-side test",
-)
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs `datasets`")
+@needs_sdxl_peer
 def test_sdxl_side_by_side_with_the_peer(tmp_path):
     """The SDXL peer encodes images and captions before training; sdtune then caches both."""
     result = _run(tmp_path, "--model", "tiny-sdxl", "--resolution", "32", "--repeats", "1",

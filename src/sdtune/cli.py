@@ -437,10 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="image side in pixels (default: the model's)",
     )
     p.add_argument(
-        "--width", type=_number(int, 8, high=MAX_SIDE), default=None, help="image width (default: --resolution)"
+        "--width",
+        type=_number(int, 8, high=MAX_SIDE),
+        default=None,
+        help="image width (default: --resolution)",
     )
     p.add_argument(
-        "--height", type=_number(int, 8, high=MAX_SIDE), default=None, help="image height (default: --resolution)"
+        "--height",
+        type=_number(int, 8, high=MAX_SIDE),
+        default=None,
+        help="image height (default: --resolution)",
     )
     p.add_argument(
         "--config-source",

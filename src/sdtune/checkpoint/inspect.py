@@ -134,14 +134,16 @@ def _lora_summary(tensors: dict, kind: str) -> list[str]:
 
     known = {t for f in FAMILIES.values() for ts in f.lora_targets.values() for t in ts}
     known = sorted(known, key=len, reverse=True)  # the longest match names the module
+    # kohya prefix -> component, as the families name them (lora_te1_ before lora_te_)
+    prefixes = {p: c for f in FAMILIES.values() for c, p in f.kohya_prefixes.items()}
+    by_length = sorted(prefixes, key=len, reverse=True)
     per_component: dict[str, int] = {}
     suffixes: set[str] = set()
     for name in modules:
         sep = "_" if kind == "kohya LoRA" else "."
         if kind == "kohya LoRA":
-            component = name.split("_", 2)[1] if name.count("_") >= 2 else name
-            component = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder",
-                         "te2": "text_encoder_2"}.get(component, component)  # fmt: skip
+            prefix = next((p for p in by_length if name.startswith(p + "_")), None)
+            component = prefixes[prefix] if prefix else name.split("_", 2)[1]
         else:
             component = name.split(".", 1)[0]
         target = next((t for t in known if name.endswith(sep + t.replace(".", sep))), None)

@@ -37,10 +37,9 @@ def load_weights(path: Path, name: str, cls):
     """Component `name` of the folder at `path` as `cls`, with every weight its architecture
     has: a weight missing from the files, or of another shape, is a one-line error (the
     libraries would leave it random, or on the meta device, and say so only in a log)."""
-    loaded = load_component(
+    module, info = load_component(
         path, name, lambda: cls.from_pretrained(path, subfolder=name, output_loading_info=True)
     )
-    module, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     for kind, what in (("missing_keys", "has no"), ("mismatched_keys", "has wrong shapes for")):
         keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or [])
         if keys:
