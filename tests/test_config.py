@@ -73,9 +73,14 @@ def test_data_path_implies_folder(tmp_path):
         ("train.learning_rate=fast", "train.learning_rate: Input should be a valid number"),
         ("data.source=folder", "data.path is required when data.source = 'folder'"),
         (
-            "train.optimizer=lion",
-            "train.optimizer: Input should be 'adamw', 'adam', 'rmsprop', 'sgd', 'adamw8bit' or "
-            "'adafactor'",
+            "train.optimizer=lamb",
+            "train.optimizer: Input should be 'adamw', 'adam', 'rmsprop', 'sgd', 'adamw8bit', "
+            "'adafactor', 'prodigy', 'lion' or 'adamw_schedulefree'",
+        ),
+        (
+            "train.optimizer=prodigy",
+            "train.learning_rate = 0.0001 with Prodigy, which estimates its own step size and "
+            "multiplies it by this: set train.learning_rate = 1.0",
         ),
         ("data.val_fraction=1.5", "data.val_fraction: Input should be less than 1"),
         ("lora.preserve_prompts=['a dog']", "lora.preserve_prompts needs lora.enabled = true"),
@@ -90,6 +95,12 @@ def test_bad_values_name_the_key(override, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_schedule_free_keeps_a_flat_schedule():
+    with pytest.raises(ConfigError, match="train.lr_schedule = 'cosine' with schedule-free AdamW"):
+        load_config(None, ["train.optimizer=adamw_schedulefree", "train.lr_schedule=cosine"])
+    load_config(None, ["train.optimizer=adamw_schedulefree", "train.warmup_steps=10"])
 
 
 def test_steps_or_epochs_not_both():

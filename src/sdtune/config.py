@@ -182,8 +182,15 @@ class TrainConfig(Section):
     """Learning rate for the second text encoder (SDXL's OpenCLIP bigG) when it trains (unset: text_encoder_lr)."""
     text_encoder_steps: int | None = Field(None, ge=0)
     """Stop training the text encoder (weights or LoRA) after this many steps; the UNet goes on (unset: never)."""
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adamw8bit", "adafactor"] = "adamw"
-    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop, SGD with momentum, AdamW with 8-bit states (bitsandbytes: pip install 'sdtune[bnb]'; a quarter of AdamW's state memory), or Adafactor (factored second moments, about no state memory; at train.learning_rate, not its own relative step size)."""
+    optimizer: Literal[
+        "adamw", "adam", "rmsprop", "sgd", "adamw8bit", "adafactor", "prodigy", "lion",
+        "adamw_schedulefree",
+    ] = "adamw"  # fmt: skip
+    """Optimizer: AdamW (decoupled weight decay), Adam, RMSprop, SGD with momentum, AdamW with 8-bit states (bitsandbytes: pip install 'sdtune[bnb]'; a quarter of AdamW's state memory), Adafactor (factored second moments, about no state memory; at train.learning_rate, not its own relative step size), Prodigy (estimates its own step size: set train.learning_rate = 1.0, which scales it), Lion (sign of the momentum: one state per weight; about 3-10x lower learning rate and higher weight decay than AdamW), or schedule-free AdamW (no schedule: train.lr_schedule stays 'constant', train.warmup_steps is its warmup; evaluations, samples and exports use its averaged weights)."""
+    lion_betas: tuple[float, float] = (0.9, 0.99)
+    """Lion's beta1 (the update's interpolation) and beta2 (the momentum's decay)."""
+    prodigy_d_coef: float = Field(1.0, gt=0.0, le=100.0)
+    """Prodigy: multiplies its estimated step size (below 1 damps it, e.g. 0.5 when it overshoots)."""
     fused_optimizer: bool = True
     """Use PyTorch's fused AdamW/Adam/SGD kernel (CPU and GPU): faster, and AdamW/Adam skip a bad step on the device, without a host-device sync (not under fp16's loss scaler)."""
     weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
@@ -228,6 +235,21 @@ class TrainConfig(Section):
     """Write metrics (loss, lr, grad norm, images/s) every N steps."""
     log_update_ratio: bool = True
     """Also log |update| / |weights| on those steps (from a copy of at most 64 MiB of the weights, taken before the step: all of them when they fit, else an evenly strided sample)."""
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self) -> TrainConfig:
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(
+                f"train.learning_rate = {self.learning_rate:g} with Prodigy, which estimates its "
+                "own step size and multiplies it by this: set train.learning_rate = 1.0 "
+                "(train.prodigy_d_coef damps it)"
+            )
+        if self.optimizer == "adamw_schedulefree" and self.lr_schedule != "constant":
+            raise ValueError(
+                f"train.lr_schedule = '{self.lr_schedule}' with schedule-free AdamW, which "
+                "replaces the schedule by averaging: leave train.lr_schedule = 'constant'"
+            )
+        return self
 
 
 class CheckpointConfig(Section):

@@ -30,6 +30,9 @@ from sdtune.data.order import DataPosition
 
 MODEL_KEY = "model.safetensors"
 EMA_KEY = "ema.safetensors"
+TRAIN_WEIGHTS_KEY = "train_weights.safetensors"
+"""Schedule-free optimizers only: the weights training goes on from (model.safetensors holds
+the evaluated average, which export, eval and sample read)."""
 OPT_KEY = "optimizer.pt"
 LR_KEY = "lr_scheduler.pt"
 SCALER_KEY = "grad_scaler.pt"
@@ -229,7 +232,19 @@ def save_training_state(
     the training objects (train/step.py's TrainingObjects), the progress and the config."""
     trainable, optimizer, lr_scheduler = objects.trainable, objects.optimizer, objects.lr_scheduler
     ema, scaler, architecture = objects.ema, objects.scaler, objects.architecture
-    weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
+    from sdtune.train.optim import evaluation_weights, is_schedule_free
+
+    def copy(own: bool = False) -> dict[str, torch.Tensor]:  # own: not the parameters' memory
+        return {
+            n: (p.detach().cpu().clone() if own else p.detach().cpu()).contiguous()
+            for n, p in trainable.items()
+        }
+
+    weights, train_weights = copy(), None
+    if is_schedule_free(optimizer):
+        train_weights = copy(own=True)
+        with evaluation_weights(optimizer):
+            weights = copy(own=True)
     writers = {
         MODEL_KEY: lambda path: save_file(weights, str(path)),
         OPT_KEY: lambda path: torch.save(optimizer.state_dict(), path),
@@ -244,6 +259,8 @@ def save_training_state(
     if ema is not None:
         shadow = {n: s.detach().cpu().contiguous() for n, s in zip(trainable, ema.shadow_params)}
         writers[EMA_KEY] = lambda path: save_file(shadow, str(path))
+    if train_weights is not None:
+        writers[TRAIN_WEIGHTS_KEY] = lambda path: save_file(train_weights, str(path))
     if scaler is not None:
         writers[SCALER_KEY] = lambda path: torch.save(scaler.state_dict(), path)
     counter = {"n": 0}
@@ -267,7 +284,16 @@ def load_training_state(path: Path, objects, rank: int = 0) -> TrainingProgress:
     ema, scaler, architecture = objects.ema, objects.scaler, objects.architecture
     saved_arch = json.loads((path / ARCH_KEY).read_text())
     check_architecture(saved_arch, architecture, path)
-    weights = load_file(str(path / MODEL_KEY))
+    from sdtune.train.optim import is_schedule_free
+
+    weights_key = TRAIN_WEIGHTS_KEY if is_schedule_free(optimizer) else MODEL_KEY
+    if not (path / weights_key).is_file():
+        raise CheckpointError(
+            f"{path}: has no {weights_key}: it was saved with another train.optimizer than "
+            "this config's (schedule-free AdamW's checkpoints keep its training weights too); "
+            "resume with the optimizer it was trained with"
+        )
+    weights = load_file(str(path / weights_key))
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(weights[name].to(param.device, param.dtype))

@@ -35,6 +35,7 @@ LABELS = {
     "val_loss_ema": "validation loss (EMA weights)",
     "preserve_loss": "output-preservation loss",
     "lr": "learning rate",
+    "lr_effective": "step size taken (Prodigy: its estimate d x lr; schedule-free: warmed up)",
     "grad_norm": "gradient norm",
     "images_per_s": "images per second",
     "update_ratio": "|update| / |weights|",
@@ -369,11 +370,20 @@ def _charts(run: RunView) -> list[str]:
             log_y=True,
             marked=marked,
         ),
-        svg_chart("learning rate", pick({"lr": _label("lr")})),
+        svg_chart("learning rate", pick({k: _label(k) for k in ("lr", "lr_effective")})),
         svg_chart("gradient norm", pick({"grad_norm": _label("grad_norm")}), log_y=True),
         svg_chart("images per second", pick({"images_per_s": _label("images_per_s")})),
     ]
-    known = {"loss", "lr", "grad_norm", "images_per_s", "epoch", "skipped_steps", "train_loss"}
+    known = {
+        "loss",
+        "lr",
+        "lr_effective",
+        "grad_norm",
+        "images_per_s",
+        "epoch",
+        "skipped_steps",
+        "train_loss",
+    }
     charts += [
         svg_chart(_label(k), {_label(k): data[k]}, marked=marked)
         for k in keys

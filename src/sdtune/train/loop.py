@@ -26,6 +26,7 @@ from sdtune.config import RunConfig
 from sdtune.files import atomic_output
 from sdtune.monitor.report import write_report
 from sdtune.train.ema import maybe_ema
+from sdtune.train.optim import evaluation_weights
 from sdtune.train.parts import EXIT_NO_SPACE, StopRequest, evaluate
 from sdtune.train.setup import Run, setup
 from sdtune.train.step import train_step
@@ -78,27 +79,30 @@ def finish(run: Run, train_seconds: float) -> TrainResult:
     ema = run.objects.ema
     if run.main:
         save(run, must=True)
-        with maybe_ema(ema):
-            _save_final_model(run.bundle, result.model_dir, ema, state.step, cfg)
-        say(f"model saved to {result.model_dir}")
-        if state.evaluations and state.evaluations[-1]["step"] == state.step:
-            row = state.evaluations[-1]  # evaluated at this step already (early stop)
-        else:
-            row, grid = evaluate(
-                cfg, run.bundle, run.data, ema, run.prompts, run.run_dir, state.step, run.device
-            )
-            record_evaluation(run, row, grid, say)
-        crash_point("end", state.step)
-        result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
-        _write_summary(run, result)
-        if run.log is not None:
-            run.log.close()
-        if cfg.evaluate.judge:
-            from sdtune.evaluate.judge import run_judge
-
+        with evaluation_weights(run.objects.optimizer):  # schedule-free: its averaged weights
             with maybe_ema(ema):
-                result.judged_accuracy = run_judge(run.bundle, cfg, run.run_dir, run.device, say)
-        say(f"report: {write_report(run.run_dir)}")  # last: it holds every end-of-run number
+                _save_final_model(run.bundle, result.model_dir, ema, state.step, cfg)
+            say(f"model saved to {result.model_dir}")
+            if state.evaluations and state.evaluations[-1]["step"] == state.step:
+                row = state.evaluations[-1]  # evaluated at this step already (early stop)
+            else:
+                row, grid = evaluate(
+                    cfg, run.bundle, run.data, ema, run.prompts, run.run_dir, state.step, run.device
+                )
+                record_evaluation(run, row, grid, say)
+            crash_point("end", state.step)
+            result.val_loss = row.get("val_loss_ema", row.get("val_loss"))
+            _write_summary(run, result)
+            if run.log is not None:
+                run.log.close()
+            if cfg.evaluate.judge:
+                from sdtune.evaluate.judge import run_judge
+
+                with maybe_ema(ema):
+                    result.judged_accuracy = run_judge(
+                        run.bundle, cfg, run.run_dir, run.device, say
+                    )
+            say(f"report: {write_report(run.run_dir)}")  # last: it holds every end-of-run number
     run.accelerator.end_training()
     return result
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 from diffusers.optimization import get_scheduler
 
@@ -11,8 +14,8 @@ from sdtune.errors import ConfigError
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (decoupled decay, Loshchilov & Hutter 2019), Adam, RMSprop, SGD, 8-bit AdamW
-    (Dettmers et al. 2022, bitsandbytes) or Adafactor over param groups; fused kernels where
-    asked and able."""
+    (Dettmers et al. 2022, bitsandbytes), Adafactor, Prodigy, Lion or schedule-free AdamW over
+    param groups; fused kernels where asked and able."""
     params = [p for g in groups for p in g["params"]]
     fused = cfg.fused_optimizer and all(p.device.type in ("cuda", "cpu") for p in params)
     if cfg.optimizer in ("adamw", "adam"):
@@ -47,6 +50,39 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
             relative_step=False,
             warmup_init=False,
         )
+    if cfg.optimizer == "prodigy":  # Mishchenko & Defazio 2024, the authors' package
+        from prodigyopt import Prodigy
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its weight-decay mode
+            return Prodigy(
+                groups,
+                lr=cfg.learning_rate,
+                betas=cfg.adam_betas,
+                eps=cfg.adam_eps,
+                weight_decay=cfg.weight_decay,
+                d_coef=cfg.prodigy_d_coef,
+                # its authors' advice under a warmup: the estimate does not run ahead of it
+                safeguard_warmup=cfg.warmup_steps > 0,
+            )
+    if cfg.optimizer == "lion":  # Chen et al. 2023, lucidrains' lion-pytorch
+        from lion_pytorch import Lion
+
+        return Lion(
+            groups, lr=cfg.learning_rate, betas=cfg.lion_betas, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adamw_schedulefree":  # Defazio et al. 2024, the authors' package
+        from schedulefree import AdamWScheduleFree
+
+        optimizer = AdamWScheduleFree(
+            groups,
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,  # its own warmup; the LR schedule stays flat
+        )
+        optimizer.train()
+        return optimizer
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
             groups,
@@ -99,15 +135,61 @@ def step_unless(optimizer, skip: torch.Tensor) -> None:
         del inner.found_inf
 
 
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+
+
+def is_schedule_free(optimizer) -> bool:
+    """Whether the optimizer trains at one point (y) and is evaluated at another (x, the
+    average of its iterates): schedule-free AdamW's train/eval modes."""
+    return hasattr(_inner(optimizer), "eval") and "train_mode" in _inner(optimizer).defaults
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer):
+    """A schedule-free optimizer's evaluated weights (x) in the parameters, for validation,
+    samples, exports and the checkpoint's model file; the training weights (y) put back bit for
+    bit after (x -> y by its own formula would round differently, and a resumed run would then
+    part from the uninterrupted one). Any other optimizer: the weights as they are."""
+    inner = _inner(optimizer)
+    if not is_schedule_free(inner):
+        yield
+        return
+    params = [p for g in inner.param_groups for p in g["params"]]
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+    inner.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        for group in inner.param_groups:
+            group["train_mode"] = True
+
+
+def effective_lr(optimizer) -> float | None:
+    """The step size the first group really takes where the optimizer sets it itself:
+    Prodigy's estimate d times the rate, schedule-free AdamW's warmed-up rate; else None."""
+    group = _inner(optimizer).param_groups[0]
+    if "d" in group and "d_coef" in group:
+        return float(group["d"]) * float(group["lr"])
+    if "scheduled_lr" in group:
+        return float(group["scheduled_lr"])
+    return None
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup, then constant, linear decay to 0 or cosine decay to 0 at max_steps."""
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    own_warmup = cfg.optimizer == "adamw_schedulefree"  # warms up inside the optimizer
     return get_scheduler(
         name,
         optimizer,
-        num_warmup_steps=cfg.warmup_steps,
+        num_warmup_steps=0 if own_warmup else cfg.warmup_steps,
         num_training_steps=cfg.max_steps,
     )
 

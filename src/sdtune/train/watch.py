@@ -19,6 +19,7 @@ from sdtune.errors import ConfigError, UserError
 from sdtune.evaluate.early_stop import early_stop_reason, overfitting
 from sdtune.files import NoSpaceError, free_bytes
 from sdtune.monitor.report import write_report
+from sdtune.train.optim import effective_lr, evaluation_weights, is_schedule_free
 from sdtune.train.parts import EXIT_INTERRUPTED, EXIT_NO_SPACE, evaluate
 from sdtune.train.step import StepResult, update_ratio
 
@@ -146,6 +147,9 @@ def _log_row(run, result: StepResult, reports) -> None:
         "epoch": state.position.epoch,
         "skipped_steps": state.skipped_steps,
     }
+    stepped = effective_lr(objects.optimizer)  # Prodigy's d x lr, schedule-free's warmup
+    if stepped is not None:
+        row["lr_effective"] = stepped
     if run.ctx.preserve is not None:  # the preservation term, unweighted (in "loss" weighted)
         row["preserve_loss"] = state.window_preserve / state.window_steps
     if run.log is not None:
@@ -166,9 +170,10 @@ def evaluate_before(run) -> None:
         wanted = not cfg.model.base.startswith("preset:")
     if not wanted or not run.main or run.state.step != 0:
         return
-    row, grid = evaluate(
-        cfg, run.bundle, run.data, run.objects.ema, run.prompts, run.run_dir, 0, run.device
-    )
+    with evaluation_weights(run.objects.optimizer):
+        row, grid = evaluate(
+            cfg, run.bundle, run.data, run.objects.ema, run.prompts, run.run_dir, 0, run.device
+        )
     record_evaluation(run, row, grid, lambda text: run.progress.write(f"before training: {text}"))
     _check_metric_names(cfg, row)
 
@@ -176,9 +181,17 @@ def evaluate_before(run) -> None:
 def _evaluate(run) -> None:
     """Validation, samples (and metrics) now; a new best is saved at once; early stop."""
     cfg, state = run.cfg, run.state
-    row, grid = evaluate(
-        cfg, run.bundle, run.data, run.objects.ema, run.prompts, run.run_dir, state.step, run.device
-    )
+    with evaluation_weights(run.objects.optimizer):
+        row, grid = evaluate(
+            cfg,
+            run.bundle,
+            run.data,
+            run.objects.ema,
+            run.prompts,
+            run.run_dir,
+            state.step,
+            run.device,
+        )
     record_evaluation(run, row, grid, run.progress.write)
     _check_metric_names(cfg, row)
     if _is_new_best(cfg, state):
@@ -305,7 +318,8 @@ def save(run, must: bool = False) -> None:
         needed = sum(f.stat().st_size for f in previous[-1].iterdir() if f.is_file())
     else:  # before the first checkpoint: weights, optimizer moments, EMA
         weights = sum(p.numel() * p.element_size() for p in run.objects.params)
-        needed = weights * (3 + (run.objects.ema is not None)) + 2**20
+        copies = 3 + (run.objects.ema is not None) + is_schedule_free(run.objects.optimizer)
+        needed = weights * copies + 2**20
     free = free_bytes(root)
     kept = (
         f"the last checkpoint, {previous[-1].name}, is intact"
