@@ -572,9 +572,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", category=UserWarning, module="diffusers|transformers|accelerate|torch|peft"
     )
+    import logging
+
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
+    # bitsandbytes (peft imports it when installed) warns at import on some CPUs about a 4-bit
+    # kernel sdtune never uses
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # their errors too: sdtune says what failed in its own one line
     dlog.set_verbosity(dlog.CRITICAL)
     dlog.disable_progress_bar()

@@ -338,8 +338,12 @@ class OptimizerConfig(Section):
 class LoraConfig(Section):
     enabled: bool = False
     """Train low-rank adapters (peft LoRA) instead of the base weights, which stay frozen."""
+    variant: Literal["lora", "dora", "loha", "lokr"] = "lora"
+    """The adapter, as peft implements it: 'lora' (B A), 'dora' (LoRA plus a learned magnitude per output channel, Liu et al. 2024), 'loha' (Hadamard product of two low-rank products) or 'lokr' (Kronecker product of a small and a low-rank factor). ComfyUI and AUTOMATIC1111 load LoRA, LoHa and LoKr from RUN/model/lora_kohya.safetensors; DoRA's magnitude they read differently from peft, so for them export the merged model."""
     rank: int = Field(16, ge=1, le=1024)
     """Rank r of each adapter."""
+    lokr_factor: int = Field(-1, ge=-1)
+    """LoKr: the size of the small Kronecker factor's sides (it must divide the weight's sides; -1: as near a square split as the sides allow)."""
     alpha: float | None = Field(None, gt=0.0)
     """Scale numerator: the update is (alpha / rank) * B A (unset: alpha = rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -354,6 +358,19 @@ class LoraConfig(Section):
     """Output preservation: prompts whose images must not change, e.g. ['a photo of a dog'] or the other subjects the model draws. Each step the frozen base predicts the batch's noisy latents under them and the adapted model is pulled towards it: prior preservation without class images."""
     preserve_weight: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     """Weight of the output-preservation loss (lora.preserve_prompts) next to the instance loss."""
+
+    @model_validator(mode="after")
+    def _variant_settings(self) -> LoraConfig:
+        if self.variant in ("loha", "lokr") and self.dropout > 0:
+            raise ValueError(
+                f"lora.dropout = {self.dropout:g}: peft's LoHa and LoKr have no input dropout; "
+                "leave lora.dropout at 0 with lora.variant = '" + self.variant + "'"
+            )
+        if self.lokr_factor == 0 or (self.lokr_factor != -1 and self.variant != "lokr"):
+            raise ValueError(
+                "lora.lokr_factor: -1 or a side length of at least 1, with lora.variant = 'lokr'"
+            )
+        return self
 
 
 class TextualInversionConfig(Section):

@@ -73,6 +73,7 @@ ema_decay = 0.9999
         """
 [lora]
 enabled = true
+variant = "lora"   # or "dora", "loha", "lokr" (peft's LoRA variants; see the README)
 rank = 32   # adapter size; 16-64 for a subject or style
 alpha = 32
 # what must keep its meaning: the class your subject belongs to, and the empty prompt

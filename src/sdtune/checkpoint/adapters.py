@@ -4,6 +4,9 @@
 The kohya file is written by hand: diffusers' `convert_state_dict_to_kohya` stores
 alpha = rank whatever the adapter's lora_alpha was, which changes the strength of any LoRA
 trained with alpha != rank; and SD 1.x/2.x kohya files name the text encoder `lora_te_`.
+LoHa and LoKr go in the same file under LyCORIS's names (hada_*, lokr_*), which ComfyUI and
+AUTOMATIC1111 read; diffusers' LoRA loader reads neither, so their diffusers-side file is
+peft's layout (PEFT_FILE), which sdtune loads back. DoRA has no kohya file: see kohya_state.
 """
 
 from __future__ import annotations
@@ -20,9 +23,18 @@ from sdtune.errors import UserError
 from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.embeddings import learned_vectors
-from sdtune.models.lora import has_lora, lora_alpha_rank, lora_state
+from sdtune.models.lora import (
+    adapter_variant,
+    has_lora,
+    is_adapter_weight,
+    lora_alpha_rank,
+    lora_state,
+)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+PEFT_FILE = "adapters_peft.safetensors"  # LoHa/LoKr in peft's layout: sdtune and peft read it
+KOHYA_FILE = "lora_kohya.safetensors"
+VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
@@ -78,23 +90,45 @@ def save_lora_diffusers(bundle: ModelBundle, path: Path, meta: dict) -> Path:
     return _atomic_save(state, path, metadata)
 
 
-def kohya_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
-    """LoRA weights under kohya's names: lora_unet_<module>.lora_down/.lora_up/.alpha."""
+def variant_of(bundle: ModelBundle) -> str:
+    """The adapters' variant ('lora', 'dora', 'loha', 'lokr'), one for the whole model."""
     _require_lora(bundle)
+    return adapter_variant(next(iter(adapted(bundle).values())))
+
+
+def kohya_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The adapters under kohya's names, lora_unet_<module>.<weight>: LoRA as lora_down,
+    lora_up and alpha; LoHa as hada_w1_a/b, hada_w2_a/b and alpha; LoKr as lokr_w1(_a/_b),
+    lokr_w2(_a/_b) with peft's alpha / rank folded into the first factor and no alpha (ComfyUI
+    and AUTOMATIC1111 apply alpha / rank only to factored LoKr weights, peft to all)."""
+    variant = variant_of(bundle)
+    if variant == "dora":
+        raise UserError(
+            "a DoRA has no kohya file that reads as trained: peft normalises its magnitude "
+            "per output channel by the adapted weight, ComfyUI by the base weight and "
+            "AUTOMATIC1111 per input channel; export the merged model for them "
+            "(--format single-file) or the diffusers LoRA (--format lora)"
+        )
     out: dict[str, torch.Tensor] = {}
     for component, module in adapted(bundle).items():
         prefix = bundle.arch.kohya_prefixes[component]
-        alpha, _ = lora_alpha_rank(module)
+        alpha, rank = lora_alpha_rank(module)
         for key, value in _standard_names(module).items():
-            name, _, kind = key.rpartition(".lora_")
-            kohya = f"{prefix}_{name.replace('.', '_')}"
-            if kind == "A.weight":
-                out[f"{kohya}.lora_down.weight"] = value
-                out[f"{kohya}.alpha"] = torch.tensor(alpha)
-            elif kind == "B.weight":
-                out[f"{kohya}.lora_up.weight"] = value
+            if variant == "lora":
+                name, _, kind = key.rpartition(".lora_")
+                kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind)
             else:
-                raise UserError(f"cannot write {key} in kohya format (only lora_A/lora_B)")
+                marker = ".hada_" if variant == "loha" else ".lokr_"
+                name, _, kind = key.rpartition(marker)
+                kind = marker[1:] + kind if name else None
+            if kind is None:
+                raise UserError(f"cannot write {key} in kohya format")
+            kohya = f"{prefix}_{name.replace('.', '_')}"
+            if variant == "lokr" and kind in ("lokr_w1", "lokr_w1_a"):
+                value = value * (alpha / rank)  # the scale peft applies; see the docstring
+            elif variant != "lokr":
+                out[f"{kohya}.alpha"] = torch.tensor(alpha)
+            out[f"{kohya}.{kind}"] = value
     return out
 
 
@@ -105,15 +139,19 @@ def save_lora_kohya(bundle: ModelBundle, path: Path, meta: dict) -> Path:
     alpha, rank = lora_alpha_rank(modules.get(bundle.arch.denoiser) or next(iter(modules.values())))
     text = any(bundle.arch.is_text_encoder(c) for c in modules)
     now = str(int(time.time()))
+    variant = variant_of(bundle)
+    args: dict = {"text_encoder": text}
+    if variant != "lora":  # named as LyCORIS names its networks
+        args["algo"] = variant
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if variant == "lora" else "lycoris.kohya",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_output_name": path.stem,
         "ss_sd_model_name": str(meta.get("base_model", "")),
         "ss_steps": str(meta.get("steps", "")),
         "ss_training_finished_at": now,
-        "ss_network_args": json.dumps({"text_encoder": text}),
+        "ss_network_args": json.dumps(args),
         "sshs_model_hash": _hash_tensors(state),
         **bundle.arch.kohya_metadata(bundle),  # ss_base_model_version, ss_v2, modelspec.*
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
@@ -153,7 +191,7 @@ def trains_adapters_only(bundle: ModelBundle) -> bool:
         n for m in bundle.components().values() for n, p in m.named_parameters() if p.requires_grad
     ]
     return bool(names) and all(
-        ".lora_A." in n or ".lora_B." in n or n.endswith("token_embedding.vectors") for n in names
+        is_adapter_weight(n) or n.endswith("token_embedding.vectors") for n in names
     )
 
 
@@ -192,9 +230,13 @@ def final_model_files(bundle: ModelBundle, directory: Path, cfg, meta: dict) -> 
         **meta,
     }
     if adapted(bundle):
-        save_lora_diffusers(bundle, directory / LORA_FILE, meta)
-        save_lora_kohya(bundle, directory / "lora_kohya.safetensors", meta)
-        info["lora"] = LORA_FILE
+        variant = variant_of(bundle)
+        own = LORA_FILE if variant in ("lora", "dora") else PEFT_FILE
+        save_lora_diffusers(bundle, directory / own, meta)
+        if variant != "dora":  # see kohya_state
+            save_lora_kohya(bundle, directory / KOHYA_FILE, meta)
+        info["lora"] = own
+        info["lora_variant"] = variant
     token = cfg.textual_inversion.token
     if token is not None:
         save_embedding(bundle, directory / "embedding.safetensors", token, meta)

@@ -132,6 +132,13 @@ def export_model(
         bundle = adapters.merged_copy(bundle, lora_scale)
     if fmt in ADAPTER_FORMATS:  # single files, each written atomically
         if fmt == "lora":
+            variant = adapters.variant_of(bundle)
+            if variant in ("loha", "lokr"):
+                raise UserError(
+                    f"--format lora: diffusers' LoRA loader reads LoRA and DoRA, not "
+                    f"{adapters.VARIANT_NAMES[variant]}; export --format kohya (ComfyUI, "
+                    "AUTOMATIC1111) or the merged model (--format merged)"
+                )
             return adapters.save_lora_diffusers(bundle, out, meta)
         if fmt == "kohya":
             return adapters.save_lora_kohya(bundle, out, meta)

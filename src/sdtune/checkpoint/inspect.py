@@ -110,12 +110,24 @@ def _ckpt_tensors(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[st
     return tensors, {k: str(v) for k, v in meta.items()}
 
 
+def _variant(names: list[str]) -> str:
+    if any(".hada_" in n for n in names):
+        return "LoHa"
+    if any(".lokr_" in n for n in names):
+        return "LoKr"
+    if any("magnitude" in n or n.endswith(".dora_scale") for n in names):
+        return "DoRA"
+    return "LoRA"
+
+
 def _kind(tensors: dict) -> str:
     names = list(tensors)
     if any(n.startswith(("lora_unet_", "lora_te")) for n in names):
-        return "kohya LoRA"
+        return f"kohya {_variant(names)}"
     if any(".lora_A." in n or ".lora_B." in n or ".lora.down." in n for n in names):
-        return "diffusers LoRA"
+        return f"diffusers {_variant(names)}"
+    if any(".hada_" in n or ".lokr_" in n for n in names):
+        return f"peft {_variant(names)}"
     if any(n.startswith("model.diffusion_model.") for n in names):
         return "single-file checkpoint"
     if "emb_params" in names or {"clip_l", "clip_g"} <= set(names):
@@ -125,11 +137,24 @@ def _kind(tensors: dict) -> str:
 
 def _lora_summary(tensors: dict, kind: str) -> list[str]:
     """Ranks, how many modules of each component carry an adapter, and the module kinds."""
-    down = ".lora_down.weight" if kind == "kohya LoRA" else ".lora_A.weight"
-    if kind == "diffusers LoRA" and not any(n.endswith(down) for n in tensors):
-        down = ".lora.down.weight"
-    modules = {n.removesuffix(down): shape for n, (_, shape) in tensors.items() if n.endswith(down)}
-    ranks = sorted({shape[0] for shape in modules.values()})
+    layout, variant = kind.split(" ", 1)
+    if variant in ("LoHa", "LoKr"):  # one tensor names each module; the rank is where it is
+        down = ".hada_w1_b" if variant == "LoHa" else (".lokr_w1", ".lokr_w1_a")
+        rank_of = ".hada_w1_b" if variant == "LoHa" else ".lokr_w2_b"
+    else:
+        down = ".lora_down.weight" if layout == "kohya" else ".lora_A.weight"
+        if layout == "diffusers" and not any(n.endswith(down) for n in tensors):
+            down = ".lora.down.weight"
+        rank_of = down
+    ends = down if isinstance(down, tuple) else (down,)
+    modules = {
+        n.removesuffix(next(e for e in ends if n.endswith(e))): shape
+        for n, (_, shape) in tensors.items()
+        if n.endswith(ends)
+    }
+    ranks = sorted({shape[0] for n, (_, shape) in tensors.items() if n.endswith(rank_of)})
+    if variant == "LoKr" and len(ranks) < len(modules):
+        ranks = [*ranks, "full"]  # Kronecker factors stored whole
     from sdtune.models.families import FAMILIES
 
     known = {t for f in FAMILIES.values() for ts in f.lora_targets.values() for t in ts}
@@ -140,8 +165,8 @@ def _lora_summary(tensors: dict, kind: str) -> list[str]:
     per_component: dict[str, int] = {}
     suffixes: set[str] = set()
     for name in modules:
-        sep = "_" if kind == "kohya LoRA" else "."
-        if kind == "kohya LoRA":
+        sep = "_" if layout == "kohya" else "."
+        if layout == "kohya":
             prefix = next((p for p in by_length if name.startswith(p + "_")), None)
             component = prefixes[prefix] if prefix else name.split("_", 2)[1]
         else:
@@ -173,7 +198,7 @@ def inspect_file(path: Path) -> int:
     dtypes = sorted({dtype for dtype, _ in tensors.values()})
     params = sum(math.prod(shape) for _, shape in tensors.values())
     print(f"{path}: {kind}, {len(tensors):,} tensors, {params:,} values ({', '.join(dtypes)})")
-    if kind.endswith("LoRA"):
+    if kind.endswith(("LoRA", "DoRA", "LoHa", "LoKr")):
         for line in _lora_summary(tensors, kind):
             print(line)
     elif kind == "single-file checkpoint":

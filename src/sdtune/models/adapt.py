@@ -10,6 +10,7 @@ from sdtune.config import RunConfig
 from sdtune.errors import ConfigError
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.freezing import FreezeReport, apply_freezing, count_parameters
+from sdtune.models.lora import is_adapter_weight
 
 
 def prepare_model(bundle: ModelBundle, cfg: RunConfig) -> FreezeReport:
@@ -27,7 +28,7 @@ def prepare_model(bundle: ModelBundle, cfg: RunConfig) -> FreezeReport:
     apply_freezing(bundle, cfg.model.trainable, cfg.model.frozen)
     for module in bundle.components().values():
         for name, param in module.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
+            if is_adapter_weight(name):
                 param.requires_grad_(True)
     if ti.token is not None:
         from sdtune.models.embeddings import token_vectors

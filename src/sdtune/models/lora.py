@@ -46,19 +46,45 @@ def _target_regex(module: torch.nn.Module, targets: list[str], key: str) -> str:
     return "|".join(re.escape(n) for n in names)
 
 
-def add_lora(bundle: ModelBundle, settings: LoraSettings) -> None:
-    """Inject trainable LoRA adapters into the UNet (and the text encoder when asked)."""
+ADAPTER_PREFIXES = {"lora": "lora_", "dora": "lora_", "loha": "hada_", "lokr": "lokr_"}
+"""Where peft keeps each variant's weights: `<module>.<prefix>...` (DoRA's magnitude is
+`lora_magnitude_vector`)."""
+
+
+def is_adapter_weight(name: str) -> bool:
+    """Whether a parameter name is an adapter's (any variant) rather than the base model's."""
+    return any(f".{p}" in name for p in set(ADAPTER_PREFIXES.values()))
+
+
+def adapter_config(settings: LoraSettings, target_modules: str):
+    """peft's config of the variant `lora.variant` names, at `lora.rank` and `lora.alpha`."""
     peft = _peft()
     alpha = settings.alpha if settings.alpha is not None else float(settings.rank)
-
-    def config(module, targets, key):
+    if settings.variant in ("lora", "dora"):
         return peft.LoraConfig(
             r=settings.rank,
             lora_alpha=alpha,
             lora_dropout=settings.dropout,
             init_lora_weights="gaussian",
-            target_modules=_target_regex(module, targets, key),
+            use_dora=settings.variant == "dora",
+            target_modules=target_modules,
         )
+    if settings.variant == "loha":  # Hyeon-Woo et al. 2022, as in LyCORIS
+        return peft.LoHaConfig(r=settings.rank, alpha=alpha, target_modules=target_modules)
+    return peft.LoKrConfig(  # Yeh et al. 2024, as in LyCORIS
+        r=settings.rank,
+        alpha=alpha,
+        decompose_factor=settings.lokr_factor,
+        target_modules=target_modules,
+    )
+
+
+def add_lora(bundle: ModelBundle, settings: LoraSettings) -> None:
+    """Inject trainable adapters (the lora.variant) into the denoiser (and the text encoders
+    when asked)."""
+
+    def config(module, targets, key):
+        return adapter_config(settings, _target_regex(module, targets, key))
 
     defaults = bundle.arch.lora_targets  # the family's, unless the config names them
     denoiser = bundle.denoiser
@@ -97,7 +123,17 @@ def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def lora_alpha_rank(module: torch.nn.Module) -> tuple[float, int]:
     config = module.peft_config[ADAPTER]
-    return float(config.lora_alpha), int(config.r)
+    alpha = config.lora_alpha if hasattr(config, "lora_alpha") else config.alpha
+    return float(alpha), int(config.r)
+
+
+def adapter_variant(module: torch.nn.Module) -> str:
+    """'lora', 'dora', 'loha' or 'lokr': the variant of `module`'s trained adapter."""
+    config = module.peft_config[ADAPTER]
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    if kind == "lora":
+        return "dora" if config.use_dora else "lora"
+    return kind
 
 
 def merge_lora(bundle: ModelBundle, scale: float = 1.0) -> None:
@@ -134,10 +170,26 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             raise UserError(f"--lora {path}: no such file")
         name = next(f"lora{i}" for i in range(len(taken) + 1) if f"lora{i}" not in taken)
         taken.add(name)
+        peft_type, keys = _peft_file_type(path)
+        if peft_type is None and any(".hada_" in k or ".lokr_" in k for k in keys):
+            raise UserError(
+                f"--lora {path}: a LyCORIS LoHa/LoKr file in kohya's layout, which diffusers' "
+                "loader does not read; sdtune loads LoRA files (diffusers or kohya) and the "
+                "LoHa/LoKr it trained itself (RUN/model/adapters_peft.safetensors)"
+            )
+        if peft_type in ("LOHA", "LOKR"):  # sdtune's own LoHa/LoKr file (peft's layout)
+            _load_peft_file(bundle, path, name)
+            names.append(name)
+            scales.append(scale)
+            continue
         try:  # diffusers reads both layouts (kohya keys are converted) and the peft metadata
             state, alphas, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
         except Exception as exc:
-            raise UserError(f"--lora {path}: not a LoRA file diffusers can read ({exc})") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first if len(first) <= 160 else first[:160] + "..."
+            raise UserError(
+                f"--lora {path}: not a LoRA file diffusers can read ({first})"
+            ) from None
         if not any(k.startswith(prefixes) for k in state):
             raise UserError(f"--lora {path}: holds no LoRA weights for this model's components")
         try:
@@ -161,6 +213,73 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             loaded = [n for n in names if n in getattr(encoder, "peft_config", {})]
             weights = [scales[names.index(n)] for n in loaded]
             set_weights_and_activate_adapters(encoder, loaded, weights)
+
+
+def _peft_file_type(path: Path) -> tuple[str | None, list[str]]:
+    """The peft type sdtune recorded in a LoRA file's header ('LORA', 'LOHA', ...), if any,
+    and the file's tensor names (none where it is not a readable .safetensors)."""
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return None, []
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+            configs = json.loads((fh.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    except Exception:  # noqa: BLE001 - diffusers' loader says what is wrong with the file
+        return None, []
+    kinds = {str(v) for k, v in configs.items() if k.endswith(".peft_type")}
+    return (kinds.pop() if len(kinds) == 1 else None), keys
+
+
+def _load_peft_file(bundle: ModelBundle, path: Path, name: str) -> None:
+    """An adapter file in peft's layout with its configs in the header (sdtune's LoHa/LoKr):
+    each component's adapter injected as peft configured it, then its weights set."""
+    import dataclasses
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft import set_peft_model_state_dict
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        configs = json.loads(fh.metadata()[LORA_ADAPTER_METADATA_KEY])
+    state = load_file(str(path))
+    found = False
+    for component, module in bundle.components().items():
+        prefix = f"{component}."
+        weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            continue
+        kwargs = {k.removeprefix(prefix): v for k, v in configs.items() if k.startswith(prefix)}
+        try:
+            cls = PEFT_TYPE_TO_CONFIG_MAPPING[kwargs["peft_type"]]
+            fields = {f.name for f in dataclasses.fields(cls)} - {"peft_type"}
+            config = cls(**{k: v for k, v in kwargs.items() if k in fields})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(
+                f"--lora {path}: its {component} adapter config is damaged ({exc})"
+            ) from None
+        if hasattr(module, "get_input_embeddings") and not hasattr(module, "text_model"):
+            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+        if component == bundle.arch.denoiser:
+            module.add_adapter(config, adapter_name=name)  # diffusers' bookkeeping too
+        else:
+            inject(module, config, name)
+        result = set_peft_model_state_dict(module, weights, adapter_name=name)
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
+            raise UserError(
+                f"--lora {path}: {component} weights with no matching layer, e.g. {unexpected[0]}"
+            )
+        found = True
+    if not found:
+        raise UserError(f"--lora {path}: holds no adapter weights for this model's components")
 
 
 def _load_text_encoder_lora(state, alphas, metadata, text_encoder, name: str, component: str):

@@ -208,6 +208,12 @@ def _model(cfg: RunConfig, run_dir: Path, main: bool, say):
         say(random_weights_note(cfg))
     freeze = prepare_model(bundle, cfg)  # textual-inversion token, freezing, LoRA
     say(freeze.table())
+    if cfg.lora.enabled and cfg.lora.variant == "dora":
+        say(
+            "lora: DoRA: RUN/model holds the diffusers/peft file; ComfyUI and AUTOMATIC1111 "
+            "read DoRA's magnitude along other axes than peft trains it, so for them export "
+            "the merged model (sdtune export RUN --format single-file)"
+        )
     if main:
         (run_dir / "trainable.txt").write_text(freeze.table() + "\n")
     multiple = bundle.arch.resolution_multiple(bundle)
