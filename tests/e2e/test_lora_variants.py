@@ -231,3 +231,17 @@ def test_another_adapter_on_a_trained_run_loads_quietly(variant_run, tmp_path, c
         err = capfd.readouterr().err.strip()
         assert code == 2 and "a LyCORIS LoHa/LoKr file in kohya's layout" in err
         assert len(err.splitlines()) == 1
+    # a damaged adapter (a NaN in it) would turn every image into NaN: one line instead
+    with safe_open(str(run / "model" / own), framework="pt") as fh:
+        meta, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    first = sorted(state)[0]
+    state[first] = state[first].clone().fill_(float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(state, str(bad), metadata=meta)
+    capfd.readouterr()
+    code = main([*args, "--lora", str(bad), "--out", str(tmp_path / "c.png")])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and f"{first} holds NaN or infinite values" in err, err
+    assert len(err.splitlines()) == 1

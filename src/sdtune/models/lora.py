@@ -190,6 +190,7 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             raise UserError(
                 f"--lora {path}: not a LoRA file diffusers can read ({first})"
             ) from None
+        _check_finite(path, state, alphas)
         if not any(k.startswith(prefixes) for k in state):
             raise UserError(f"--lora {path}: holds no LoRA weights for this model's components")
         try:
@@ -213,6 +214,17 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             loaded = [n for n in names if n in getattr(encoder, "peft_config", {})]
             weights = [scales[names.index(n)] for n in loaded]
             set_weights_and_activate_adapters(encoder, loaded, weights)
+
+
+def _check_finite(path: Path, state: dict, alphas: dict | None) -> None:
+    """A LoRA file whose weights or alphas hold NaN/inf would turn every image into NaN."""
+    for name, value in [*state.items(), *(alphas or {}).items()]:
+        tensor = torch.as_tensor(value)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"--lora {path}: {name} holds NaN or infinite values; the file is damaged "
+                "(re-export it, or take an earlier checkpoint's)"
+            )
 
 
 def _peft_file_type(path: Path) -> tuple[str | None, list[str]]:
@@ -250,6 +262,7 @@ def _load_peft_file(bundle: ModelBundle, path: Path, name: str) -> None:
     with safe_open(str(path), framework="pt") as fh:
         configs = json.loads(fh.metadata()[LORA_ADAPTER_METADATA_KEY])
     state = load_file(str(path))
+    _check_finite(path, state, None)
     found = False
     for component, module in bundle.components().items():
         prefix = f"{component}."
