@@ -133,7 +133,10 @@ def test_missing_or_empty_folder(tmp_path):
 def test_small_images_are_reported(tiny_image_folder):
     lines = []
     build_datasets(
-        _cfg(**{"data.path": tiny_image_folder, "data.resolution": 64}), 3, 0, lines.append
+        _cfg(**{"data.path": tiny_image_folder, "data.resolution": 64, "data.buckets": "false"}),
+        3,
+        0,
+        lines.append,
     )
     assert any("smaller than data.resolution=64" in line for line in lines)
 
@@ -148,7 +151,10 @@ def test_conversions_are_stated_once(tmp_path):
     for path in folder.glob("*.png"):
         path.with_suffix(".txt").write_text("x\n")
     lines = []
-    cfg = _cfg(**{"data.path": folder, "data.resolution": 32, "data.val_fraction": 0.0})
+    cfg = _cfg(
+        **{"data.path": folder, "data.resolution": 32, "data.val_fraction": 0.0},
+        **{"data.buckets": "false"},  # the square crop's statement (buckets have a table)
+    )
     split = build_datasets(cfg, 3, 0, lines.append)
     said = [line for line in lines if line.startswith("data: ")]
     assert "data: 2 greyscale image(s) converted to RGB" in said

@@ -75,9 +75,17 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of the data held out for validation when data.val_path is unset (split fixed by seed)."""
     resolution: int = Field(512, ge=8, le=4096)
-    """Side of the square training images, in pixels."""
+    """Training size: images are trained at about resolution x resolution pixels (the square itself without data.buckets)."""
+    buckets: bool | list[tuple[int, int]] = True
+    """Aspect-ratio buckets: each image is trained at the size of about data.resolution² pixels nearest its aspect ratio (every batch one size), instead of a centre square of it; or a list of [width, height] sizes; false: square crops."""
+    max_aspect: float = Field(2.5, ge=1.0, le=8.0)
+    """Most elongated bucket (long side / short side); wider images go to it and are cropped."""
+    bucket_no_upscale: bool = False
+    """Never upscale: an image smaller than its bucket gets a bucket of its own size (in multiples of the step)."""
+    bucket_step: int | None = Field(None, ge=1, le=512)
+    """Bucket sides are multiples of this (unset: the model's, 64 px for SD and SDXL at 256 px and above)."""
     center_crop: bool = True
-    """Crop the centre after resizing; false crops at a random (seeded) position."""
+    """Crop the centre after resizing (to the square or the bucket); false crops at a random (seeded) position."""
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     """Probability of a horizontal flip (keep 0 for text, digits or asymmetric subjects)."""
     rotation: float = Field(0.0, ge=0.0, le=45.0)
@@ -289,6 +297,8 @@ class EvaluateConfig(Section):
     """Validation loss and the sample grid of the base model before the first step (samples/step-0000000.png), to compare with the end (unset: when fine-tuning a trained base, i.e. model.base is not a preset)."""
     prompts: list[str] = []
     """Prompts for the sample grid; empty uses the ten digit prompts for data.source='digits'."""
+    sample_size: tuple[int, int] | None = None
+    """[width, height] of the sample grid's images, e.g. [768, 512] for a set of landscapes (unset: the data.resolution square)."""
     num_per_prompt: int = Field(2, ge=1, le=64)
     """Images per prompt in the sample grid."""
     seed: int = Field(1234, ge=0, le=2**32 - 1)

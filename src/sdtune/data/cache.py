@@ -94,9 +94,14 @@ def _key(parts: dict) -> str:
     ).hexdigest()
 
 
-def latent_key(image: str, vae: str, spec: TransformSpec, flipped: bool) -> str:
-    """Key of one latent entry: image hash + VAE hash + the transform it went through."""
+def latent_key(
+    image: str, vae: str, spec: TransformSpec, flipped: bool, bucket: tuple[int, int] | None = None
+) -> str:
+    """Key of one latent entry: image hash + VAE hash + the transform it went through (with its
+    aspect-ratio bucket's size where that is not the data.resolution square)."""
     size = {"resolution": spec.resolution, "channels": spec.channels, "crop": "center"}
+    if bucket is not None and bucket != (spec.resolution, spec.resolution):
+        size["bucket"] = list(bucket)
     parts = {"kind": "latents", "image": image, "vae": vae, **size, "flip": flipped}
     return _key({**parts, "decode": DECODE_VERSION})
 
@@ -273,7 +278,8 @@ def _fill(
                 with torch.no_grad():
                     out = encode([x for _, x in part])
                 for suffix, values in (out if isinstance(out, dict) else {"": out}).items():
-                    shard.update(zip([key + suffix for key, _ in part], values.cpu()))
+                    values = [v.cpu() for v in values]  # a batch, or a list of entries
+                    shard.update(zip([key + suffix for key, _ in part], values))
                 bar.update(len(part))
             store.write(shard)
     return len(todo), reused
@@ -287,18 +293,27 @@ def _build_latents(records, spec, bundle, cache_dir, sizes, stats, say) -> Laten
     keys = []
     for record in records:
         digest = image_hash(record)
-        keys.append({f: latent_key(digest, vae_hash, spec, f) for f in flips})
+        keys.append({f: latent_key(digest, vae_hash, spec, f, record.bucket) for f in flips})
     store = ShardStore(cache_dir / "latents", say)
     wanted = {k: (i, f) for i, ks in enumerate(keys) for f, k in ks.items()}  # equal images: once
     device = next(vae.parameters()).device
 
-    def encode(items: list[tuple[int, bool]]) -> dict[str, torch.Tensor]:
-        made = [transform_with_geometry(records[i].open(), spec, None, f) for i, f in items]
-        pixels = torch.stack([x for x, _ in made])
-        geometry = torch.stack([g for _, g in made])
-        with arch.vae_precision(bundle, pixels):
-            params = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
-        return {"": params, GEOMETRY: geometry}
+    def encode(items: list[tuple[int, bool]]) -> dict[str, list[torch.Tensor]]:
+        made = [
+            transform_with_geometry(records[i].open(), spec, None, f, records[i].bucket)
+            for i, f in items
+        ]
+        params: list[torch.Tensor | None] = [None] * len(made)
+        by_size: dict[tuple[int, ...], list[int]] = {}  # one VAE call per bucket size
+        for j, (x, _) in enumerate(made):
+            by_size.setdefault(tuple(x.shape), []).append(j)
+        for group in by_size.values():
+            pixels = torch.stack([made[j][0] for j in group])
+            with arch.vae_precision(bundle, pixels):
+                out = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
+            for j, p in zip(group, out):
+                params[j] = p
+        return {"": params, GEOMETRY: [g for _, g in made]}
 
     was_training = vae.training
     vae.eval()

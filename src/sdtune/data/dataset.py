@@ -41,6 +41,19 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if not spec.is_random and size <= MEMO_BYTES else None
         )
+        self.bucket_ids: tuple[int, ...] | None = None
+        """Each record's aspect-ratio bucket, where there are several (see set_buckets)."""
+
+    def set_buckets(self, sizes: list[tuple[int, int]] | None) -> None:
+        """Train record i at sizes[i] (width, height); batches then keep to one size."""
+        for record, size in zip(self.records, sizes or [None] * len(self.records)):
+            record.bucket = size
+        distinct = sorted(set(sizes or []))
+        self.bucket_ids = (
+            tuple(distinct.index(s) for s in sizes) if sizes and len(distinct) > 1 else None
+        )
+        if self._memo is not None:
+            self._memo.clear()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -52,7 +65,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         memo = self._memo.get(index) if self._memo is not None else None
         if memo is None:
             memo = transform_with_geometry(
-                record.open(), self.spec, rng if self.spec.is_random else None
+                record.open(), self.spec, rng if self.spec.is_random else None, size=record.bucket
             )
             if self._memo is not None:
                 self._memo[index] = memo
@@ -135,6 +148,32 @@ def write_report(report: ScanReport, path: Path, policy: str) -> None:
     path.write_text(json.dumps({**found, "on_bad_file": policy}, indent=2) + "\n")
 
 
+def apply_buckets(data: DataSplit, cfg: DataConfig, step: int, group: int, say):
+    """Put every training and held-out image in its aspect-ratio bucket (data.buckets) and say
+    the table (kept in data.report for data_report.json); none with data.buckets = false."""
+    from sdtune.data.buckets import (
+        BucketSettings,
+        assign_buckets,
+        validation_buckets,
+    )
+
+    if cfg.buckets is False:
+        return None
+    explicit = None if cfg.buckets is True else tuple(tuple(s) for s in cfg.buckets)
+    settings = BucketSettings(cfg.resolution, step, cfg.max_aspect, cfg.bucket_no_upscale, explicit)
+    records = data.train.records
+    sizes = [r.image_size() for r in records]
+    chosen, table = assign_buckets([r.name for r in records], sizes, settings, group)
+    data.train.set_buckets(chosen)
+    if data.val is not None:
+        val_sizes = [r.image_size() for r in data.val.records]
+        data.val.set_buckets(validation_buckets(val_sizes, table))
+    for line in table.lines():
+        say(f"data: {line}")
+    data.report.buckets = table.to_dict()
+    return table
+
+
 def build_datasets(
     cfg: DataConfig,
     channels: int,
@@ -165,9 +204,8 @@ def build_datasets(
         records = records[: cfg.limit]
     if not records:
         raise DataError(f"data: no usable training images in {source}")
-    for line in report.conversions(
-        channels, cfg.resolution, cropped=True
-    ):  # every image is cropped square
+    square = cfg.buckets is False  # with buckets, their table says what is scaled and cut
+    for line in report.conversions(channels, cfg.resolution, cropped=square, scaled=square):
         say(f"data: {line}")
     spec = TransformSpec(
         resolution=cfg.resolution,

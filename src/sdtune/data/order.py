@@ -36,11 +36,31 @@ class DataPosition:
         return asdict(self)
 
 
-@lru_cache(maxsize=2)
-def epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The shuffled order of the examples in `epoch`."""
-    perm = torch.randperm(num_examples, generator=generator(seed, "order", epoch))
-    return tuple(perm.tolist())
+@lru_cache(maxsize=4)
+def epoch_order(
+    num_examples: int,
+    seed: int,
+    epoch: int,
+    buckets: tuple[int, ...] | None = None,
+    group: int = 1,
+) -> tuple[int, ...]:
+    """The shuffled order of the examples in `epoch`. With `buckets` (each example's bucket),
+    the same shuffle dealt into its buckets: each time a bucket holds `group` examples (a
+    global batch) they come next, so every global batch is of one bucket; what is left in a
+    bucket at the end of the epoch waits for the next epoch's shuffle. One bucket gives the
+    plain order exactly."""
+    perm = torch.randperm(num_examples, generator=generator(seed, "order", epoch)).tolist()
+    if buckets is None:
+        return tuple(perm)
+    pending: dict[int, list[int]] = {}
+    order: list[int] = []
+    for i in perm:
+        waiting = pending.setdefault(buckets[i], [])
+        waiting.append(i)
+        if len(waiting) == group:
+            order += waiting
+            waiting.clear()
+    return tuple(order)
 
 
 def next_batch(
@@ -49,20 +69,24 @@ def next_batch(
     num_examples: int,
     seed: int,
     shard: tuple[int, int] = (0, 1),
+    buckets: tuple[int, ...] | None = None,
 ) -> tuple[list[tuple[int, int]], DataPosition]:
     """Keys (epoch, example index) of the batch at `position`, and the position after it.
 
     An epoch's last partial batch is dropped so that every batch has the same shape; the order
     changes each epoch, so no example is left out every time. With several processes, `shard`
     (rank, world): the global batch holds `batch_size` examples per process, process `rank`
-    gets its own slice of it, and all of them move to the same position after it.
+    gets its own slice of it, and all of them move to the same position after it. With
+    `buckets` (each example's aspect-ratio bucket), every global batch is of one bucket.
     """
     rank, world = shard
     total = batch_size * world
     epoch, index = position.epoch, position.index
-    if index + total > num_examples:
+    group = total if buckets is not None else 1
+    order = epoch_order(num_examples, seed, epoch, buckets, group)
+    if index + total > len(order):
         epoch, index = epoch + 1, 0
-    order = epoch_order(num_examples, seed, epoch)
+        order = epoch_order(num_examples, seed, epoch, buckets, group)
     start = index + rank * batch_size
     keys = [(epoch, order[i]) for i in range(start, start + batch_size)]
     return keys, DataPosition(epoch, index + total)

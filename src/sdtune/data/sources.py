@@ -37,6 +37,23 @@ class Record:
     label: int = -1
     weight: float = 1.0
     """Loss weight of this example (DreamBooth's class images carry the prior-loss weight)."""
+    size: tuple[int, int] | None = None
+    """The image's (width, height) in pixels, as scanned (None: read when needed)."""
+    bucket: tuple[int, int] | None = None
+    """The (width, height) it is trained at (data.buckets); None: the data.resolution square."""
+
+    def image_size(self) -> tuple[int, int]:
+        if self.size is None:
+            if self.image is not None:
+                self.size = self.image.size
+            else:
+                assert self.path is not None
+                try:
+                    with Image.open(self.path) as im:
+                        self.size = im.size
+                except (OSError, UnidentifiedImageError, ValueError) as exc:
+                    raise DataError(f"{self.path}: cannot read image: {exc}") from exc
+        return self.size
 
     def open(self) -> Image.Image:
         if self.image is not None:
@@ -63,16 +80,27 @@ class ScanReport:
     crop_loss: list[tuple[str, float]] = field(default_factory=list)
     """(image, fraction of its area a square crop cuts off), for images that are not square."""
 
+    buckets: dict | None = None
+    """The aspect-ratio bucket table (data.buckets), once the images are in their buckets."""
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "skipped": [{"file": f, "reason": r} for f, r in self.problems],
             "smaller_than_resolution": self.small,
             "modes": self.modes,
             "transparent": self.transparent,
-            "square_crop_cuts": [{"file": f, "fraction": round(c, 4)} for f, c in self.crop_loss],
         }
+        if self.buckets is None:
+            out["square_crop_cuts"] = [
+                {"file": f, "fraction": round(c, 4)} for f, c in self.crop_loss
+            ]
+        else:
+            out["buckets"] = self.buckets
+        return out
 
-    def conversions(self, channels: int, resolution: int, cropped: bool) -> list[str]:
+    def conversions(
+        self, channels: int, resolution: int, cropped: bool, scaled: bool = True
+    ) -> list[str]:
         """What preprocessing does to these images, each said once (not per image)."""
         lines = []
         grey = sum(n for m, n in self.modes.items() if m in ("L", "LA", "1", "I", "I;16", "F"))
@@ -83,7 +111,7 @@ class ScanReport:
             lines.append(f"{colour} colour image(s) converted to one (grey) channel")
         if self.transparent:
             lines.append(f"{self.transparent} image(s) with transparency flattened onto white")
-        if self.small:
+        if scaled and self.small:
             lines.append(
                 f"{len(self.small)} image(s) smaller than data.resolution={resolution} are "
                 f"upscaled (e.g. {self.small[0]})"
@@ -204,7 +232,7 @@ def folder_records(
             report.small.append(str(path))
         if size is not None and size[0] != size[1]:
             report.crop_loss.append((str(path), 1 - min(size) / max(size)))
-        records.append(Record(str(path.relative_to(root)), text or "", path=path))
+        records.append(Record(str(path.relative_to(root)), text or "", path=path, size=size))
     if not records and not report.problems:
         kinds = "/".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"data.path: {root} holds no images ({kinds}) and no metadata file")

@@ -71,30 +71,49 @@ def apply_transform(
     return transform_with_geometry(image, spec, rng)[0]
 
 
-def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
-    """(top, left) of torchvision's centre crop of `size` from a height x width image."""
-    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+def center_crop_offsets(height: int, width: int, size: int, size_w: int | None = None):
+    """(top, left) of torchvision's centre crop of `size` x `size_w` (default square) from a
+    height x width image."""
+    size_w = size if size_w is None else size_w
+    return int(round((height - size) / 2.0)), int(round((width - size_w) / 2.0))
+
+
+def _cover(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """Resized (bicubic, antialiased) to the smallest size that covers th x tw; a square target
+    as torchvision's resize to a shorter side gives it."""
+    if th == tw:
+        return TF.resize(x, th, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    h, w = x.shape[-2:]
+    scale = max(th / h, tw / w)
+    size = [max(th, round(h * scale)), max(tw, round(w * scale))]
+    return TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
 def transform_with_geometry(
-    image: Image.Image, spec: TransformSpec, rng: torch.Generator | None, flip: bool = False
+    image: Image.Image,
+    spec: TransformSpec,
+    rng: torch.Generator | None,
+    flip: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_transform`, and where the result came from: (original height, original width,
     crop top, crop left) as int64, the offsets in the resized image (SDXL's micro-conditioning
     reads them). A flipped image's left offset is measured in the flipped image. `flip` flips
-    without `rng` (the latent cache's flipped entries: the dataset flips after the crop too)."""
+    without `rng` (the latent cache's flipped entries: the dataset flips after the crop too).
+    `size`: the (width, height) to train at, an aspect-ratio bucket (default: the square of
+    spec.resolution); the image is resized to cover it and cropped to it."""
     x = to_tensor(image, spec.channels)
     original = x.shape[-2:]
-    size = spec.resolution
-    x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+    tw, th = size if size is not None else (spec.resolution, spec.resolution)
+    x = _cover(x, th, tw).clamp_(0, 1)
     h, w = x.shape[-2:]
     if spec.center_crop or rng is None:
-        top, left = center_crop_offsets(h, w, size)
-        x = TF.center_crop(x, [size, size])
+        top, left = center_crop_offsets(h, w, th, tw)
+        x = TF.center_crop(x, [th, tw])
     else:
-        top = int(torch.randint(0, h - size + 1, (), generator=rng))
-        left = int(torch.randint(0, w - size + 1, (), generator=rng))
-        x = TF.crop(x, top, left, size, size)
+        top = int(torch.randint(0, h - th + 1, (), generator=rng))
+        left = int(torch.randint(0, w - tw + 1, (), generator=rng))
+        x = TF.crop(x, top, left, th, tw)
     if rng is not None:
         if spec.rotation > 0:
             angle = _uniform(rng, -spec.rotation, spec.rotation)
@@ -112,6 +131,6 @@ def transform_with_geometry(
     elif flip:
         x = TF.horizontal_flip(x)
     if flip:
-        left = w - left - size
+        left = w - left - tw
     geometry = torch.tensor([original[0], original[1], max(top, 0), max(left, 0)])
     return x.clamp(0, 1) * 2.0 - 1.0, geometry

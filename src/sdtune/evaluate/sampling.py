@@ -82,13 +82,17 @@ def generate(
 
 
 def generate_as_configured(
-    bundle, cfg, prompts: list[str], seed_offset: int, device
+    bundle, cfg, prompts: list[str], seed_offset: int, device, grid: bool = False
 ) -> torch.Tensor:
     """`generate` with the run's evaluate.* sampler settings; seed evaluate.seed + seed_offset
-    (0 grids, 1 the judge, 2 the generator metrics, so each set stays fixed over a run)."""
+    (0 grids, 1 the judge, 2 the generator metrics, so each set stays fixed over a run). The
+    `grid` is sampled at evaluate.sample_size where that is set."""
+    width, height = (cfg.evaluate.sample_size or (None, None)) if grid else (None, None)
     return generate(
         bundle,
         prompts,
+        width=width,
+        height=height,
         seed=cfg.evaluate.seed + seed_offset,
         steps=cfg.evaluate.sample_steps,
         guidance_scale=cfg.evaluate.guidance_scale,

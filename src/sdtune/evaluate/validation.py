@@ -28,6 +28,24 @@ def bucket_timesteps(index: int, num_train_timesteps: int) -> torch.Tensor:
     return strata_timesteps(bucket_offsets(index), num_train_timesteps)
 
 
+def _batches(dataset: ImageTextDataset, count: int, batch_size: int):
+    """(start, indices) of the first `count` held-out images in batches of one size each:
+    in index order, grouped by aspect-ratio bucket where there are several (a bucket's last
+    batch may be smaller); `start` numbers the batch's first image in that order."""
+    order = list(range(len(dataset)))
+    if dataset.bucket_ids is not None:
+        order.sort(key=lambda i: dataset.bucket_ids[i])
+    order = order[:count]
+    start = 0
+    while start < len(order):
+        idx = order[start : start + batch_size]
+        if dataset.bucket_ids is not None:
+            first = dataset.bucket_ids[idx[0]]
+            idx = [i for i in idx if dataset.bucket_ids[i] == first]
+        yield start, idx
+        start += len(idx)
+
+
 @torch.no_grad()
 def validation_loss(
     bundle: ModelBundle,
@@ -47,8 +65,7 @@ def validation_loss(
         objective = arch.objective(bundle, DiffusionConfig(), device)
     sums = torch.zeros(len(BUCKETS), dtype=torch.float64)
     with evaluating(*arch.components(bundle).values()):
-        for start in range(0, count, batch_size):
-            idx = list(range(start, min(start + batch_size, count)))
+        for start, idx in _batches(dataset, count, batch_size):
             batch = collate([dataset[i] for i in idx])
             pixels = batch["pixel_values"].to(device)
             latents = bundle.encode_images(pixels, generator(VAL_SEED, "vae", start, device=device))

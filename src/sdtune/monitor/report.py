@@ -402,6 +402,33 @@ def _prompts_html(prompts: list[str], per_prompt: int | None) -> str:
     return f'<p>Rows, top to bottom{each}:</p><ol class="prompts">{items}</ol>'
 
 
+def _buckets_html(run_dir: Path) -> list[str]:
+    """The aspect-ratio bucket table of data_report.json (data.buckets), if the run has one."""
+    try:
+        table = json.loads((run_dir / "data_report.json").read_text()).get("buckets")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(table, dict) or not table.get("buckets"):
+        return []
+    rows = "".join(
+        f"<tr><td>{b['width']}x{b['height']}</td><td>{b['images']}</td><td>{b['upscaled']}</td>"
+        "<td>"
+        + html.escape(
+            ", ".join(f"{j['images']} from {j['width']}x{j['height']}" for j in b["joined_from"])
+        )
+        + "</td></tr>"
+        for b in table["buckets"]
+    )
+    return [
+        "<h2>Aspect-ratio buckets</h2>",
+        f"<p>Sides multiples of {table.get('step')} px, about {table.get('area')} px each; "
+        f"every global batch of {table.get('global_batch')} holds one size. "
+        f"{html.escape(str(table.get('policy', '')))}.</p>",
+        "<table><tr><th>size</th><th>images</th><th>upscaled</th><th>joined (too few for a "
+        f"batch)</th></tr>{rows}</table>",
+    ]
+
+
 def build_report(run_dir: Path) -> str:
     """The HTML text of the report of `run_dir`."""
     run = RunView(run_dir)
@@ -435,6 +462,7 @@ def build_report(run_dir: Path) -> str:
         body.append("</table>")
     else:
         body.append("<p>None: no skipped steps, rollbacks, warnings, stops or early stop.</p>")
+    body += _buckets_html(run_dir)
     prompts = run.prompt_list()
     if prompts:
         body.append("<h2>Prompts used for the sample grids</h2>")

@@ -35,7 +35,9 @@ def batches(
     def keys():
         position = start
         while True:
-            batch_keys, position = next_batch(position, batch_size, len(dataset), seed, shard)
+            batch_keys, position = next_batch(
+                position, batch_size, len(dataset), seed, shard, dataset.bucket_ids
+            )
             yield batch_keys
 
     if workers == 0:
@@ -87,6 +89,7 @@ def evaluate(
                 [p for p in prompts for _ in range(cfg.evaluate.num_per_prompt)],
                 0,
                 device,
+                grid=True,
             )
     grid = save_grid(
         images, run_dir / "samples" / f"step-{step:07d}.png", nrow=cfg.evaluate.num_per_prompt

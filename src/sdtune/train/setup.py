@@ -20,7 +20,7 @@ from sdtune.checkpoint.state import (
 )
 from sdtune.config import RunConfig, in_steps, to_dict, to_toml
 from sdtune.data import build_datasets
-from sdtune.data.dataset import write_report
+from sdtune.data.dataset import apply_buckets, write_report
 from sdtune.data.order import derive_seed
 from sdtune.errors import ConfigError, DataError
 from sdtune.models import describe, load_model
@@ -228,6 +228,23 @@ def _model(cfg: RunConfig, run_dir: Path, main: bool, say):
     return bundle, trainable, architecture_record(bundle, trainable, frozen, cfg.model.base)
 
 
+def bucket_step(cfg: RunConfig, bundle) -> int:
+    """data.bucket_step, checked against the model, or the family's."""
+    from sdtune.data.buckets import check_sizes
+
+    multiple = bundle.arch.resolution_multiple(bundle)
+    if cfg.data.bucket_step is not None and cfg.data.bucket_step % multiple:
+        raise ConfigError(
+            f"data.bucket_step: {cfg.data.bucket_step} is not a multiple of {multiple} "
+            f"(this model downsamples by {multiple})"
+        )
+    if isinstance(cfg.data.buckets, list):
+        check_sizes(cfg.data.buckets, multiple)
+    if cfg.evaluate.sample_size is not None:
+        check_sizes([cfg.evaluate.sample_size], multiple, "evaluate.sample_size")
+    return cfg.data.bucket_step or bundle.arch.bucket_step(bundle, cfg.data.resolution)
+
+
 def _data(cfg: RunConfig, bundle, run_dir: Path, accelerator, say):
     main, report_path = accelerator.is_main_process, run_dir / "data_report.json"
     data = build_datasets(
@@ -235,9 +252,10 @@ def _data(cfg: RunConfig, bundle, run_dir: Path, accelerator, say):
     )
     if cfg.dreambooth.instance_prompt is not None:
         data = with_dreambooth(cfg, data, bundle, run_dir, accelerator.device, accelerator, say)
+    num_examples, micro, world = len(data.train), cfg.train.batch_size, accelerator.num_processes
+    apply_buckets(data, cfg.data, bucket_step(cfg, bundle), micro * world, say)
     if main:
         write_report(data.report, report_path, cfg.data.on_bad_file)
-    num_examples, micro, world = len(data.train), cfg.train.batch_size, accelerator.num_processes
     if num_examples < micro * world:
         raise DataError(
             f"data: {num_examples} training image(s) in {data.source}, fewer than "

@@ -86,8 +86,9 @@ class BatchSource:
     def take(self, position, gen: torch.Generator, bundle, device):
         """(batch, latents, the position after it); the latents drawn from `gen` exactly as the
         VAE's encoding draws them, whether cached or not."""
+        train = self.data.train
         keys, position = next_batch(
-            position, self.micro, len(self.data.train), self.seed, self.shard
+            position, self.micro, len(train), self.seed, self.shard, train.bucket_ids
         )
         if self.cached_latents:  # no image decoded: the same draws from gen as encode_images
             batch = cached_batch(self.cache, self.data.train, keys, gen, device)

@@ -113,6 +113,15 @@ class Family:
         """Image sides must be a multiple of this (the denoiser's total downsampling)."""
         raise NotImplementedError
 
+    def bucket_step(self, bundle: ModelBundle, resolution: int) -> int:
+        """Aspect-ratio bucket sides are multiples of this: the denoiser's downsampling, and at
+        256 px and above at least 64 px, the step SD and SDXL are trained and fine-tuned with
+        (kohya-ss, SimpleTuner, OneTrainer use it)."""
+        import math
+
+        multiple = self.resolution_multiple(bundle)
+        return math.lcm(multiple, 64) if resolution >= 256 else multiple
+
     def default_resolution(self, bundle: ModelBundle) -> int:
         raise NotImplementedError
 
