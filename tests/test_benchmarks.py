@@ -369,3 +369,28 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
     )
     assert "Target, on every seed: nine ≥ 0.90 and forgetting ≤ 1 point" in table
     assert "| base (pre-trained on 0–8) |" in table
+
+
+def test_wide_digits_benchmark_runs_end_to_end(tmp_path):
+    """The buckets benchmark on a few steps: real pairs written, both variants trained through
+    the CLI, every half judged, a table rendered (the numbers of a real run are in the README)."""
+    from PIL import Image
+
+    from benchmarks import buckets
+    from sdtune.config import validate_config
+
+    data = buckets.write_pairs(tmp_path / "data", count=80)
+    first = Image.open(data / "pair-00000.png")
+    assert first.size == (16, 8) and first.mode == "L"
+    rows = (data / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 80 and json.loads(rows[0])["text"].startswith("the digits ")
+    for flag in (False, True):
+        validate_config(buckets.config(data, 1, 10, flag))
+    result = buckets.run(tmp_path / "work", [1], 2, 1, 7, print, pairs=80)
+    square, bucketed = result["rows"]
+    assert square["variant"] == "square crops" and bucketed["variant"] == "buckets"
+    for row in result["rows"]:
+        assert 0.0 <= row["pair_accuracy"] <= min(row["left_accuracy"], row["right_accuracy"])
+    report = json.loads((tmp_path / "work" / "buckets" / "seed-1" / "data_report.json").read_text())
+    assert {(b["width"], b["height"]) for b in report["buckets"]["buckets"]} == {buckets.WIDE}
+    assert "| buckets |" in buckets.table(result)

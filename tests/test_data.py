@@ -256,3 +256,193 @@ def test_sixteen_bit_grey_is_scaled_and_transparency_is_flattened(tmp_path):
         x = to_tensor(im, 3)
     assert torch.equal(x[:, 0, 0], torch.ones(3))  # the transparent pixel: white
     assert torch.allclose(x[:, 1, 1], torch.tensor([200, 30, 30]) / 255)
+
+
+def test_photos_as_cameras_and_editors_write_them(tmp_path):
+    """A phone's rotated JPEG is turned upright (its size too, for the buckets), CMYK becomes
+    RGB, and transparency goes onto data.background; each said once."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    stored = Image.new("RGB", (60, 30), (200, 10, 10))
+    stored.paste((10, 10, 200), (0, 0, 30, 30))  # left half blue as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    stored.save(folder / "phone.jpg", exif=exif, quality=95)
+    Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(folder / "print.jpg")
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(folder / "cutout.png")
+    for path in folder.iterdir():
+        path.with_suffix(".txt").write_text("x\n")
+    lines = []
+    cfg = _cfg(
+        **{"data.path": folder, "data.resolution": 32, "data.val_fraction": 0.0},
+        **{"data.background": "[0, 0, 0]"},
+    )
+    split = build_datasets(cfg, 3, 0, lines.append)
+    assert "data: 1 image(s) turned upright by their EXIF orientation" in lines
+    assert "data: 1 CMYK image(s) converted to RGB" in lines
+    assert "data: 1 image(s) with transparency flattened onto black" in lines
+    by_name = {r.name: i for i, r in enumerate(split.train.records)}
+    phone = split.train.records[by_name["phone.jpg"]]
+    assert phone.size == (30, 60) and phone.open().size == (30, 60)  # upright: portrait
+    top = phone.open().crop((0, 0, 30, 30)).resize((1, 1)).getpixel((0, 0))
+    assert top[2] > 150 and top[0] < 80  # the stored left (blue) half is now on top
+    red = split.train[(0, by_name["print.jpg"])]["pixel_values"]
+    assert red[0].mean() > 0.5 and red[1].mean() < -0.5  # cyan-free CMYK: red in RGB
+    cutout = split.train[(0, by_name["cutout.png"])]["pixel_values"]
+    assert cutout.max() == -1.0  # on black, not white
+
+
+def test_caption_tags_template_and_column(tmp_path):
+    from sdtune.data.dataset import TagSpec, apply_tags
+    from sdtune.errors import ConfigError
+
+    caption = "sks dog, red collar, grass, sunny, close up"
+    spec = TagSpec(shuffle=True, keep=1, dropout=0.3)
+    seen = {apply_tags(caption, spec, 0, epoch, 3) for epoch in range(20)}
+    assert len(seen) > 5  # a new draw every epoch
+    for text in seen:
+        tags = text.split(", ")
+        assert tags[0] == "sks dog" and set(tags[1:]) <= {
+            "red collar",
+            "grass",
+            "sunny",
+            "close up",
+        }
+    assert apply_tags(caption, spec, 0, 4, 3) == apply_tags(caption, spec, 0, 4, 3)
+    assert apply_tags(caption, TagSpec(), 0, 4, 3) == caption
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_text(
+        "\n".join(
+            json.dumps({"file_name": f"{i}.png", "text": "unused", "tags": f"sks, t{i}, u{i}"})
+            for i in range(4)
+        )
+    )
+    cfg = _cfg(
+        **{"data.path": tmp_path, "data.resolution": 16, "data.val_fraction": 0},
+        **{"data.caption_column": "tags", "data.caption_template": "'a photo of {caption}'"},
+        **{"data.shuffle_tags": "true", "data.keep_tokens": 1},
+    )
+    split = build_datasets(cfg, 3, 0, lambda s: None)
+    assert sorted(r.caption for r in split.train.records)[0] == "a photo of sks, t0, u0"
+    captions = {split.train[(epoch, 0)]["caption"] for epoch in range(12)}
+    assert all(c.startswith("a photo of sks, ") for c in captions) and len(captions) == 2
+    with pytest.raises(ConfigError, match="must hold '\\{caption\\}'"):
+        _cfg(**{"data.caption_template": "'no place'"})
+    with pytest.raises(ConfigError, match="data.cache_text: data.shuffle_tags"):
+        _cfg(**{"data.cache_text": "true", "data.shuffle_tags": "true"})
+    with pytest.raises(DataError, match="each line needs 'file_name' and 'caption'"):
+        build_datasets(
+            _cfg(**{"data.path": tmp_path, "data.caption_column": "caption"}), 3, 0, print
+        )
+
+
+def _images(folder, n, size=(16, 16), captions=True):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", size, (i * 20, 0, 0)).save(folder / f"{i}.png")
+        if captions:
+            (folder / f"{i}.txt").write_text(f"cap {i}\n")
+    return folder
+
+
+def test_kohya_folders_and_several_datasets(tmp_path):
+    root = tmp_path / "kohya"
+    _images(root / "10_sks dog", 2)
+    (root / "10_sks dog" / "1.txt").unlink()  # no caption file: the folder's text alone
+    _images(root / "2_cat", 1)
+    cfg = _cfg(**{"data.path": root, "data.kohya_folders": "true", "data.val_fraction": 0})
+    lines = []
+    split = build_datasets(cfg, 3, 0, lines.append)
+    captions = sorted(r.caption for r in split.train.records)
+    assert captions == ["cat, cap 0"] * 2 + ["sks dog"] * 10 + ["sks dog, cap 0"] * 10
+    assert any("2 in 'sks dog', 1 in 'cat'" in line for line in lines)
+    (root / "stray").mkdir()
+    with pytest.raises(DataError, match="stray: a subfolder that data.kohya_folders cannot read"):
+        build_datasets(cfg, 3, 0, lambda s: None)
+
+    a, b = _images(tmp_path / "a", 10), _images(tmp_path / "b", 4)
+    toml = tmp_path / "cfg.toml"
+    toml.write_text(
+        f"""
+[data]
+val_fraction = 0.2
+shuffle_tags = true
+[[data.datasets]]
+path = "{a}"
+repeats = 1.5
+caption_prefix = "style x, "
+[[data.datasets]]
+path = "{b}"
+repeats = 2
+caption_template = "a photo of {{caption}}"
+shuffle_tags = false
+"""
+    )
+    cfg = load_config(toml, []).data
+    split = build_datasets(cfg, 3, 0, lambda s: None)
+    held_out = {r.path for r in split.val.records}
+    assert len(held_out) == 3 and not held_out & {r.path for r in split.train.records}
+    from_a = [r for r in split.train.records if r.caption.startswith("style x, cap")]
+    from_b = [r for r in split.train.records if r.caption.startswith("a photo of cap")]
+    assert len(from_a) + len(from_b) == len(split.train)
+    kept_a = len({r.path for r in from_a})
+    kept_b = len({r.path for r in from_b})
+    assert len(from_b) == 2 * kept_b  # twice each
+    assert kept_a <= len(from_a) <= 2 * kept_a and len(from_a) > kept_a  # 1.5: some twice
+    assert from_a[0].tags.shuffle and not from_b[0].tags.shuffle  # each its own options
+    again = build_datasets(cfg, 3, 0, lambda s: None)
+    assert [r.name for r in again.train.records] == [r.name for r in split.train.records]
+    with pytest.raises(Exception, match="data.path and data.datasets are both set"):
+        load_config(toml, [f"data.path={a}"])
+
+
+def test_loss_masks_follow_their_images(tmp_path):
+    """cat_mask.png weights cat.png's loss: found beside it (not trained as an image), checked
+    for size, and cropped, resized and flipped with it (the cache's path gives the same)."""
+    from sdtune.data.transforms import mask_at
+    from sdtune.diffusion.targets import diffusion_loss
+
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    image = Image.new("RGB", (48, 32), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 24, 32))  # left half red
+    image.save(folder / "cat.png")
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (0, 0, 24, 32))  # learn the left half only
+    mask.save(folder / "cat_mask.png")
+    Image.new("RGB", (32, 32)).save(folder / "plain.png")
+    Image.new("RGB", (40, 40)).save(folder / "odd.png")
+    Image.new("L", (20, 20)).save(folder / "odd_mask.png")
+    for stem in ("cat", "plain", "odd"):
+        (folder / f"{stem}.txt").write_text("x\n")
+    sets = {"data.path": folder, "data.resolution": 32, "data.val_fraction": 0, "data.hflip": 1.0}
+    cfg = _cfg(**sets, **{"data.masks": "true", "data.on_bad_file": "skip"})
+    lines = []
+    split = build_datasets(cfg, 3, 0, lines.append)
+    names = sorted(r.name for r in split.train.records)
+    assert names == ["cat.png", "plain.png"]  # the masks are not images; odd's is refused
+    assert any("odd_mask.png is 20x20 px, the image 40x40" in line for line in lines)
+    assert "data: 1 image(s) with a loss mask (data.masks)" in lines
+    cat = split.train.records.index(next(r for r in split.train.records if r.name == "cat.png"))
+    item = split.train[(0, cat)]  # flipped (hflip 1.0): red and the mask's white on the right
+    assert item["mask"].shape == (1, 32, 32)
+    right = item["mask"][0, :, 20:].mean()
+    assert right > 0.9 and item["mask"][0, :, :12].mean() < 0.1
+    assert item["pixel_values"][0, :, 20:].mean() > 0.9  # red channel high where the mask is
+    from_cache_path = mask_at(split.train.records[cat].open_mask(), (32, 32), True)
+    assert torch.equal(from_cache_path, item["mask"])
+    batch = __import__("sdtune.data.dataset", fromlist=["collate"]).collate(
+        [split.train[(0, i)] for i in range(2)]
+    )
+    assert batch["masks"].shape == (2, 1, 32, 32)
+    plain = 1 - cat
+    assert torch.equal(batch["masks"][plain], torch.ones(1, 32, 32))  # no mask: counts whole
+    # the loss: errors where the mask is 0 count for nothing
+    target = torch.zeros(1, 4, 4, 4)
+    pred = torch.zeros(1, 4, 4, 4)
+    pred[..., :2] = 5.0
+    weights = torch.ones(1, 1, 4, 4)
+    weights[..., :2] = 0.0
+    assert float(diffusion_loss(pred, target, None, weights)) == 0.0
+    assert float(diffusion_loss(pred, target)) == 12.5

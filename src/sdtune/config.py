@@ -65,11 +65,46 @@ class ModelConfig(Section):
     """Recompute UNet activations in the backward pass: less memory, about 30% more compute."""
 
 
+class DatasetEntry(Section):
+    """One of several image folders trained together ([[data.datasets]]); unset caption
+    options take data.*'s."""
+
+    path: Path
+    """Image folder with same-stem captions or a metadata file, as data.path."""
+    repeats: float = Field(1.0, gt=0.0, le=10000.0)
+    """How many times each image counts per epoch; a fraction takes a fixed (seeded) share, e.g. 0.5 half of them, 1.5 all once and half twice."""
+    caption_prefix: str = ""
+    """Put before every caption of this folder, e.g. 'sks dog, '."""
+    caption_suffix: str = ""
+    """Put after every caption of this folder."""
+    kohya_folders: bool = False
+    """Read the folder as kohya-ss lays it out: subfolders 'N_text' (e.g. '10_sks dog') hold images repeated N times with 'text' before their captions (an image without a caption file is captioned 'text')."""
+    caption_extension: str | None = Field(None, pattern=r"^\.[^./\\]+$")
+    caption_column: str | None = Field(None, min_length=1)
+    caption_template: str | None = None
+    shuffle_tags: bool | None = None
+    keep_tokens: int | None = Field(None, ge=0)
+    tag_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _template(self) -> DatasetEntry:
+        if self.caption_template is not None and "{caption}" not in self.caption_template:
+            raise ValueError(
+                f"data.datasets: {self.path}: caption_template must hold '{{caption}}' "
+                f"(got {self.caption_template!r})"
+            )
+        return self
+
+
 class DataConfig(Section):
     source: Literal["folder", "digits"] = "digits"
     """Where the images come from: 'folder' (data.path; the default when data.path is set) or 'digits' (bundled UCI handwritten digits)."""
     path: Path | None = None
     """Image folder with same-stem .txt captions, or holding metadata.jsonl / metadata.csv (file_name, text)."""
+    kohya_folders: bool = False
+    """Read data.path as kohya-ss lays it out: subfolders 'N_text' (e.g. '10_sks dog') of images repeated N times with 'text' before their captions."""
+    datasets: list[DatasetEntry] = []
+    """Several image folders in one run, each with its repeats, caption prefix/suffix and caption options ([[data.datasets]] tables; instead of data.path)."""
     val_path: Path | None = None
     """Held-out folder for validation; when unset, data.val_fraction of the training data is held out."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -86,6 +121,12 @@ class DataConfig(Section):
     """Bucket sides are multiples of this (unset: the model's, 64 px for SD and SDXL at 256 px and above)."""
     center_crop: bool = True
     """Crop the centre after resizing (to the square or the bucket); false crops at a random (seeded) position."""
+    masks: bool = False
+    """Masked training: an image's mask (same stem + '_mask', e.g. cat_mask.png beside cat.png, or the same name in data.mask_path) weights its loss per pixel, white learned, black ignored (the subject without its background); images without one count whole."""
+    mask_path: Path | None = None
+    """Folder of masks named as the images (their relative paths) when they are not beside them; implies data.masks."""
+    background: tuple[int, int, int] = (255, 255, 255)
+    """RGB colour (0-255 each) that transparent pixels are composited onto: white by default, [0, 0, 0] for black."""
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     """Probability of a horizontal flip (keep 0 for text, digits or asymmetric subjects)."""
     rotation: float = Field(0.0, ge=0.0, le=45.0)
@@ -96,6 +137,16 @@ class DataConfig(Section):
     """Probability of replacing a caption by the empty string (trains classifier-free guidance)."""
     caption_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
     """Extension of the same-stem caption files in a folder dataset."""
+    caption_column: str = Field("text", min_length=1)
+    """The column of metadata.jsonl / metadata.csv that holds the captions (e.g. 'tags')."""
+    caption_template: str | None = None
+    """Each caption put into this text at '{caption}', e.g. 'a photo of {caption}, sks style' (unset: the caption as written)."""
+    shuffle_tags: bool = False
+    """Captions as comma-separated tags: shuffle their order for every example and epoch (seeded), after the first data.keep_tokens."""
+    keep_tokens: int = Field(0, ge=0)
+    """Leading tags that keep their place (and are never dropped): the trigger word and class, e.g. 'sks dog, ...' with 1."""
+    tag_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Probability of leaving out each tag after the first data.keep_tokens, for every example and epoch (seeded)."""
     on_bad_file: Literal["skip", "error"] = "error"
     """What to do with an unreadable image or a missing caption: 'error' stops, 'skip' leaves it out (both name the file)."""
     num_workers: int = Field(0, ge=0, le=64)
@@ -116,14 +167,43 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _folder_when_path(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "source" not in data and data.get("path") is not None:
+        if (
+            isinstance(data, dict)
+            and "source" not in data
+            and (data.get("path") is not None or data.get("datasets"))
+        ):
             return {**data, "source": "folder"}
         return data
 
     @model_validator(mode="after")
+    def _captions(self) -> DataConfig:
+        if self.caption_template is not None and "{caption}" not in self.caption_template:
+            raise ValueError(
+                "data.caption_template must hold '{caption}' where the caption goes, "
+                f"e.g. 'a photo of {{caption}}' (got {self.caption_template!r})"
+            )
+        if self.cache_text and (self.shuffle_tags or self.tag_dropout > 0):
+            raise ValueError(
+                "data.cache_text: data.shuffle_tags / data.tag_dropout change the captions every "
+                "epoch, so their text states cannot be computed once; set data.cache_text=false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _path_matches_source(self) -> DataConfig:
-        if self.source == "folder" and self.path is None:
+        if self.source == "folder" and self.path is None and not self.datasets:
             raise ValueError("data.path is required when data.source = 'folder'")
+        if self.path is not None and self.datasets:
+            raise ValueError(
+                "data.path and data.datasets are both set: list every folder in data.datasets, "
+                "or use data.path alone"
+            )
+        if self.datasets and self.source != "folder":
+            raise ValueError("data.datasets are image folders: data.source must be 'folder'")
+        if self.kohya_folders and self.datasets:
+            raise ValueError(
+                "data.kohya_folders: with data.datasets, set kohya_folders in each [[data.datasets]]"
+            )
         if self.source == "digits" and self.path is not None:
             raise ValueError(
                 "data.path is not used when data.source = 'digits': remove one of them"

@@ -29,6 +29,8 @@ path = {data}   # your images: img.png + img.txt (the caption), or a metadata.js
 resolution = {resolution}   # the base's own size: 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL
 val_fraction = {val_fraction}   # held out for the validation loss (0 with a handful of images)
 hflip = 0.5   # mirror half the images (drop it if left and right matter, e.g. text)
+buckets = true   # each image at the size of its aspect ratio (false: centre squares)
+# masks = true   # cat_mask.png beside cat.png: learn only its white part
 """
 
 _WATCH = """

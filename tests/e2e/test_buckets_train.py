@@ -92,3 +92,55 @@ def test_buckets_with_the_latent_cache_and_sdxl(tmp_path):
         with safe_open(str(shard), "pt") as fh:
             shapes |= {tuple(fh.get_slice(k).get_shape()) for k in fh.keys() if "/" not in k}
     assert {s[1:] for s in shapes} == {(16, 16), (10, 22), (22, 10)}  # latents /2
+
+
+def test_masked_training_in_buckets_cached_and_not(tmp_path):
+    """data.masks: the loss of masked images is their masked part's; the latent cache's path
+    builds the same masks as the image path, so both runs see the same first-step loss."""
+    losses = {}
+    for cached in (False, True):
+        root = tmp_path / ("cached" if cached else "plain")
+        root.mkdir()
+        extra = f'masks = true\ncache_latents = {str(cached).lower()}\ncache_dir = "{root / "c"}"\n'
+        config = _config(root, data_extra=extra)
+        for image in sorted((root / "photos").glob("*.png"))[::2]:
+            with Image.open(image) as im:
+                mask = Image.new("L", im.size, 0)
+                mask.paste(255, (0, 0, im.size[0] // 2, im.size[1]))
+            mask.save(image.with_name(f"{image.stem}_mask.png"))
+        config.write_text(config.read_text().replace("max_steps = 6", "max_steps = 2"))
+        proc = _train(config, root / "run")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "12 image(s) with a loss mask (data.masks)" in proc.stdout
+        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").open()]
+        losses[cached] = next(r["loss"] for r in rows if "loss" in r)
+    assert abs(losses[True] - losses[False]) < 1e-3 * abs(losses[False])
+
+
+def test_dreambooth_with_preservation_and_a_token_train_in_buckets(tmp_path):
+    """DreamBooth's class images (sampled square) join the square bucket beside the instance
+    photos of every shape; LoRA output preservation and a textual-inversion token train on
+    bucketed batches."""
+    config = _config(tmp_path)
+    extra = """
+[dreambooth]
+instance_prompt = "a photo of <sks> dog"
+class_prompt = ["a photo of a dog"]
+num_class_images = 4
+class_sample_steps = 2
+[lora]
+enabled = true
+rank = 4
+preserve_prompts = ["a photo of a dog"]
+[textual_inversion]
+token = "<sks>"
+init_word = "dog"
+"""
+    text = config.read_text().replace("max_steps = 6", "max_steps = 3") + extra
+    config.write_text(text.replace("every_steps = 3", "every_steps = 0"))
+    proc = _train(config, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    sizes = {(b["width"], b["height"]): b["images"] for b in report["buckets"]["buckets"]}
+    assert set(sizes) == {(32, 32), (44, 20), (20, 44)}
+    assert sizes[(32, 32)] >= 4 + 7  # the class images are in the square bucket

@@ -36,6 +36,7 @@ def test_adafactor_trains_and_resumes_bit_for_bit(tmp_path):
     assert any("exp_avg_sq_row" in s and "exp_avg_sq" not in s for s in states)
 
 
+@pytest.mark.slow  # a plain torch optimizer: test_optim covers it in the default suite
 def test_prodigy_trains_and_resumes_bit_for_bit(tmp_path):
     config = _config(tmp_path, 'optimizer = "prodigy"\nlearning_rate = 1.0\n')
     _assert_resume_is_exact(config, tmp_path, crash="step:3")
@@ -47,6 +48,7 @@ def test_prodigy_trains_and_resumes_bit_for_bit(tmp_path):
     assert len(stepped) == 6 and stepped[-1] > stepped[0] > 0
 
 
+@pytest.mark.slow  # a plain torch optimizer: test_optim covers it in the default suite
 def test_lion_trains_and_resumes_bit_for_bit(tmp_path):
     config = _config(tmp_path, 'optimizer = "lion"\nlearning_rate = 3e-5\n')
     a = _assert_resume_is_exact(config, tmp_path, crash="step:3")

@@ -102,6 +102,8 @@ def latent_key(
     size = {"resolution": spec.resolution, "channels": spec.channels, "crop": "center"}
     if bucket is not None and bucket != (spec.resolution, spec.resolution):
         size["bucket"] = list(bucket)
+    if tuple(spec.background) != (255, 255, 255):
+        size["background"] = list(spec.background)
     parts = {"kind": "latents", "image": image, "vae": vae, **size, "flip": flipped}
     return _key({**parts, "decode": DECODE_VERSION})
 
@@ -414,11 +416,34 @@ def cached_batch(
     choices = [example_choices(dataset, epoch, index) for epoch, index in keys]
     indices = [index for _, index in keys]
     latents = cache.latents.sample(indices, [f for f, _ in choices], gen, device)
-    captions = ["" if d else dataset.records[i].caption for i, (_, d) in zip(indices, choices)]
+    from sdtune.data.dataset import apply_tags
+
+    captions = [
+        ""
+        if dropped
+        else apply_tags(
+            dataset.records[i].caption, dataset.records[i].tags or dataset.tags, dataset.seed, e, i
+        )
+        for (e, i), (_, dropped) in zip(keys, choices)
+    ]
     hidden = cache.text.states(captions, device) if cache.text is not None else None  # as before
     records = [dataset.records[i] for i in indices]
     geometry = cache.latents.geometry(indices, [f for f, _ in choices])
+    extra = {}
+    if any(r.mask is not None for r in records):  # loss masks, as the dataset gives them
+        from sdtune.data.transforms import mask_at
+
+        square = (dataset.spec.resolution, dataset.spec.resolution)
+        masks = []
+        for r, (flipped, _) in zip(records, choices):
+            size = r.bucket or square
+            m = r.open_mask()
+            masks.append(
+                mask_at(m, size, flipped) if m is not None else torch.ones(1, size[1], size[0])
+            )
+        extra["masks"] = torch.stack(masks)
     return {
+        **extra,
         "geometry": geometry,
         "latents": latents,
         "captions": captions,

@@ -12,11 +12,35 @@ import torch
 
 from sdtune.config import DataConfig
 from sdtune.data.order import generator
-from sdtune.data.sources import Record, ScanReport, digits_records, folder_records
-from sdtune.data.transforms import TransformSpec, transform_with_geometry
+from sdtune.data.sources import (
+    Record,
+    ScanReport,
+    TagSpec,
+    digits_records,
+    folder_records,
+    kohya_records,
+)
+from sdtune.data.transforms import TransformSpec, transform_with_mask
 from sdtune.errors import DataError
 
 MEMO_BYTES = 512 * 2**20
+
+
+def apply_tags(caption: str, spec: TagSpec, seed: int, epoch: int, index: int) -> str:
+    """The caption's comma-separated tags after the first `spec.keep`: each dropped with
+    probability `spec.dropout`, then shuffled; drawn from a generator of (seed, epoch, index)
+    of its own, so a resumed run and the latent cache see the same caption."""
+    if not spec.active or not caption:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, rest = tags[: spec.keep], tags[spec.keep :]
+    rng = generator(seed, "tags", epoch, index)
+    if spec.dropout > 0 and rest:
+        draws = torch.rand(len(rest), generator=rng).tolist()
+        rest = [t for t, d in zip(rest, draws) if d >= spec.dropout]
+    if spec.shuffle and len(rest) > 1:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=rng).tolist()]
+    return ", ".join(head + rest)
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -41,6 +65,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if not spec.is_random and size <= MEMO_BYTES else None
         )
+        self.tags = TagSpec()
+        """Tag shuffling and dropout of the captions (training only: augment)."""
         self.bucket_ids: tuple[int, ...] | None = None
         """Each record's aspect-ratio bucket, where there are several (see set_buckets)."""
 
@@ -64,16 +90,22 @@ class ImageTextDataset(torch.utils.data.Dataset):
         rng = generator(self.seed, "example", epoch, index) if self.augment else None
         memo = self._memo.get(index) if self._memo is not None else None
         if memo is None:
-            memo = transform_with_geometry(
-                record.open(), self.spec, rng if self.spec.is_random else None, size=record.bucket
-            )
+            random = rng if self.spec.is_random else None
+            try:
+                memo = transform_with_mask(
+                    record.open(), record.open_mask(), self.spec, random, size=record.bucket
+                )
+            except ValueError as exc:  # a mask that does not fit its image
+                raise DataError(f"{record.path or record.name}: {exc}") from None
             if self._memo is not None:
                 self._memo[index] = memo
-        pixels, geometry = memo
+        pixels, geometry, mask = memo
         caption = record.caption
         if rng is not None and self.caption_dropout > 0:
             if float(torch.rand((), generator=rng)) < self.caption_dropout:
                 caption = ""
+        if rng is not None:
+            caption = apply_tags(caption, record.tags or self.tags, self.seed, epoch, index)
         return {
             "pixel_values": pixels,
             "caption": caption,
@@ -81,11 +113,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "name": record.name,
             "weight": record.weight,
             "geometry": geometry,
+            "mask": mask,
         }
 
 
 def collate(items: list[dict]) -> dict:
-    return {
+    batch = {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "captions": [it["caption"] for it in items],
         "labels": torch.tensor([it["label"] for it in items]),
@@ -93,6 +126,11 @@ def collate(items: list[dict]) -> dict:
         "weights": torch.tensor([it.get("weight", 1.0) for it in items]),
         "geometry": torch.stack([it["geometry"] for it in items]),
     }
+    masks = [it.get("mask") for it in items]
+    if any(m is not None for m in masks):  # an image without a mask counts whole
+        shape = (1, *items[0]["pixel_values"].shape[-2:])
+        batch["masks"] = torch.stack([m if m is not None else torch.ones(shape) for m in masks])
+    return batch
 
 
 @dataclass
@@ -174,6 +212,71 @@ def apply_buckets(data: DataSplit, cfg: DataConfig, step: int, group: int, say):
     return table
 
 
+def _folder_sources(cfg: DataConfig, report: ScanReport, say) -> tuple[list[Record], str]:
+    """The records of data.path or of every [[data.datasets]] entry: captions with each
+    entry's prefix, suffix and template, each record's repeats (applied after the validation
+    split, so that no held-out image is trained on) and its entry's tag options."""
+    from sdtune.config import DatasetEntry
+
+    entries = cfg.datasets or [DatasetEntry(path=cfg.path, kohya_folders=cfg.kohya_folders)]
+    out: list[Record] = []
+    described = []
+    for entry in entries:
+
+        def own(key: str, entry: DatasetEntry = entry):
+            value = getattr(entry, key)
+            return getattr(cfg, key) if value is None else value
+
+        ext, column = own("caption_extension"), own("caption_column")
+        masks = (cfg.masks or cfg.mask_path is not None, None if cfg.datasets else cfg.mask_path)
+        if entry.kohya_folders:
+            found = kohya_records(entry.path, ext, cfg.resolution, report, column, masks)
+        else:
+            records = folder_records(entry.path, ext, cfg.resolution, report, column, False, *masks)
+            found = [(r, 1, "") for r in records]
+        template = own("caption_template")
+        tags = TagSpec(own("shuffle_tags"), own("keep_tokens"), own("tag_dropout"))
+        folders: dict[str, int] = {}
+        for record, repeats, folder_text in found:
+            caption = record.caption
+            if folder_text:  # kohya: the folder's text goes first, as a tag of its own
+                caption = f"{folder_text}, {caption}" if caption else folder_text
+            if template is not None and cfg.datasets:
+                caption = template.replace("{caption}", caption)
+            record.caption = entry.caption_prefix + caption + entry.caption_suffix
+            record.repeats = repeats * entry.repeats
+            record.tags = tags if cfg.datasets else None
+            if cfg.datasets and record.path is not None:  # unique across the folders
+                record.name = str(record.path)
+            folders[folder_text] = folders.get(folder_text, 0) + 1
+            out.append(record)
+        if cfg.datasets or entry.kohya_folders:
+            parts = ", ".join(f"{n} in '{t}'" if t else f"{n}" for t, n in folders.items())
+            say(
+                f"data: {entry.path}: {len(found)} images ({parts}), x{entry.repeats:g}"
+                + (f", caption prefix {entry.caption_prefix!r}" if entry.caption_prefix else "")
+            )
+        described.append(f"{entry.path}" + (f" (x{entry.repeats:g})" if entry.repeats != 1 else ""))
+    return out, ", ".join(described)
+
+
+def _repeated(records: list[Record], seed: int) -> list[Record]:
+    """Each record `repeats` times (whole copies, then a fixed seeded share of them for a
+    fraction: 1.5 is every image once and half of them twice), in a stable order."""
+    from dataclasses import replace
+
+    if all(r.repeats == 1 for r in records):
+        return records
+    out: list[Record] = []
+    rng = np.random.default_rng([seed, 11])
+    fractions = rng.random(len(records))
+    for record, draw in zip(records, fractions):
+        whole = int(record.repeats)
+        copies = whole + (draw < record.repeats - whole)
+        out += [record if i == 0 else replace(record) for i in range(copies)]
+    return out
+
+
 def build_datasets(
     cfg: DataConfig,
     channels: int,
@@ -191,21 +294,32 @@ def build_datasets(
             records = [r for r in records if r.label in set(cfg.labels)]
             source += f", digits {', '.join(map(str, sorted(set(cfg.labels))))}"
     else:
-        assert cfg.path is not None
-        records = folder_records(cfg.path, cfg.caption_extension, cfg.resolution, report)
-        source = str(cfg.path)
+        records, source = _folder_sources(cfg, report, say)
     val_records: list[Record] = []
     if cfg.val_path is not None:
-        val_records = folder_records(cfg.val_path, cfg.caption_extension, cfg.resolution, report)
+        val_records = folder_records(
+            cfg.val_path, cfg.caption_extension, cfg.resolution, report, cfg.caption_column,
+            False, cfg.masks or cfg.mask_path is not None, None,
+        )  # fmt: skip
     _apply_policy(report, cfg, say, report_path)
     if cfg.val_path is None:
         records, val_records = _split(records, cfg.val_fraction, seed)
+    records = _repeated(records, seed)
+    if (cfg.masks or cfg.mask_path is not None) and not any(r.mask for r in records):
+        say(
+            "data: warning: data.masks is on but no training image has a mask (cat_mask.png "
+            "beside cat.png, or the same name in data.mask_path): every image counts whole"
+        )
     if cfg.limit is not None:
         records = records[: cfg.limit]
     if not records:
         raise DataError(f"data: no usable training images in {source}")
     square = cfg.buckets is False  # with buckets, their table says what is scaled and cut
-    for line in report.conversions(channels, cfg.resolution, cropped=square, scaled=square):
+    names = {(255, 255, 255): "white", (0, 0, 0): "black"}
+    background = names.get(tuple(cfg.background), f"RGB {tuple(cfg.background)}")
+    for line in report.conversions(
+        channels, cfg.resolution, cropped=square, scaled=square, background=background
+    ):
         say(f"data: {line}")
     spec = TransformSpec(
         resolution=cfg.resolution,
@@ -214,7 +328,12 @@ def build_datasets(
         hflip=cfg.hflip,
         rotation=cfg.rotation,
         color_jitter=cfg.color_jitter,
+        background=tuple(cfg.background),
     )
+    if cfg.caption_template is not None and not cfg.datasets:  # (each dataset applied its own)
+        for record in [*records, *val_records]:
+            record.caption = cfg.caption_template.replace("{caption}", record.caption)
     train = ImageTextDataset(records, spec, seed, cfg.caption_dropout, augment=True)
+    train.tags = TagSpec(cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_dropout)
     val = ImageTextDataset(val_records, spec, seed, 0.0, augment=False) if val_records else None
     return DataSplit(train, val, report, source)

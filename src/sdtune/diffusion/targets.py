@@ -61,10 +61,21 @@ def offset_noise(
 
 
 def diffusion_loss(
-    model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    model_output: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally weighted, averaged over the batch."""
-    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)
+    """Mean squared error per sample, optionally weighted, averaged over the batch. With
+    `pixel_weights` (B x 1 x h x w, a loss mask at the latents' resolution), each sample's
+    error is its mask-weighted mean: a masked-out background teaches nothing, and a small
+    subject weighs as much as a large one."""
+    error = (model_output.float() - target.float()).pow(2)
+    if pixel_weights is not None:
+        w = pixel_weights.float().expand_as(error)
+        per_sample = (error * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
+    else:
+        per_sample = error.flatten(1).mean(1)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()

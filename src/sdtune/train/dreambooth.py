@@ -138,6 +138,7 @@ def with_dreambooth(cfg: RunConfig, data, bundle, run_dir: Path, device, acceler
         f"(prior loss weight {db.prior_loss_weight:g})"
     )
     new_train = ImageTextDataset(records, train.spec, train.seed, train.caption_dropout, True)
+    new_train.tags = train.tags
     val = data.val
     if val is not None:
         val_records = [replace(r, caption=db.instance_prompt) for r in val.records]

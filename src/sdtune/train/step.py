@@ -178,11 +178,16 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
     weights = batch["weights"].to(device, non_blocking=True)
     if noised.weights is not None:
         weights = noised.weights * weights
+    masks = batch.get("masks")  # data.masks: the loss per pixel, at the latents' resolution
+    if masks is not None:
+        masks = torch.nn.functional.interpolate(
+            masks.to(device, non_blocking=True).float(), size=latents.shape[-2:], mode="area"
+        )
     if pick is None:
-        return diffusion_loss(pred, noised.target, weights), None
+        return diffusion_loss(pred, noised.target, weights, masks), None
     pred, pred_kept = pred.chunk(2)
     kept_loss = diffusion_loss(pred_kept, kept_target, noised.weights)
-    loss = diffusion_loss(pred, noised.target, weights) + preserve.weight * kept_loss
+    loss = diffusion_loss(pred, noised.target, weights, masks) + preserve.weight * kept_loss
     return loss, kept_loss.detach()
 
 
