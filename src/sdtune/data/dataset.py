@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sdtune.config import DataConfig
-from sdtune.data.order import generator
+from sdtune.data.order import BucketIds, generator
 from sdtune.data.sources import (
     Record,
     ScanReport,
@@ -75,8 +75,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for record, size in zip(self.records, sizes or [None] * len(self.records)):
             record.bucket = size
         distinct = sorted(set(sizes or []))
+        index = {size: i for i, size in enumerate(distinct)}
         self.bucket_ids = (
-            tuple(distinct.index(s) for s in sizes) if sizes and len(distinct) > 1 else None
+            BucketIds(index[s] for s in sizes) if sizes and len(distinct) > 1 else None
         )
         if self._memo is not None:
             self._memo.clear()
