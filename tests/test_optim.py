@@ -1,6 +1,8 @@
 """The optimizers' pieces that sdtune adds around them: schedule-free AdamW's evaluation
 weights, the logged step size of optimizers that set their own."""
 
+import copy
+
 import torch
 from schedulefree import AdamWScheduleFree
 
@@ -86,8 +88,8 @@ def test_other_optimizers_evaluate_the_weights_as_they_are():
         assert (effective_lr(optimizer) is not None) == (name == "prodigy")
 
 
-def test_prodigy_and_lion_lower_the_loss():
-    for name, lr in (("lion", 3e-3), ("prodigy", 1.0)):
+def test_prodigy_lion_and_adafactor_lower_the_loss():
+    for name, lr in (("lion", 3e-3), ("prodigy", 1.0), ("adafactor", 1e-2)):
         model, x, y = _model_and_data()
         optimizer = build_optimizer(
             [{"params": list(model.parameters())}],
@@ -96,3 +98,19 @@ def test_prodigy_and_lion_lower_the_loss():
         start = torch.nn.functional.mse_loss(model(x), y).item()
         _train(model, optimizer, x, y, 100)
         assert torch.nn.functional.mse_loss(model(x), y).item() < 0.5 * start, name
+
+
+def test_adafactor_keeps_factored_moments_and_restores_them_exactly():
+    model, x, y = _model_and_data()
+    cfg = TrainConfig(optimizer="adafactor", learning_rate=1e-2)
+    optimizer = build_optimizer([{"params": list(model.parameters())}], cfg)
+    _train(model, optimizer, x, y, 3)
+    states = list(optimizer.state_dict()["state"].values())
+    assert any("exp_avg_sq_row" in s and "exp_avg_sq" not in s for s in states)
+    twin, _, _ = _model_and_data()
+    twin.load_state_dict(model.state_dict())
+    again = build_optimizer([{"params": list(twin.parameters())}], cfg)
+    again.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as from disk: not aliased
+    a = _train(model, optimizer, x, y, 2)
+    b = _train(twin, again, x, y, 2)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))

@@ -28,6 +28,7 @@ def test_8bit_adamw_trains_and_resumes_bit_for_bit(tmp_path):
     assert any(q["state1"].dtype == torch.uint8 for q in quant)  # the moments really are 8-bit
 
 
+@pytest.mark.slow  # a plain torch optimizer (transformers'): test_optim-style checks suffice by default
 def test_adafactor_trains_and_resumes_bit_for_bit(tmp_path):
     config = _config(tmp_path, 'optimizer = "adafactor"\n')
     a = _assert_resume_is_exact(config, tmp_path, crash="step:3")

@@ -205,7 +205,12 @@ def test_config_show_prints_defaults_with_help(cli):
     assert 'base = "preset:tiny-digits"' in proc.stdout
 
 
-@pytest.mark.parametrize("task", ["full", "lora", "dreambooth", "textual-inversion"])
+@pytest.mark.parametrize(
+    "task",
+    # the LoRA template (the one the README starts from) in the default suite, the others -m slow
+    [pytest.param(t, marks=pytest.mark.slow) for t in ("full", "dreambooth")]
+    + ["lora", pytest.param("textual-inversion", marks=pytest.mark.slow)],
+)
 def test_config_init_writes_a_config_that_trains(cli, tmp_path, tiny_image_folder, task):
     out = tmp_path / f"{task}.toml"
     proc = cli("config", "init", task, "--base", "preset:tiny-sd", "--data", tiny_image_folder,
