@@ -110,9 +110,7 @@ WIDE = (30, 16)  # the bucket of the 2:1 pairs at RESOLUTION (sides multiples of
 def _train(cfg: dict, run_dir: Path, say=print) -> float:
     """Train through the real CLI in this process (or reuse a finished run of the same config
     in `run_dir`: --work keeps them); returns the training's wall time."""
-    import tomli_w
-
-    from sdtune.cli import main
+    from benchmarks.fewshot import _train as train_once
     from sdtune.config import to_toml, validate_config
 
     summary, saved = run_dir / "run_summary.json", run_dir / "config.toml"
@@ -120,13 +118,7 @@ def _train(cfg: dict, run_dir: Path, say=print) -> float:
         if saved.read_text() == to_toml(validate_config(cfg)):
             say(f"buckets: reusing the finished run in {run_dir} (same config)")
             return float(json.loads(summary.read_text())["train_seconds"])
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.toml"
-    path.write_text(tomli_w.dumps(cfg))
-    start = time.monotonic()
-    if main(["train", str(path), "--output", str(run_dir), "--overwrite"]) != 0:
-        raise SystemExit(f"buckets: training {run_dir} failed")
-    return time.monotonic() - start
+    return train_once(cfg, run_dir, "buckets")
 
 
 def _images_per_s(run_dir: Path) -> float:
@@ -259,16 +251,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _rewrite(path: Path, text: str) -> None:
-    if not path.is_file():
-        return
-    content = path.read_text()
-    if BEGIN in content and END in content:
-        head, rest = content.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.buckets", description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdtune-buckets"))
@@ -287,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     default = args.seeds == DEFAULT_SEEDS and args.steps == DEFAULT_STEPS and args.per_pair == 3
     if default:
+        from benchmarks.report import replace_between
+
         for readme in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
-            _rewrite(readme, text)
+            replace_between(readme, BEGIN, END, text)
     return 0
 
 

@@ -196,7 +196,7 @@ def methods(base_model: Path) -> dict[str, dict]:
     }
 
 
-def _train(config: dict, run_dir: Path) -> float:
+def _train(config: dict, run_dir: Path, label: str = "fewshot") -> float:
     """Train through the real CLI in this process; returns the wall time of the training."""
     import tomli_w
 
@@ -208,7 +208,7 @@ def _train(config: dict, run_dir: Path) -> float:
     start = time.monotonic()
     code = main(["train", str(path), "--output", str(run_dir), "--overwrite"])
     if code != 0:
-        raise SystemExit(f"fewshot: training {run_dir} failed (exit {code})")
+        raise SystemExit(f"{label}: training {run_dir} failed (exit {code})")
     return time.monotonic() - start
 
 

@@ -175,6 +175,11 @@ class DataConfig(Section):
             return {**data, "source": "folder"}
         return data
 
+    @property
+    def uses_masks(self) -> bool:
+        """Whether loss masks are read (data.masks, or data.mask_path, which implies it)."""
+        return self.masks or self.mask_path is not None
+
     @model_validator(mode="after")
     def _captions(self) -> DataConfig:
         if self.caption_template is not None and "{caption}" not in self.caption_template:

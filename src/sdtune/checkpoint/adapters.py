@@ -24,6 +24,7 @@ from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.embeddings import learned_vectors
 from sdtune.models.lora import (
+    ADAPTER_MARKS,
     adapter_variant,
     has_lora,
     is_adapter_weight,
@@ -118,7 +119,7 @@ def kohya_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
                 name, _, kind = key.rpartition(".lora_")
                 kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind)
             else:
-                marker = ".hada_" if variant == "loha" else ".lokr_"
+                marker = ADAPTER_MARKS[variant]
                 name, _, kind = key.rpartition(marker)
                 kind = marker[1:] + kind if name else None
             if kind is None:

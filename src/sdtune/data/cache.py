@@ -168,6 +168,24 @@ class LatentCache:
 
     def __init__(self, store: ShardStore, keys: list[dict[bool, str]], scaling_factor: float):
         self.store, self.keys, self.scaling_factor = store, keys, scaling_factor
+        self.masks: dict[tuple[int, bool], torch.Tensor] = {}
+        """Loss masks at the latents' resolution, by (record index, flipped): read once, not
+        decoded every step."""
+
+    def mask(self, record, index: int, flipped: bool, square: int, latent_size) -> torch.Tensor:
+        """Record `index`'s loss mask (ones where it has none) as the dataset gives it, then
+        area-averaged to the latents' size as the step does (which leaves it as it is)."""
+        key = (index, flipped)
+        if key not in self.masks:
+            from sdtune.data.transforms import mask_at
+
+            width, height = record.bucket or (square, square)
+            image = record.open_mask()
+            m = mask_at(image, (width, height), flipped) if image else torch.ones(1, height, width)
+            self.masks[key] = torch.nn.functional.interpolate(
+                m[None], size=tuple(latent_size), mode="area"
+            )[0]
+        return self.masks[key]
 
     def parameters(self, index: int, flipped: bool = False) -> torch.Tensor:
         """The posterior's parameters (mean and log-variance stacked on channels), 2C x h x w."""
@@ -416,14 +434,8 @@ def cached_batch(
     choices = [example_choices(dataset, epoch, index) for epoch, index in keys]
     indices = [index for _, index in keys]
     latents = cache.latents.sample(indices, [f for f, _ in choices], gen, device)
-    from sdtune.data.dataset import apply_tags
-
     captions = [
-        ""
-        if dropped
-        else apply_tags(
-            dataset.records[i].caption, dataset.records[i].tags or dataset.tags, dataset.seed, e, i
-        )
+        "" if dropped else dataset.tagged(dataset.records[i].caption, e, i)
         for (e, i), (_, dropped) in zip(keys, choices)
     ]
     hidden = cache.text.states(captions, device) if cache.text is not None else None  # as before
@@ -431,17 +443,13 @@ def cached_batch(
     geometry = cache.latents.geometry(indices, [f for f, _ in choices])
     extra = {}
     if any(r.mask is not None for r in records):  # loss masks, as the dataset gives them
-        from sdtune.data.transforms import mask_at
-
-        square = (dataset.spec.resolution, dataset.spec.resolution)
-        masks = []
-        for r, (flipped, _) in zip(records, choices):
-            size = r.bucket or square
-            m = r.open_mask()
-            masks.append(
-                mask_at(m, size, flipped) if m is not None else torch.ones(1, size[1], size[0])
-            )
-        extra["masks"] = torch.stack(masks)
+        size, square = latents.shape[-2:], dataset.spec.resolution
+        extra["masks"] = torch.stack(
+            [
+                cache.latents.mask(r, i, flipped, square, size)
+                for r, i, (flipped, _) in zip(records, indices, choices)
+            ]
+        )
     return {
         **extra,
         "geometry": geometry,

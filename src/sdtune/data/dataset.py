@@ -16,6 +16,7 @@ from sdtune.data.sources import (
     Record,
     ScanReport,
     TagSpec,
+    apply_tags,
     digits_records,
     folder_records,
     kohya_records,
@@ -24,23 +25,6 @@ from sdtune.data.transforms import TransformSpec, transform_with_mask
 from sdtune.errors import DataError
 
 MEMO_BYTES = 512 * 2**20
-
-
-def apply_tags(caption: str, spec: TagSpec, seed: int, epoch: int, index: int) -> str:
-    """The caption's comma-separated tags after the first `spec.keep`: each dropped with
-    probability `spec.dropout`, then shuffled; drawn from a generator of (seed, epoch, index)
-    of its own, so a resumed run and the latent cache see the same caption."""
-    if not spec.active or not caption:
-        return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head, rest = tags[: spec.keep], tags[spec.keep :]
-    rng = generator(seed, "tags", epoch, index)
-    if spec.dropout > 0 and rest:
-        draws = torch.rand(len(rest), generator=rng).tolist()
-        rest = [t for t, d in zip(rest, draws) if d >= spec.dropout]
-    if spec.shuffle and len(rest) > 1:
-        rest = [rest[i] for i in torch.randperm(len(rest), generator=rng).tolist()]
-    return ", ".join(head + rest)
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -82,6 +66,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if self._memo is not None:
             self._memo.clear()
 
+    def tagged(self, caption: str, epoch: int, index: int) -> str:
+        """`caption` of example `index` after its tag shuffling and dropout in `epoch` (its
+        dataset's options, else data.*'s): the same for the image path and the cache's."""
+        return apply_tags(caption, self.records[index].tags or self.tags, self.seed, epoch, index)
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -106,7 +95,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             if float(torch.rand((), generator=rng)) < self.caption_dropout:
                 caption = ""
         if rng is not None:
-            caption = apply_tags(caption, record.tags or self.tags, self.seed, epoch, index)
+            caption = self.tagged(caption, epoch, index)
         return {
             "pixel_values": pixels,
             "caption": caption,
@@ -229,7 +218,7 @@ def _folder_sources(cfg: DataConfig, report: ScanReport, say) -> tuple[list[Reco
             return getattr(cfg, key) if value is None else value
 
         ext, column = own("caption_extension"), own("caption_column")
-        masks = (cfg.masks or cfg.mask_path is not None, None if cfg.datasets else cfg.mask_path)
+        masks = (cfg.uses_masks, None if cfg.datasets else cfg.mask_path)
         if entry.kohya_folders:
             found = kohya_records(entry.path, ext, cfg.resolution, report, column, masks)
         else:
@@ -242,11 +231,11 @@ def _folder_sources(cfg: DataConfig, report: ScanReport, say) -> tuple[list[Reco
             caption = record.caption
             if folder_text:  # kohya: the folder's text goes first, as a tag of its own
                 caption = f"{folder_text}, {caption}" if caption else folder_text
-            if template is not None and cfg.datasets:
-                caption = template.replace("{caption}", caption)
-            record.caption = entry.caption_prefix + caption + entry.caption_suffix
+            record.caption = caption
+            _template([record], template)  # then the entry's prefix and suffix around it
+            record.caption = entry.caption_prefix + record.caption + entry.caption_suffix
             record.repeats = repeats * entry.repeats
-            record.tags = tags if cfg.datasets else None
+            record.tags = tags
             if cfg.datasets and record.path is not None:  # unique across the folders
                 record.name = str(record.path)
             folders[folder_text] = folders.get(folder_text, 0) + 1
@@ -259,6 +248,13 @@ def _folder_sources(cfg: DataConfig, report: ScanReport, say) -> tuple[list[Reco
             )
         described.append(f"{entry.path}" + (f" (x{entry.repeats:g})" if entry.repeats != 1 else ""))
     return out, ", ".join(described)
+
+
+def _template(records: list[Record], template: str | None) -> None:
+    """Each caption put into data.caption_template (or its dataset's) at '{caption}'."""
+    if template is not None:
+        for record in records:
+            record.caption = template.replace("{caption}", record.caption)
 
 
 def _repeated(records: list[Record], seed: int) -> list[Record]:
@@ -294,19 +290,21 @@ def build_datasets(
         if cfg.labels is not None:
             records = [r for r in records if r.label in set(cfg.labels)]
             source += f", digits {', '.join(map(str, sorted(set(cfg.labels))))}"
+        _template(records, cfg.caption_template)
     else:
-        records, source = _folder_sources(cfg, report, say)
+        records, source = _folder_sources(cfg, report, say)  # each folder templated its own
     val_records: list[Record] = []
     if cfg.val_path is not None:
         val_records = folder_records(
             cfg.val_path, cfg.caption_extension, cfg.resolution, report, cfg.caption_column,
-            False, cfg.masks or cfg.mask_path is not None, None,
+            False, cfg.uses_masks, None,
         )  # fmt: skip
+        _template(val_records, cfg.caption_template)
     _apply_policy(report, cfg, say, report_path)
     if cfg.val_path is None:
         records, val_records = _split(records, cfg.val_fraction, seed)
     records = _repeated(records, seed)
-    if (cfg.masks or cfg.mask_path is not None) and not any(r.mask for r in records):
+    if cfg.uses_masks and not any(r.mask for r in records):
         say(
             "data: warning: data.masks is on but no training image has a mask (cat_mask.png "
             "beside cat.png, or the same name in data.mask_path): every image counts whole"
@@ -331,9 +329,6 @@ def build_datasets(
         color_jitter=cfg.color_jitter,
         background=tuple(cfg.background),
     )
-    if cfg.caption_template is not None and not cfg.datasets:  # (each dataset applied its own)
-        for record in [*records, *val_records]:
-            record.caption = cfg.caption_template.replace("{caption}", record.caption)
     train = ImageTextDataset(records, spec, seed, cfg.caption_dropout, augment=True)
     train.tags = TagSpec(cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_dropout)
     val = ImageTextDataset(val_records, spec, seed, 0.0, augment=False) if val_records else None

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdtune.data.order import generator
 from sdtune.errors import DataError, UserError
 from sdtune.files import read_user_text
 
@@ -41,6 +43,23 @@ class TagSpec:
         return self.shuffle or self.dropout > 0
 
 
+def apply_tags(caption: str, spec: TagSpec, seed: int, epoch: int, index: int) -> str:
+    """The caption's comma-separated tags after the first `spec.keep`: each dropped with
+    probability `spec.dropout`, then shuffled; drawn from a generator of (seed, epoch, index)
+    of its own, so a resumed run and the latent cache see the same caption."""
+    if not spec.active or not caption:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, rest = tags[: spec.keep], tags[spec.keep :]
+    rng = generator(seed, "tags", epoch, index)
+    if spec.dropout > 0 and rest:
+        draws = torch.rand(len(rest), generator=rng).tolist()
+        rest = [t for t, d in zip(rest, draws) if d >= spec.dropout]
+    if spec.shuffle and len(rest) > 1:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=rng).tolist()]
+    return ", ".join(head + rest)
+
+
 @dataclass
 class Record:
     """One example before preprocessing: an image (in memory or a file), its caption and label."""
@@ -64,15 +83,7 @@ class Record:
     """Its loss mask image (data.masks), or None: every pixel counts."""
 
     def open_mask(self) -> Image.Image | None:
-        if self.mask is None:
-            return None
-        try:
-            with Image.open(self.mask) as im:
-                im.load()
-                upright = ImageOps.exif_transpose(im)
-                return upright if upright is not im else im.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"{self.mask}: cannot read mask: {exc}") from exc
+        return None if self.mask is None else _read_upright(self.mask, "mask")
 
     def image_size(self) -> tuple[int, int]:
         if self.size is None:
@@ -91,13 +102,18 @@ class Record:
         if self.image is not None:
             return self.image
         assert self.path is not None
-        try:
-            with Image.open(self.path) as im:
-                im.load()
-                upright = ImageOps.exif_transpose(im)  # a phone's rotated shot, turned upright
-                return upright if upright is not im else im.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"{self.path}: cannot read image: {exc}") from exc
+        return _read_upright(self.path, "image")
+
+
+def _read_upright(path: Path, what: str) -> Image.Image:
+    """The image file decoded, turned upright by its EXIF orientation (a phone's rotated shot)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            return upright if upright is not im else im.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read {what}: {exc}") from exc
 
 
 @dataclass
@@ -233,9 +249,9 @@ def _check_image(path: Path, report: ScanReport) -> tuple[str | None, tuple[int,
             report.modes[im.mode] = report.modes.get(im.mode, 0) + 1
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 report.transparent += 1
-            if _orientation(im) != 1:
-                report.rotated += 1
-            return None, _upright_size(im)
+            orientation = _orientation(im)
+            report.rotated += orientation != 1
+            return None, im.size[::-1] if orientation in (5, 6, 7, 8) else im.size
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         return f"cannot read image ({exc})", None
 

@@ -46,14 +46,14 @@ def _target_regex(module: torch.nn.Module, targets: list[str], key: str) -> str:
     return "|".join(re.escape(n) for n in names)
 
 
-ADAPTER_PREFIXES = {"lora": "lora_", "dora": "lora_", "loha": "hada_", "lokr": "lokr_"}
-"""Where peft keeps each variant's weights: `<module>.<prefix>...` (DoRA's magnitude is
-`lora_magnitude_vector`)."""
+ADAPTER_MARKS = {"lora": ".lora_", "dora": ".lora_", "loha": ".hada_", "lokr": ".lokr_"}
+"""Where peft keeps each variant's weights: `<module>.lora_...` and so on (DoRA's magnitude
+is `lora_magnitude_vector`)."""
 
 
 def is_adapter_weight(name: str) -> bool:
     """Whether a parameter name is an adapter's (any variant) rather than the base model's."""
-    return any(f".{p}" in name for p in set(ADAPTER_PREFIXES.values()))
+    return any(mark in name for mark in ADAPTER_MARKS.values())
 
 
 def adapter_config(settings: LoraSettings, target_modules: str):
@@ -170,7 +170,7 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             raise UserError(f"--lora {path}: no such file")
         name = next(f"lora{i}" for i in range(len(taken) + 1) if f"lora{i}" not in taken)
         taken.add(name)
-        peft_type, keys = _peft_file_type(path)
+        peft_type, keys, configs = _peft_file_type(path)
         if peft_type is None and any(".hada_" in k or ".lokr_" in k for k in keys):
             raise UserError(
                 f"--lora {path}: a LyCORIS LoHa/LoKr file in kohya's layout, which diffusers' "
@@ -178,7 +178,7 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
                 "LoHa/LoKr it trained itself (RUN/model/adapters_peft.safetensors)"
             )
         if peft_type in ("LOHA", "LOKR"):  # sdtune's own LoHa/LoKr file (peft's layout)
-            _load_peft_file(bundle, path, name)
+            _load_peft_file(bundle, path, name, configs)
             names.append(name)
             scales.append(scale)
             continue
@@ -227,40 +227,36 @@ def _check_finite(path: Path, state: dict, alphas: dict | None) -> None:
             )
 
 
-def _peft_file_type(path: Path) -> tuple[str | None, list[str]]:
+def _peft_file_type(path: Path) -> tuple[str | None, list[str], dict]:
     """The peft type sdtune recorded in a LoRA file's header ('LORA', 'LOHA', ...), if any,
-    and the file's tensor names (none where it is not a readable .safetensors)."""
+    the file's tensor names and the recorded adapter configs (none where it is not a
+    readable .safetensors)."""
     import json
 
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors import safe_open
 
     if path.suffix != ".safetensors":
-        return None, []
+        return None, [], {}
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
             configs = json.loads((fh.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
     except Exception:  # noqa: BLE001 - diffusers' loader says what is wrong with the file
-        return None, []
+        return None, [], {}
     kinds = {str(v) for k, v in configs.items() if k.endswith(".peft_type")}
-    return (kinds.pop() if len(kinds) == 1 else None), keys
+    return (kinds.pop() if len(kinds) == 1 else None), keys, configs
 
 
-def _load_peft_file(bundle: ModelBundle, path: Path, name: str) -> None:
+def _load_peft_file(bundle: ModelBundle, path: Path, name: str, configs: dict) -> None:
     """An adapter file in peft's layout with its configs in the header (sdtune's LoHa/LoKr):
     each component's adapter injected as peft configured it, then its weights set."""
     import dataclasses
-    import json
 
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft import set_peft_model_state_dict
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as fh:
-        configs = json.loads(fh.metadata()[LORA_ADAPTER_METADATA_KEY])
     state = load_file(str(path))
     _check_finite(path, state, None)
     found = False

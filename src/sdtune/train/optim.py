@@ -118,7 +118,7 @@ def skips_on_device(optimizer) -> bool:
     """Whether a device flag can leave `optimizer.step()` undone: fused kernels read it as
     `found_inf`, return early and do not count the step. Not fused SGD with momentum: a
     skipped first step would keep its uninitialised momentum buffers."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    inner = _inner(optimizer)
     if isinstance(inner, torch.optim.SGD) and any(g["momentum"] for g in inner.param_groups):
         return False
     return bool(getattr(inner, "_step_supports_amp_scaling", False))
@@ -127,7 +127,7 @@ def skips_on_device(optimizer) -> bool:
 def step_unless(optimizer, skip: torch.Tensor) -> None:
     """`optimizer.step()`, left undone on the device where `skip` (a float32 flag on the
     parameters' device) is 1.0; needs `skips_on_device(optimizer)`. Reads nothing on the host."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _inner(optimizer)
     inner.found_inf = skip
     try:
         optimizer.step()
@@ -142,7 +142,8 @@ def _inner(optimizer):
 def is_schedule_free(optimizer) -> bool:
     """Whether the optimizer trains at one point (y) and is evaluated at another (x, the
     average of its iterates): schedule-free AdamW's train/eval modes."""
-    return hasattr(_inner(optimizer), "eval") and "train_mode" in _inner(optimizer).defaults
+    inner = _inner(optimizer)
+    return hasattr(inner, "eval") and "train_mode" in inner.defaults
 
 
 @contextlib.contextmanager
