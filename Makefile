@@ -52,9 +52,14 @@ define CHROMIUM
 	fi
 endef
 
+# the suite runs on every core there is, up to JOBS (one test file per worker at a time: a
+# file's shared fixtures are built once); JOBS=1 runs it in one process
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_JOBS = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
+
 test: $(VENV)/.installed-dev
 	$(CHROMIUM)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS)
 
 # The newest releases the ranges admit, resolved anew on every call, in a venv of their own
 # (the lock's .venv is untouched).
@@ -65,7 +70,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]'
 	$(LATEST)/bin/python -m pip check
 	$(CHROMIUM)
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python -m pytest -q $(PYTEST_JOBS)
 
 lock: test-latest
 	{ echo "# The versions the suite passed with: written by 'make lock' on $$(date -u +%Y-%m-%d)," ; \
