@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.report import cpu_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- buckets:begin -->", "<!-- buckets:end -->"
@@ -216,12 +216,7 @@ def run(
         "throughput_ratio": bucketed["images_per_s"] / square["images_per_s"],
         "meets_target": bucketed["worst_pair_accuracy"] >= TARGET_PAIR,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-        },
+        "machine": cpu_machine(),
     }
 
 

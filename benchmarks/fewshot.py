@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from benchmarks.report import cpu_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- fewshot:begin -->", "<!-- fewshot:end -->"
@@ -326,12 +325,7 @@ def run(
             "trainable_parameters": before["trainable_parameters"],
         },
         "rows": rows,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-        },
+        "machine": cpu_machine(),
     }
 
 

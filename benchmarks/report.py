@@ -37,6 +37,20 @@ def machine(device: str, threads: int) -> dict:
     }
 
 
+def cpu_machine() -> dict:
+    """Where a CPU benchmark ran, as the CPU benchmarks record it in their results."""
+    import sys
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+
+
 def versions() -> dict:
     """The versions of Python, sdtune and the libraries both trainers use, and the git commit."""
     from importlib.metadata import PackageNotFoundError, version

@@ -32,6 +32,16 @@ def test_digits_source_is_real_and_split_deterministically():
     assert item["caption"].endswith(words[item["label"]])
 
 
+def test_split_seed_holds_out_the_same_images_whatever_the_seed():
+    cfg = _cfg(**{"data.resolution": 16, "data.split_seed": 4})
+    a = build_datasets(cfg, 1, seed=0, say=lambda s: None)
+    b = build_datasets(cfg, 1, seed=1, say=lambda s: None)
+    plain = build_datasets(_cfg(**{"data.resolution": 16}), 1, seed=4, say=lambda s: None)
+    names = [r.name for r in a.val.records]
+    assert names == [r.name for r in b.val.records] == [r.name for r in plain.val.records]
+    assert a.train.seed == 0 and b.train.seed == 1  # augmentation and order keep the run's seed
+
+
 def test_folder_with_captions(tiny_image_folder):
     split = build_datasets(
         _cfg(**{"data.path": tiny_image_folder, "data.resolution": 32, "data.val_fraction": 0.34}),

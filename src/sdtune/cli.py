@@ -16,15 +16,25 @@ from sdtune.errors import RunDirError, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sdtune.config import load_config
+
+    if args.ensemble is not None:
+        from sdtune.ensemble.runs import train_ensemble
+
+        return train_ensemble(args, train_run)
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.output) if args.output else cfg.output_dir
+    return train_run(args, cfg, run_dir, _train_command(args) + f" --output {run_dir} --resume")
+
+
+def train_run(args: argparse.Namespace, cfg, run_dir: Path, resume_hint: str) -> int:
+    """Train one run as `sdtune train` does; `resume_hint` is the command that continues it."""
     import torch
     from accelerate import PartialState
 
     from sdtune.checkpoint.state import resolve_resume
-    from sdtune.config import load_config
     from sdtune.train.loop import TrainingInterrupted, train
 
-    cfg = load_config(args.config, args.set)
-    run_dir = Path(args.output) if args.output else cfg.output_dir
     if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     # under `accelerate launch` / torchrun: the main process checks and prepares the run
@@ -41,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, run_dir, resume_from)
     except TrainingInterrupted as stop:  # not an error: the resume command, as typed here
         if main:
-            print(f"sdtune: {stop.describe(_train_command(args))}", file=sys.stderr)
+            print(f"sdtune: {stop.describe(resume_hint)}", file=sys.stderr)
         return stop.exit_code
     if result.judged_accuracy is not None:
         print(f"training took {result.train_seconds:.1f}s")
@@ -130,6 +140,38 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _model_specs(args: argparse.Namespace) -> list[str]:
+    """The models named: the positional one and every --model, in order."""
+    specs = ([args.model] if args.model else []) + list(args.models or [])
+    if not specs:
+        raise UserError("name a model: sdtune sample MODEL ... (or --model A --model B ...)")
+    if len(set(specs)) < len(specs):
+        raise UserError("a model is named twice; to weight members, use --weights")
+    return specs
+
+
+def _ensemble_weights(weights, count: int, flag: str):
+    from sdtune.ensemble.predict import normalised
+
+    if weights is not None and count == 1:
+        raise UserError(f"{flag} weighs the members of an ensemble: name two models or more")
+    return normalised(weights, count, flag)
+
+
+def _ensemble(bundles: list, weights: list[float], names: list[str]):
+    """One model, or the prediction ensemble of several (checked to share a latent space)."""
+    if len(bundles) == 1:
+        return bundles[0]
+    from sdtune.ensemble.predict import Ensemble, check_compatible
+
+    check_compatible(bundles, names)
+    print(
+        "ensemble: the mean prediction of "
+        + ", ".join(f"{n} ({w:.3g})" for n, w in zip(names, weights))
+    )
+    return Ensemble(bundles, weights)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from torchvision.utils import save_image
@@ -160,21 +202,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 "such files, or choose another folder"
             )
         check_writable(folder / names[0])
-    source = Path(args.model)
-    if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
-        source = source / "model"  # a run directory: its final model
     if (args.width is None) != (args.height is None):
         raise UserError("--width and --height go together: give both (or --resolution)")
     if args.resolution is not None and args.width is not None:
         raise UserError("--resolution and --width/--height exclude each other: choose one")
-    model_cfg = ModelConfig(base=str(source), config_source=args.config_source)
-    bundle = load_model(model_cfg, DiffusionConfig(), args.seed)
-    if args.lora:
-        load_lora_files(bundle, [_scaled(spec, "--lora") for spec in args.lora])
-    for spec in args.embedding or []:
-        path, token = _token_file(spec)
-        load_embedding_file(bundle, path, token or f"<{path.stem}>")
-        print(f"embedding {path} loaded as token {token or f'<{path.stem}>'}")
+    specs = _model_specs(args)
+    weights = _ensemble_weights(args.weights, len(specs), "--weights")
+    bundles = []
+    for spec in specs:
+        if len(specs) == 1:  # one model: as ever (a run directory means its final model)
+            source = Path(spec)
+            if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
+                source = source / "model"
+            model_cfg = ModelConfig(base=str(source), config_source=args.config_source)
+            bundle = load_model(model_cfg, DiffusionConfig(), args.seed)
+        else:
+            from sdtune.ensemble.members import load_member
+
+            bundle = load_member(spec, print, args.config_source).bundle
+        if args.lora:
+            load_lora_files(bundle, [_scaled(spec, "--lora") for spec in args.lora])
+        for spec in args.embedding or []:
+            path, token = _token_file(spec)
+            load_embedding_file(bundle, path, token or f"<{path.stem}>")
+            print(f"embedding {path} loaded as token {token or f'<{path.stem}>'}")
+        bundles.append(bundle)
+    model = _ensemble(bundles, weights, specs)
+    bundle = bundles[0]
     multiple = bundle.arch.resolution_multiple(bundle)
     for flag, value in (
         ("--resolution", args.resolution),
@@ -186,10 +240,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 f"{flag} {value}: this model needs image sides that are multiples of {multiple}"
             )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bundle.to(device)
+    model.to(device)
     expanded = [p for p in prompts for _ in range(args.num)]
     images = generate(
-        bundle,
+        model,
         expanded,
         seed=args.seed,
         steps=args.steps,
@@ -265,10 +319,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tomllib.loads((ckpt / "config.toml").read_text()), str(ckpt / "config.toml")
     )
     bundle, meta = load_checkpoint_model(ckpt, args.weights)
+    others = list(args.models or [])
+    weights = _ensemble_weights(args.ensemble_weights, 1 + len(others), "--ensemble-weights")
+    bundles = [bundle]
+    if others:
+        from sdtune.ensemble.members import load_member
+
+        bundles += [load_member(spec, print).bundle for spec in others]
+    model = _ensemble(bundles, weights, [args.checkpoint, *others])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bundle.to(device)
+    model.to(device)
     data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, print)
-    values, notes = assess(bundle, cfg, data, device, args.num_images)
+    values, notes = assess(model, cfg, data, device, args.num_images)
+    if others and data.val is not None and cfg.evaluate.val_batches > 0:
+        from sdtune.evaluate.validation import validation_loss
+
+        values = {
+            **validation_loss(
+                model, data.val, cfg.train.batch_size, cfg.evaluate.val_batches, device
+            ),
+            **values,
+        }
     if not values:  # nothing could be measured: say why, as an error
         raise UserError(f"sdtune eval {args.checkpoint}: {'; '.join(notes)}")
     for note in notes:
@@ -276,14 +347,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in values.items():
         print(f"{key:<18} {value:.4f}")
     out = ckpt.parent / f"eval-{ckpt.name}.json"  # beside it: a verified checkpoint stays as saved
-    out.write_text(
-        json.dumps(
-            {"checkpoint": str(ckpt), "weights": meta["weights"], **values, "notes": notes},
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {"checkpoint": str(ckpt), "weights": meta["weights"], **values, "notes": notes}
+    if others:
+        out = Path(args.out) if args.out else ckpt.parent / f"eval-ensemble-{ckpt.name}.json"
+        record["ensemble"] = {"members": [str(ckpt), *others], "weights": weights}
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sdtune.ensemble.merge import merge
+
+    merge(
+        list(args.models),
+        Path(args.out),
+        weights=args.weights,
+        soup=args.soup,
+        lora_rank=args.lora_rank,
+        config=Path(args.config) if args.config else None,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -371,6 +455,14 @@ def _number(kind, low=None, finite=True, high=None):
     return parse
 
 
+def _member_options(p, weights_flag: str, model_help: str, weights_help: str) -> None:
+    """--model (repeatable) and the members' weights: an ensemble of several models."""
+    p.add_argument("--model", dest="models", action="append", metavar="MODEL", help=model_help)
+    p.add_argument(
+        weights_flag, type=_number(float, 0.0), nargs="+", default=None, help=weights_help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     import sdtune
 
@@ -404,10 +496,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fast-verify", action="store_true", help="check checkpoint file sizes only, not sha256"
     )
+    p.add_argument(
+        "--ensemble",
+        type=_number(int, 2),
+        default=None,
+        metavar="N",
+        help="train N members that differ only in seed (seed, seed+1, ...) into --output/member-*, "
+        "then their soup and the ensemble's evaluation (ensemble.json); --resume continues it",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate a grid of images from a model or run directory")
-    p.add_argument("model", help="run directory, model folder, single file, hub id or preset:NAME")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="run directory, checkpoint, model folder, single file, hub id or preset:NAME",
+    )
+    _member_options(
+        p,
+        "--weights",
+        "another model (repeatable): several sample as one ensemble, their noise "
+        "predictions averaged at every step",
+        "the ensemble members' weights, in the order named (normalised; default equal)",
+    )
     p.add_argument("--prompt", action="append", help="prompt (repeat for several)")
     p.add_argument("--prompt-file", default=None, help="text file with one prompt per line")
     p.add_argument(
@@ -512,8 +623,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-images", type=_number(int, 10), default=100, help="images to generate (at least 10)"
     )
     p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto")
+    _member_options(
+        p,
+        "--ensemble-weights",
+        "another member (repeatable): evaluate the ensemble of the checkpoint and these, "
+        "their noise predictions averaged (adds the ensemble's validation loss)",
+        "the members' weights, the checkpoint first (normalised; default equal)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where an ensemble's results go (default: eval-ensemble-STEP.json beside it)",
+    )
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "merge",
+        help="average models of one architecture into one (model soups), or merge LoRAs",
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="runs, checkpoints, model folders, single files or LoRA folders (RUN/model)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the merged model: a folder (diffusers), a .safetensors single file, or with "
+        "--lora-rank a LoRA folder",
+    )
+    p.add_argument(
+        "--weights",
+        type=_number(float, 0.0),
+        nargs="+",
+        default=None,
+        help="one weight per model: full models are averaged with them (normalised); LoRAs "
+        "on one base add up as base + sum w_i x delta_i (default 1/N each)",
+    )
+    p.add_argument(
+        "--soup",
+        choices=["uniform", "greedy"],
+        default="uniform",
+        help="greedy: best validation loss first, add a model only where the soup's "
+        "validation loss improves",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=_number(int, 1),
+        default=None,
+        help="merge LoRAs into one LoRA of this rank (truncated SVD of the summed deltas)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="training config whose held-out images measure the validation loss (default: "
+        "the members' own run config, for --soup greedy)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out (a merge it wrote)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "report", help="write a self-contained HTML report of a run, or compare several runs"

@@ -109,6 +109,8 @@ class DataConfig(Section):
     """Held-out folder for validation; when unset, data.val_fraction of the training data is held out."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of the data held out for validation when data.val_path is unset (split fixed by seed)."""
+    split_seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    """Seed of the train/validation split and of fractional repeats (default: seed), so runs of several seeds (an ensemble's members) hold out the same images."""
     resolution: int = Field(512, ge=8, le=4096)
     """Training size: images are trained at about resolution x resolution pixels (the square itself without data.buckets)."""
     buckets: bool | list[tuple[int, int]] = True

@@ -214,20 +214,46 @@ def merged_copy(bundle: ModelBundle, lora_scale: float = 1.0) -> ModelBundle:
 def final_model_files(bundle: ModelBundle, directory: Path, cfg, meta: dict) -> None:
     """RUN/model: the adapters alone (small files users load beside their base), or a full
     diffusers folder when base weights were trained too."""
-    from sdtune.models.bundle import MODEL_FILE, save_bundle
+    from sdtune.models.bundle import save_bundle
 
     meta = {"base_model": cfg.model.base, **meta}
     if not trains_adapters_only(bundle):
         save_bundle(merged_copy(bundle), directory, meta)
         return
-    directory.mkdir(parents=True, exist_ok=True)
     base = Path(cfg.model.base).expanduser()
+    base = str(base.resolve()) if base.exists() else cfg.model.base
+    write_adapter_folder(
+        bundle,
+        directory,
+        base,
+        cfg.model.config_source,
+        cfg.seed,
+        cfg.textual_inversion.token,
+        meta,
+    )
+
+
+def write_adapter_folder(
+    bundle: ModelBundle,
+    directory: Path,
+    base: str,
+    config_source: str | None,
+    seed: int,
+    token: str | None,
+    meta: dict,
+) -> None:
+    """An adapters folder (sdtune_model.json kind "adapters", which `model.base`, `sdtune
+    sample` and the merge read as `base` with these adapters): the LoRA in the diffusers/peft
+    file and the kohya file, and the textual-inversion embedding of `token`."""
+    from sdtune.models.bundle import MODEL_FILE
+
+    directory.mkdir(parents=True, exist_ok=True)
     info: dict = {
         "kind": "adapters",
         "family": bundle.family,
-        "base": str(base.resolve()) if base.exists() else cfg.model.base,
-        "config_source": cfg.model.config_source,
-        "seed": cfg.seed,
+        "base": base,
+        "config_source": config_source,
+        "seed": seed,
         **meta,
     }
     if adapted(bundle):
@@ -238,7 +264,6 @@ def final_model_files(bundle: ModelBundle, directory: Path, cfg, meta: dict) -> 
             save_lora_kohya(bundle, directory / KOHYA_FILE, meta)
         info["lora"] = own
         info["lora_variant"] = variant
-    token = cfg.textual_inversion.token
     if token is not None:
         save_embedding(bundle, directory / "embedding.safetensors", token, meta)
         info["embedding"] = {"file": "embedding.safetensors", "token": token}

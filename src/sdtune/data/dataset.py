@@ -284,6 +284,7 @@ def build_datasets(
     """Scan the source, report problems, split train/validation deterministically from `seed`.
     With `report_path`, bad files that stop the run are written there before it stops."""
     report = ScanReport()
+    split_seed = cfg.split_seed if cfg.split_seed is not None else seed  # which images
     if cfg.source == "digits":
         records = digits_records()
         source = "digits (UCI handwritten digits, scikit-learn)"
@@ -302,8 +303,8 @@ def build_datasets(
         _template(val_records, cfg.caption_template)
     _apply_policy(report, cfg, say, report_path)
     if cfg.val_path is None:
-        records, val_records = _split(records, cfg.val_fraction, seed)
-    records = _repeated(records, seed)
+        records, val_records = _split(records, cfg.val_fraction, split_seed)
+    records = _repeated(records, split_seed)
     if cfg.uses_masks and not any(r.mask for r in records):
         say(
             "data: warning: data.masks is on but no training image has a mask (cat_mask.png "

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from sdtune.data.order import generator
+from sdtune.ensemble.predict import Ensemble, as_ensemble
 from sdtune.files import atomic_output
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.families import Conditioning
@@ -21,7 +22,7 @@ from sdtune.models.modes import evaluating
 
 @torch.no_grad()
 def generate(
-    bundle: ModelBundle,
+    bundle: ModelBundle | Ensemble,
     prompts: list[str],
     *,
     seed: int,
@@ -36,7 +37,10 @@ def generate(
     height: int | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1] (N x C x H x W), one per prompt; image i's noise depends only on (seed, i).
-    The size is `height` x `width`, each defaulting to `resolution` (else the model's own)."""
+    The size is `height` x `width`, each defaulting to `resolution` (else the model's own).
+    An `Ensemble` samples with its members' mean prediction at every step."""
+    ensemble = as_ensemble(bundle)
+    bundle = ensemble.first  # the latent space, the VAE and the sampler's schedule
     arch = bundle.arch
     side = resolution or arch.default_resolution(bundle)
     size = (height or side, width or side)
@@ -45,11 +49,11 @@ def generate(
     dtype = next(bundle.denoiser.parameters()).dtype
     guided = guidance_scale != 1.0
     images = []
-    with evaluating(*arch.components(bundle).values()):
-        uncond = arch.conditioning(bundle, [negative_prompt], device) if guided else None
+    with evaluating(*ensemble.modules()):
+        uncond = ensemble.conditioning([negative_prompt], device) if guided else None
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            cond = arch.conditioning(bundle, chunk, device)
+            conds = ensemble.conditioning(chunk, device)
             noise = torch.stack(
                 [
                     torch.randn(
@@ -63,15 +67,15 @@ def generate(
             ).to(device=device, dtype=dtype)
             sizes = {"target_size": size}  # the micro-conditioning of families that use it
             if guided:
-                cond = Conditioning.cat([uncond.expand(len(chunk)), cond])
-            cond = arch.condition(bundle, cond, sizes)
+                conds = [Conditioning.cat([u.expand(len(chunk)), c]) for u, c in zip(uncond, conds)]
+            conds = ensemble.condition(conds, sizes)
             scheduler = arch.make_sampler(bundle, sampler)
             scheduler.set_timesteps(steps, device=device)
             latents = noise * scheduler.init_noise_sigma
             for t in scheduler.timesteps:
                 model_in = torch.cat([latents, latents]) if guided else latents
                 model_in = scheduler.scale_model_input(model_in, t)
-                out = arch.predict(bundle, model_in, t, cond)
+                out = ensemble.predict(model_in, t, conds)
                 if guided:
                     out_uncond, out_cond = out.chunk(2)
                     out = out_uncond + guidance_scale * (out_cond - out_uncond)

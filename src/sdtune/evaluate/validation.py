@@ -11,6 +11,7 @@ from sdtune.config import DiffusionConfig
 from sdtune.data.dataset import ImageTextDataset, collate
 from sdtune.data.order import generator
 from sdtune.diffusion.objective import strata_timesteps
+from sdtune.ensemble.predict import Ensemble, as_ensemble
 from sdtune.evaluate.names import BUCKETS  # noise level: t in each third of [0, T)
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.modes import evaluating
@@ -48,7 +49,7 @@ def _batches(dataset: ImageTextDataset, count: int, batch_size: int):
 
 @torch.no_grad()
 def validation_loss(
-    bundle: ModelBundle,
+    bundle: ModelBundle | Ensemble,
     dataset: ImageTextDataset,
     batch_size: int,
     max_batches: int,
@@ -56,21 +57,23 @@ def validation_loss(
     objective=None,
 ) -> dict[str, float]:
     """{'val_loss', 'val_loss_low', 'val_loss_mid', 'val_loss_high'} (plain MSE, unweighted) over
-    the first `max_batches` batches of the held-out set, under the family's objective."""
+    the first `max_batches` batches of the held-out set, under the family's objective. An
+    `Ensemble` is measured on its members' mean prediction."""
     count = min(len(dataset), batch_size * max_batches)
     if count == 0:
         return {}
+    ensemble = as_ensemble(bundle)
+    bundle = ensemble.first  # the latent space and the schedule
     arch = bundle.arch
     if objective is None:
         objective = arch.objective(bundle, DiffusionConfig(), device)
     sums = torch.zeros(len(BUCKETS), dtype=torch.float64)
-    with evaluating(*arch.components(bundle).values()):
+    with evaluating(*ensemble.modules()):
         for start, idx in _batches(dataset, count, batch_size):
             batch = collate([dataset[i] for i in idx])
             pixels = batch["pixel_values"].to(device)
             latents = bundle.encode_images(pixels, generator(VAL_SEED, "vae", start, device=device))
-            text = arch.conditioning(bundle, batch["captions"], device)
-            cond = arch.condition(bundle, text, batch)
+            conds = ensemble.condition(ensemble.conditioning(batch["captions"], device), batch)
             for b in range(len(BUCKETS)):
                 noise = torch.stack(
                     [
@@ -82,7 +85,7 @@ def validation_loss(
                     [objective.validation_timesteps(bucket_offsets(i))[b] for i in idx]
                 ).to(device)
                 noisy, target = objective.at(latents, noise, timesteps)
-                pred = arch.predict(bundle, noisy, timesteps, cond)
+                pred = ensemble.predict(noisy, timesteps, conds)
                 per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
                 sums[b] += per_image.double().sum().cpu()
     per_bucket = sums / count

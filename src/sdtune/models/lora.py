@@ -138,7 +138,6 @@ def adapter_variant(module: torch.nn.Module) -> str:
 
 def merge_lora(bundle: ModelBundle, scale: float = 1.0) -> None:
     """Bake every adapter into its base weight, times `scale`, and remove the adapter layers."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in bundle.components().values():
@@ -149,13 +148,27 @@ def merge_lora(bundle: ModelBundle, scale: float = 1.0) -> None:
                 if isinstance(layer, BaseTunerLayer):
                     layer.scale_layer(scale)
                     layer.merge(safe_merge=True)
-        recurse_remove_peft_layers(module)
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if hasattr(module, attr):
-                try:
-                    delattr(module, attr)
-                except AttributeError:
-                    setattr(module, attr, None if attr == "peft_config" else False)
+        _strip(module)
+
+
+def remove_adapters(bundle: ModelBundle) -> None:
+    """Take every adapter out, unmerged: the base model as it was loaded."""
+    for module in bundle.components().values():
+        if has_lora(module):
+            _strip(module)
+
+
+def _strip(module: torch.nn.Module) -> None:
+    """Replace each adapter layer by its base layer and forget the adapters' configs."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(module)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(module, attr):
+            try:
+                delattr(module, attr)
+            except AttributeError:
+                setattr(module, attr, None if attr == "peft_config" else False)
 
 
 def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> None:

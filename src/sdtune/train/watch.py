@@ -34,12 +34,12 @@ class TrainingInterrupted(UserError):
         self.signal_name, self.step, self.ckpt_root, self.run_dir = (
             signal_name, step, ckpt_root, run_dir
         )  # fmt: skip
-        super().__init__(self.describe("sdtune train CONFIG"))
+        super().__init__(self.describe(f"sdtune train CONFIG --output {run_dir} --resume"))
 
-    def describe(self, train_command: str) -> str:
+    def describe(self, resume_command: str) -> str:
         return (
             f"stopped by {self.signal_name} after step {self.step}; checkpoint saved in "
-            f"{self.ckpt_root}; resume with: {train_command} --output {self.run_dir} --resume"
+            f"{self.ckpt_root}; resume with: {resume_command}"
         )
 
 
