@@ -371,6 +371,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from sdtune.config import load_config
+    from sdtune.plan import make_plan, measure, render
+
+    cfg = load_config(args.config, args.set)
+    measured = None
+    if args.measure:
+        print(f"plan: measuring {args.measure_steps} real steps here ...")
+        measured = measure(cfg, args.measure_steps)
+    plan = make_plan(
+        cfg,
+        args.gpu,
+        args.memory,
+        args.price,
+        measured.step_seconds if measured is not None else None,
+    )
+    print(render(plan, cfg))
+    if measured is not None:
+        print(
+            f"measured here ({measured.device}): {measured.step_seconds:.3g} s a step, "
+            f"{measured.peak / 2**30:.3f} GiB held at the peak of a step "
+            f"(predicted {plan.peak / 2**30:.3f} GiB)"
+        )
+    if args.json:
+        from dataclasses import asdict
+
+        record = {**asdict(plan), "fits": plan.fits}
+        if measured is not None:
+            record["measured"] = asdict(measured)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"plan: written to {args.json}")
+    return 0 if plan.fits is not False else 3
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sdtune.files import check_writable
     from sdtune.monitor.report import write_comparison, write_report
@@ -683,6 +719,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out (a merge it wrote)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "plan",
+        help="what a config will need before it runs: parameters, FLOPs, peak memory, time, cost",
+    )
+    p.add_argument("config", help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from sdtune.plan import GPUS
+
+    p.add_argument(
+        "--gpu",
+        default=None,
+        help=f"the card it will train on ({', '.join(GPUS)}): its memory and peak FLOP/s",
+    )
+    p.add_argument(
+        "--memory", type=_number(float, 0.0001), default=None, help="the memory to fit, in GiB"
+    )
+    p.add_argument(
+        "--price", type=_number(float, 0.0), default=None, help="the price of an hour, for the cost"
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also time a few real steps on this machine (loads the weights)",
+    )
+    p.add_argument("--measure-steps", type=_number(int, 1), default=3, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the plan to this JSON file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "report", help="write a self-contained HTML report of a run, or compare several runs"

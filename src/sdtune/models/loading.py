@@ -16,6 +16,7 @@ from sdtune.config import DiffusionConfig, ModelConfig
 from sdtune.errors import ModelError
 from sdtune.models.bundle import MODEL_FILE, ModelBundle, save_bundle
 from sdtune.models.families import family_of_folder
+from sdtune.models.families.sd import shapes_only_active
 from sdtune.models.presets import build_preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -79,6 +80,8 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
                 "(no unet/config.json)"
             )
         family = family_of_folder(config_dir, read_model_info(config_dir))
+        if shapes_only_active():  # the architecture is its config source's: no weight read
+            return family.load_folder(config_dir, source, read_model_info(config_dir))
         return family.load_single_file(path, config_dir, source)
 
 

@@ -9,7 +9,9 @@ such as `preset:tiny-sd`) and `pixel` (no VAE, such as `preset:tiny-digits`).
 
 from __future__ import annotations
 
+import contextvars
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,10 +35,35 @@ def load_component(path: Path, name: str, load):
         raise ModelError(f"model.base: cannot load {path / name}: {first}") from exc
 
 
+_SHAPES_ONLY = contextvars.ContextVar("sdtune_shapes_only", default=False)
+
+
+@contextmanager
+def shapes_only():
+    """Within it, components load as their architecture only: built from their configs on the
+    meta device, no weight read (what `sdtune plan` counts before any download)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def shapes_only_active() -> bool:
+    return _SHAPES_ONLY.get()
+
+
 def load_weights(path: Path, name: str, cls):
     """Component `name` of the folder at `path` as `cls`, with every weight its architecture
     has: a weight missing from the files, or of another shape, is a one-line error (the
     libraries would leave it random, or on the meta device, and say so only in a log)."""
+    if _SHAPES_ONLY.get():
+        if hasattr(cls, "load_config"):  # diffusers
+            return load_component(path, name, lambda: cls.from_config(cls.load_config(path / name)))
+        return load_component(
+            path, name, lambda: cls(cls.config_class.from_pretrained(path / name))
+        )
     module, info = load_component(
         path, name, lambda: cls.from_pretrained(path, subfolder=name, output_loading_info=True)
     )
