@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks.fewshot import BASE as FEWSHOT_BASE
 from benchmarks.fewshot import _merge
-from benchmarks.report import cpu_machine
+from benchmarks.report import cpu_machine, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- ensembles:begin -->", "<!-- ensembles:end -->"
@@ -188,19 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(Path(args.work), args.seeds)
     words = sys.argv[1:] if argv is None else argv
-    result["command"] = " ".join(["python -m benchmarks.ensembles", *words])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"ensembles: results in {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    if not args.no_readme and args.seeds == DEFAULT_SEEDS:
-        from benchmarks.report import replace_between
-
-        for readme in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
-            replace_between(readme, BEGIN, END, table)
+    readmes = (
+        [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+        if not args.no_readme and args.seeds == DEFAULT_SEEDS
+        else []
+    )
+    write_results(
+        "ensembles", Path(args.out), result, markdown(result), words, readmes, (BEGIN, END)
+    )
     return 0
 
 

@@ -51,6 +51,23 @@ def cpu_machine() -> dict:
     }
 
 
+def write_results(
+    name: str, out: Path, result: dict, table: str, words: list[str], readmes: list[Path], markers
+) -> None:
+    """A CPU benchmark's results: out.json (with the command that made it), out.md (its
+    table, printed too) and the table between `markers` in each of `readmes`."""
+    import json
+
+    result["command"] = " ".join([f"python -m benchmarks.{name}", *words])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"{name}: results in {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    for readme in readmes:
+        replace_between(readme, *markers, table)
+
+
 def versions() -> dict:
     """The versions of Python, sdtune and the libraries both trainers use, and the git commit."""
     from importlib.metadata import PackageNotFoundError, version

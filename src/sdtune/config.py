@@ -411,6 +411,48 @@ class EvaluateConfig(Section):
     """Warn when validation loss rises this many evaluations in a row while training loss falls (0: never)."""
 
 
+class StageConfig(Section):
+    until_step: int = Field(ge=1)
+    """The stage lasts until this optimizer step (exclusive of the next stage's first); stages in increasing order."""
+    resolution: int | None = Field(None, ge=8, le=4096)
+    """Train at this resolution during the stage (low first, as SD was trained 256 then 512); unset: data.resolution."""
+    timesteps: tuple[float, float] | None = None
+    """The stage's timestep range as fractions [low, high) of the schedule (e.g. [0.5, 1.0]: the noisier half); unset: all."""
+    labels: list[int] | None = None
+    """Train on these labels only (the digits' labels); unset: every example."""
+    caption_contains: str | None = None
+    """Train on the examples whose caption holds this text (case-insensitive); unset: every example."""
+    easiest: float | None = Field(None, gt=0.0, le=1.0)
+    """Train on this fraction of the examples the current model finds easiest (lowest loss at fixed noise, scored at the stage's start and saved in RUN/curriculum/); unset: all."""
+    lr_scale: float = Field(1.0, gt=0.0, le=100.0)
+    """The learning rate times this during the stage."""
+
+    @model_validator(mode="after")
+    def _range(self) -> StageConfig:
+        if self.timesteps is not None and not 0.0 <= self.timesteps[0] < self.timesteps[1] <= 1.0:
+            raise ValueError(
+                f"curriculum.stages: timesteps {list(self.timesteps)} must be [low, high) with "
+                "0 <= low < high <= 1 (fractions of the noise schedule)"
+            )
+        if self.labels is not None and not self.labels:
+            raise ValueError("curriculum.stages: labels is empty; leave it out to use every label")
+        return self
+
+
+class CurriculumConfig(Section):
+    stages: list[StageConfig] = []
+    """[[curriculum.stages]]: each with its until_step and what differs in it (resolution, timesteps, data subset, lr_scale); after the last stage, training goes on as the rest of the config says."""
+
+    @model_validator(mode="after")
+    def _increasing(self) -> CurriculumConfig:
+        ends = [s.until_step for s in self.stages]
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            raise ValueError(
+                f"curriculum.stages: until_step must increase stage by stage (got {ends})"
+            )
+        return self
+
+
 class MonitorConfig(Section):
     trackers: list[Literal["wandb", "mlflow"]] = []
     """Extra experiment trackers through Accelerate (TensorBoard and metrics.jsonl are always written)."""
@@ -512,6 +554,7 @@ class RunConfig(Section):
     lora: LoraConfig = LoraConfig()
     textual_inversion: TextualInversionConfig = TextualInversionConfig()
     dreambooth: DreamBoothConfig = DreamBoothConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -528,6 +571,22 @@ class RunConfig(Section):
         if adapted and isinstance(model, dict) and "trainable" not in model:
             return {**data, "model": {**model, "trainable": []}}
         return data
+
+    @model_validator(mode="after")
+    def _curriculum_fits_the_run(self) -> RunConfig:
+        stages = self.curriculum.stages
+        if stages and stages[-1].until_step > self.train.max_steps:
+            raise ValueError(
+                f"curriculum.stages: the last stage lasts until step {stages[-1].until_step}, "
+                f"past train.max_steps = {self.train.max_steps}"
+            )
+        resized = [s.resolution for s in stages if s.resolution not in (None, self.data.resolution)]
+        if resized and self.data.cache_latents:
+            raise ValueError(
+                "curriculum.stages: a stage's own resolution does not combine with "
+                "data.cache_latents yet; drop one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dreambooth_needs_class_prompts(self) -> RunConfig:

@@ -70,6 +70,10 @@ class TrainingProgress:
     """Product of the rollback LR factors applied so far."""
     evaluations: list[dict] = field(default_factory=list)
     """Every evaluation row so far (step, val_loss, ...): early stopping and best tracking."""
+    curriculum_stage: int = -1
+    """The curriculum stage `position` counts in (-1: none entered yet)."""
+    curriculum_subsets: dict[str, list[int]] = field(default_factory=dict)
+    """Each scored stage's chosen examples (curriculum.stages[].easiest), by stage index."""
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -9,6 +9,7 @@ function of (seed, step, micro-batch, process) and a resumed run makes the same 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +58,26 @@ class DDPM:
             "uniform": sample_timesteps,
             "low_discrepancy": low_discrepancy_timesteps,
         }[timestep_sampling]
+        self.timestep_range = (0.0, 1.0)
+        """The fractions [low, high) of the schedule training draws from (a curriculum stage
+        narrows it; validation keeps every level)."""
 
     def draw(self, latents: torch.Tensor, gen: torch.Generator) -> Noised:
         """Noise, offset, timesteps (in this order, from `gen`), then the noised batch."""
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         noise = offset_noise(noise, self.noise_offset, gen)
-        timesteps = self.sample_timesteps(
-            latents.shape[0], self.num_train_timesteps, gen, latents.device
-        )
+        low, high = self.timestep_range
+        if (low, high) == (0.0, 1.0):
+            timesteps = self.sample_timesteps(
+                latents.shape[0], self.num_train_timesteps, gen, latents.device
+            )
+        else:  # the same draws, over the stage's part of the schedule
+            T = self.num_train_timesteps
+            first = min(int(low * T), T - 1)
+            end = max(first + 1, min(T, math.ceil(high * T)))
+            timesteps = first + self.sample_timesteps(
+                latents.shape[0], end - first, gen, latents.device
+            )
         noisy, target = self.at(latents, noise, timesteps)
         return Noised(noisy, timesteps, target, self.weights(timesteps))
 

@@ -138,10 +138,12 @@ def svg_chart(
     series: dict[str, list[tuple[int, float]]],
     log_y: bool = False,
     marked: frozenset[str] | set[str] = frozenset(),
+    stages: list[tuple[int, str]] = (),
 ) -> str:
     """A line chart of step -> value series as inline SVG: gridlines and labels at round
     values, a legend under the plot with each series' last value, a hover title on every
-    point, and a dot on each point of the `marked` series (evaluations)."""
+    point, a dot on each point of the `marked` series (evaluations), and a dashed line at
+    each of the `stages`' first step (curriculum stage changes, with their description)."""
     series = {k: v for k, v in series.items() if v}
     if not series:
         return ""
@@ -196,6 +198,13 @@ def svg_chart(
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom_y}" class="axis"/>',
         f'<text x="{width - right}" y="{bottom_y + 26}" class="tick" text-anchor="end">step</text>',
     ]
+    for step, what in stages:
+        if x0 <= step <= x1:
+            x = px(step)
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom_y}" class="stage" '
+                f'stroke="#888" stroke-dasharray="4 3"><title>{html.escape(what)}</title></line>'
+            )
     for i, (name, pts) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
@@ -362,15 +371,25 @@ def _charts(run: RunView) -> list[str]:
     def pick(names: dict[str, str]) -> dict[str, list[tuple[int, float]]]:
         return {label: data[k] for k, label in names.items() if k in data}
 
+    stages = [
+        (int(e["step"]), str(e.get("message", "")))
+        for e in run.events
+        if e.get("event") == "curriculum" and isinstance(e.get("step"), int)
+    ]
     charts = [
-        svg_chart("training and validation loss", pick(losses), log_y=True, marked=marked),
+        svg_chart(
+            "training and validation loss", pick(losses), log_y=True, marked=marked, stages=stages
+        ),
         svg_chart(
             "validation loss by noise level",
             pick({k: _label(k) for k in val_keys if k.endswith(("_low", "_mid", "_high"))}),
             log_y=True,
             marked=marked,
+            stages=stages,
         ),
-        svg_chart("learning rate", pick({k: _label(k) for k in ("lr", "lr_effective")})),
+        svg_chart(
+            "learning rate", pick({k: _label(k) for k in ("lr", "lr_effective")}), stages=stages
+        ),
         svg_chart("gradient norm", pick({"grad_norm": _label("grad_norm")}), log_y=True),
         svg_chart("images per second", pick({"images_per_s": _label("images_per_s")})),
     ]

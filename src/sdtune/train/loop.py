@@ -62,6 +62,7 @@ def train(cfg: RunConfig, run_dir: Path, resume_from: Path | None = None, say=pr
     cfg = run.cfg  # with any *_epochs turned into steps
     with StopRequest(run.progress.write) as stop:
         while run.state.step < cfg.train.max_steps and run.state.stop_reason is None:
+            run.curriculum.enter(run)  # a new stage's data, timesteps and rate, at its first step
             log_now = is_log_step(cfg, run.state.step + 1)
             result = train_step(run.ctx, run.state, log_now)
             watch(run, result, log_now, stop)

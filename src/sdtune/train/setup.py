@@ -60,6 +60,7 @@ class Run:
     window_images: int = 0
     window_start: float = field(default_factory=time.monotonic)
     last_loss: float = float("nan")
+    curriculum: Any = None
 
     @property
     def main(self) -> bool:
@@ -128,6 +129,11 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
             truncate_metrics(run_dir / "events.jsonl", run.state.step, True)
         run.last_saved = run.state.step
     ctx.guard.load(run.state)
+    from sdtune.train.curriculum import Curriculum
+
+    group = cfg.train.batch_size * accelerator.num_processes
+    run.curriculum = Curriculum(cfg, data, bundle, group)
+    run.curriculum.apply(run)  # the stage the position counts in
     ctx.source.restart(run.state.position)
     run.log = MetricsLog(run_dir, purge_step=run.state.step + 1) if main else None
     if run.log is not None and resume_from is not None:

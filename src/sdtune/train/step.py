@@ -75,23 +75,32 @@ class BatchSource:
         self.cached_latents = cache is not None and cache.latents is not None
         self.cached_text = cache is not None and cache.text is not None
         self._loader = None
+        self.train = data.train
+        """The examples read: the training set, or a curriculum stage's part of it."""
+        self.order_seed = seed
+
+    def use(self, train, order_seed: int) -> None:
+        """Read `train` (a curriculum stage's view) in the order of `order_seed` from the next
+        restart on."""
+        self.train, self.order_seed = train, order_seed
 
     def restart(self, position) -> None:
         """Read from `position` on (a run's start, a resume, a rollback)."""
         if not self.cached_latents:
             self._loader = batches(
-                self.data.train, self.micro, self.seed, position, self.workers, self.pin, self.shard
-            )
+                self.train, self.micro, self.order_seed, position, self.workers, self.pin,
+                self.shard,
+            )  # fmt: skip
 
     def take(self, position, gen: torch.Generator, bundle, device):
         """(batch, latents, the position after it); the latents drawn from `gen` exactly as the
         VAE's encoding draws them, whether cached or not."""
-        train = self.data.train
+        train = self.train
         keys, position = next_batch(
-            position, self.micro, len(train), self.seed, self.shard, train.bucket_ids
+            position, self.micro, len(train), self.order_seed, self.shard, train.bucket_ids
         )
         if self.cached_latents:  # no image decoded: the same draws from gen as encode_images
-            batch = cached_batch(self.cache, self.data.train, keys, gen, device)
+            batch = cached_batch(self.cache, train, keys, gen, device)
             return batch, batch["latents"], position
         batch = next(self._loader)
         pixels = batch["pixel_values"].to(device, non_blocking=True)

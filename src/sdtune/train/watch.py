@@ -276,6 +276,7 @@ def roll_back(run, at_step: int) -> None:
     if run.log is not None:
         evaluated = any(r["step"] == restored.step for r in restored.evaluations)
         run.log.rewind(restored.step, evaluated)
+    run.curriculum.apply(run)  # the stage the restored position counts in
     run.ctx.source.restart(restored.position)
     run.last_saved = restored.step
 
