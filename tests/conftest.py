@@ -4,6 +4,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`'s workers share the cores: a thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # each (and each CLI run they start), not
+    import torch  # one per core each, which only contend
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -193,6 +193,12 @@ def test_merge_refusals(members, tmp_path):
         merge(full, tmp_path / "x", lora_rank=4, say=lambda *_: None)
     with pytest.raises(UserError, match="name a folder"):
         merge(full, tmp_path / "x.safetensors", lora_rank=4)
+    with pytest.raises(UserError, match="out of range"):
+        merge(full, tmp_path / "x", weights=[1e300, 1e300])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[data\n")
+    with pytest.raises(UserError, match="broken.toml"):
+        merge(full, tmp_path / "x", soup="greedy", config=broken, say=lambda *_: None)
     with pytest.raises(UserError, match="pass --config"):
         merge(full, tmp_path / "x", soup="greedy", say=lambda *_: None)
     with pytest.raises(UserError, match="no such run"):

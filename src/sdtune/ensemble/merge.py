@@ -189,6 +189,11 @@ def merge(
             )
         if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"--weights: each weight must be >= 0, not all 0 (got {weights})")
+        if max(weights) > 1e6:
+            raise UserError(
+                f"--weights: {max(weights):g} is out of range; weights are ratios (for LoRAs "
+                "each one's strength, usually 0 to 2), at most 1e6"
+            )
     if lora_rank is not None:
         if lora_rank < 1:
             raise UserError(f"--lora-rank {lora_rank}: the rank must be at least 1")
@@ -336,15 +341,13 @@ def _inject_exact(bundle: ModelBundle, component: str, module, names: list[str],
 
 def _validator(config: Path, bundle: ModelBundle, say):
     """A function model -> validation loss on the held-out images of the run `config` names."""
-    import tomllib
-
-    from sdtune.config import validate_config
+    from sdtune.config import load_config
     from sdtune.data import build_datasets
     from sdtune.evaluate.validation import validation_loss
 
     if not config.is_file():
         raise UserError(f"--config {config}: no such file")
-    cfg = validate_config(tomllib.loads(config.read_text()), str(config))
+    cfg = load_config(config)  # TOML or YAML; a bad one is a one-line error naming it
     data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, lambda *_: None)
     if data.val is None:
         raise UserError(

@@ -68,8 +68,8 @@ def normalised(weights: list[float] | None, count: int, flag: str = "--weights")
         return [1.0 / count] * count
     if len(weights) != count:
         raise UserError(f"{flag}: {len(weights)} weight(s) for {count} model(s); give one each")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"{flag}: weights must be >= 0 and not all 0 (got {weights})")
+    if any(not w >= 0 or w > 1e6 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"{flag}: weights must be between 0 and 1e6, not all 0 (got {weights})")
     total = sum(weights)
     return [w / total for w in weights]
 

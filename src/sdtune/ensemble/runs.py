@@ -110,6 +110,9 @@ def train_ensemble(args: argparse.Namespace, train_run, say=print) -> int:
     processes.wait_for_everyone()
     hint = _resume_hint(args, root)
     dirs = member_dirs(root, count)
+    if _evaluated(root, dirs):
+        say(f"ensemble: every member has finished and {root / RESULT} is up to date; kept")
+        return 0
     for index, run_dir in enumerate(dirs):
         if finished(run_dir):
             say(f"ensemble: {run_dir.name} has finished; kept")
@@ -141,6 +144,15 @@ def _check_base(base: str) -> None:
             "seeds would share no latent space; ensemble fine-tunes of one base model (a "
             "folder, file or hub id) or a pixel-space preset such as preset:tiny-digits"
         )
+
+
+def _evaluated(root: Path, dirs: list[Path]) -> bool:
+    """Whether ensemble.json was written after every member finished (nothing left to do)."""
+    result = root / RESULT
+    if not result.is_file() or not all(finished(d) for d in dirs):
+        return False
+    newest = max((d / "run_summary.json").stat().st_mtime for d in dirs)
+    return result.stat().st_mtime >= newest
 
 
 def _resume_hint(args: argparse.Namespace, root: Path) -> str:
