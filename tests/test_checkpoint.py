@@ -142,6 +142,19 @@ def test_resume_config_changes(tmp_path):
         )
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_path):
+    """An older sdtune wrote no curriculum section: the default now is no change; a stage is."""
+    from sdtune.config import load_config, to_dict, to_toml
+
+    cfg = load_config(None, ["train.max_steps=10"])
+    saved = to_toml(cfg).replace("[curriculum]\nstages = []\n", "")
+    assert "curriculum" not in saved or "stages" not in saved
+    assert check_resume_config(saved, to_dict(cfg), tmp_path) == []
+    staged = to_dict(load_config(None, ["train.max_steps=10", "data.split_seed=3"]))
+    with pytest.raises(CheckpointError, match="data.split_seed"):
+        check_resume_config(saved, staged, tmp_path)
+
+
 def test_write_fsyncs_and_replaces_latest_atomically(tmp_path, monkeypatch):
     calls = []
     real = os.fsync

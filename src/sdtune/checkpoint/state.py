@@ -390,7 +390,15 @@ def check_resume_config(saved_toml: str, current: dict, where: Path) -> list[str
                 out[prefix + k] = v
         return out
 
+    from sdtune.config import to_dict, validate_config
+
     before, now = flat(tomllib.loads(saved_toml)), flat(current)
+    # a key the checkpoint's config lacks (written before the key existed, or left out as
+    # unset) had its default then: only a value other than the default is a change
+    defaults = flat(to_dict(validate_config({})))
+    for key in set(now) - set(before):
+        if key in defaults and now[key] == defaults[key]:
+            before[key] = now[key]
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     refused = [
         k
