@@ -209,6 +209,13 @@ def test_merge_refusals(members, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing half-written
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not an sdtune export"):
+    with pytest.raises(UserError, match="is not a merge"):
         merge(full, tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="is not a merge"):  # a model folder, an input even
+        merge(full, root / "full2", overwrite=True)
+    assert (root / "full2" / "sdtune_model.json").is_file()
+    with pytest.raises(UserError, match="at most 1024"):
+        merge(full, tmp_path / "x", lora_rank=100000)
+    with pytest.raises(UserError, match="a folder or a .safetensors"):
+        merge(full, tmp_path / "m.ckpt")

@@ -314,6 +314,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sdtune.data import build_datasets
     from sdtune.evaluate.assess import assess
 
+    if args.out and Path(args.out).exists():
+        raise UserError(f"--out {args.out} already exists; name a new file")
     ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
     cfg = validate_config(
         tomllib.loads((ckpt / "config.toml").read_text()), str(ckpt / "config.toml")
@@ -378,6 +380,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from sdtune.plan import make_plan, measure, render
 
     cfg = load_config(args.config, args.set)
+    if args.json and Path(args.json).exists():
+        raise UserError(f"--json {args.json} already exists; name a new file")
     measured = None
     if args.measure:
         print(f"plan: measuring {args.measure_steps} real steps here ...")

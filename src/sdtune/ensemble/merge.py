@@ -202,6 +202,15 @@ def merge(
                 f"--out {out}: --lora-rank writes a LoRA folder (the diffusers and kohya files "
                 "and sdtune_model.json, as RUN/model); name a folder"
             )
+    if lora_rank is not None and lora_rank > 1024:
+        raise UserError(f"--lora-rank {lora_rank}: at most 1024 (a LoRA's rank, not its size)")
+    if out.suffix and out.suffix != ".safetensors" and not out.is_dir():
+        raise UserError(f"--out {out}: a merge writes a folder or a .safetensors file")
+    if overwrite and out.exists() and not _is_merge(out):
+        raise UserError(
+            f"--out {out}: --overwrite replaces only what sdtune merge wrote, and {out} is "
+            "not a merge; choose another --out"
+        )
     fmt = check_export_target("merged", out, overwrite)
     if soup == "greedy":
         return _greedy(specs, out, fmt, config, say)
@@ -250,6 +259,21 @@ def merge(
         _write_model(acc.template, out, fmt, record)
     say(f"merge: wrote {out}")
     return MergeResult(out, mode, used, record)
+
+
+def _is_merge(path: Path) -> bool:
+    """Whether `path` is what sdtune merge wrote (a folder or single file saying so)."""
+    if path.is_dir():
+        try:
+            info = json.loads((path / "sdtune_model.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(info, dict) and "merge" in info
+    if path.suffix == ".safetensors":
+        from sdtune.checkpoint.export import single_file_metadata
+
+        return "sdtune.merge" in single_file_metadata(path)
+    return False
 
 
 def _write_model(bundle: ModelBundle, out: Path, fmt: str, record: dict) -> None:

@@ -64,12 +64,18 @@ def prepare_ensemble_dir(root: Path, count: int, overwrite: bool, resume: bool) 
                     remove_run_files(member)
                 if member.is_dir() and not any(member.iterdir()):
                     member.rmdir()
-            for name in ("soup", RESULT):
-                path = root / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+            from sdtune.ensemble.merge import _is_merge
+
+            soup = root / "soup"
+            if soup.exists() and not _is_merge(soup):
+                raise RunDirError(
+                    f"--overwrite: {soup} is not the soup sdtune wrote; move it away first "
+                    "(sdtune never deletes files it did not write)"
+                )
+            if soup.is_dir():
+                shutil.rmtree(soup)
+            if (root / RESULT).exists():
+                (root / RESULT).unlink()
     root.mkdir(parents=True, exist_ok=True)
     record = {"sdtune_version": sdtune.__version__, "created": time.time(), "members": count}
     (root / MARKER).write_text(json.dumps(record, indent=2) + "\n")
@@ -94,6 +100,8 @@ def train_ensemble(args: argparse.Namespace, train_run, say=print) -> int:
     from sdtune.config import load_config
 
     count = args.ensemble
+    if args.resume is not None and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
     if count < 2:
         raise UserError(f"--ensemble {count}: an ensemble has at least 2 members")
     base_cfg = load_config(args.config, args.set)
