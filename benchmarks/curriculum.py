@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fewshot import _train
+from benchmarks.fewshot import BASE as FEWSHOT_BASE
+from benchmarks.fewshot import _merge, _train
 from benchmarks.report import cpu_machine, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,34 +39,21 @@ DEFAULT_SEEDS = [1, 2]
 TARGET = 0.90
 EVERY = 50
 
-QUICKSTART = {
-    "model": {"base": "preset:tiny-digits", "trainable": ["unet.*", "text_encoder.*"]},
-    "data": {"source": "digits", "resolution": 16, "val_fraction": 0.1, "caption_dropout": 0.1},
-    "diffusion": {"min_snr_gamma": 5.0},
-    "train": {
-        "max_steps": 700,
-        "batch_size": 64,
-        "learning_rate": 1e-3,
-        "lr_schedule": "cosine",
-        "warmup_steps": 100,
-        "weight_decay": 0.01,
-        "ema": True,
-        "ema_decay": 0.995,
-        "log_every": 10,
+QUICKSTART = _merge(  # the quickstart (fewshot's base config) on all ten digits
+    FEWSHOT_BASE,
+    {
+        "train": {"weight_decay": 0.01, "log_every": 10},
+        "checkpoint": {"every_steps": 0},
+        "evaluate": {
+            "every_steps": EVERY,
+            "metrics_every": EVERY,
+            "metrics_images": 100,
+            "num_per_prompt": 1,
+            "judge": True,
+        },
     },
-    "checkpoint": {"every_steps": 0},
-    "evaluate": {
-        "every_steps": EVERY,
-        "metrics_every": EVERY,
-        "metrics_images": 100,
-        "num_per_prompt": 1,
-        "sample_steps": 25,
-        "guidance_scale": 5.0,
-        "scheduler": "dpm++",
-        "val_batches": 2,
-        "judge": True,
-    },
-}
+)
+QUICKSTART["data"].pop("labels")
 VARIANTS = {
     "none": [],
     "8 px first": [{"until_step": 350, "resolution": 8}],
