@@ -61,6 +61,7 @@ def test_tiny_preset_run_writes_a_complete_result(tmp_path):
     assert "| CPU, 1 thread | tiny-sd 16 px ×4 no |" in text
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_compare_runs_variants_alternated_and_reports_their_ratio(tmp_path):
     result = _run(
         tmp_path, "--repeats", "1", "--compare", "train.fused_optimizer=false", "--profile"
@@ -371,6 +372,7 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
     assert "| base (pre-trained on 0–8) |" in table
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_wide_digits_benchmark_runs_end_to_end(tmp_path):
     """The buckets benchmark on a few steps: real pairs written, both variants trained through
     the CLI, every half judged, a table rendered (the numbers of a real run are in the README)."""

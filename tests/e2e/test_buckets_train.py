@@ -4,6 +4,7 @@ bit for bit with one process and with two; the latent cache and SDXL's size cond
 
 import json
 
+import pytest
 from PIL import Image
 
 from tests.e2e.test_distributed import _launch
@@ -65,6 +66,7 @@ def test_buckets_resume_bit_for_bit_and_say_their_table(tmp_path):
     assert grid.size == (44 + 2, 4 * (20 + 1) + 1)  # evaluate.sample_size: 4 wide samples
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_buckets_with_two_processes_resume_bit_for_bit(tmp_path):
     config = _config(tmp_path)
     straight = _launch(config, tmp_path / "a")

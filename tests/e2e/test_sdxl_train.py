@@ -82,6 +82,7 @@ def _unet_out(pipe, prompt="a photo of a cat"):
         return pipe.unet(x, 500, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_lora_exports_load_in_diffusers_and_back_in_sdtune(lora_run, tmp_path):
     from sdtune.models.bundle import save_bundle
     from sdtune.models.presets import build_preset

@@ -20,6 +20,7 @@ def _config(tmp_path, extra: str = ""):
     return path
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes (the 'bnb' extra) is not installed")
 def test_8bit_adamw_trains_and_resumes_bit_for_bit(tmp_path):
     config = _config(tmp_path, 'optimizer = "adamw8bit"\n')
@@ -74,6 +75,7 @@ def test_schedule_free_adamw_resumes_bit_for_bit_and_saves_its_average(tmp_path)
     assert warm[:3] == pytest.approx([5e-5, 1e-4, 1e-4])  # its own warmup, not the schedule's
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_epochs_become_steps_and_resume_exactly(tmp_path):
     """train.max_epochs and checkpoint/evaluate.every_epochs: counted in steps once the images
     are known (40 training images at batch 4: 10 steps an epoch), resumed bit for bit."""

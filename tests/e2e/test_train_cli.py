@@ -38,6 +38,7 @@ def folder_config(tmp_path, tiny_image_folder):
     return path
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_train_latent_model_on_folder_writes_everything(cli, tmp_path, folder_config):
     run = tmp_path / "run"
     proc = cli("train", folder_config, "--output", run, *TINY_SD)
