@@ -8,7 +8,7 @@ from sdtune.config import load_config
 from sdtune.data import DataPosition, build_datasets, next_batch
 from sdtune.data.order import epoch_order
 from sdtune.data.transforms import TransformSpec, apply_transform
-from sdtune.errors import DataError
+from sdtune.errors import ConfigError, DataError
 
 
 def _cfg(**sets):
@@ -77,6 +77,48 @@ def test_metadata_jsonl_and_csv(tmp_path):
         lambda s: None,
     )
     assert sorted(r.caption for r in split.train.records) == ["one", "zero"]
+
+
+def test_metadata_difficulty_scores_and_curriculum_stages_by_them(tmp_path):
+    from sdtune.models.presets import build_preset
+    from sdtune.train.curriculum import Curriculum
+
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    lines = [
+        {"file_name": "0.png", "text": "a", "difficulty": 0.1},
+        {"file_name": "1.png", "text": "b", "difficulty": 3},
+        {"file_name": "2.png", "text": "c", "difficulty": 0.5},
+        {"file_name": "3.png", "text": "d"},
+    ]
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text("\n".join(json.dumps(line) for line in lines))
+    settings = {"data.path": tmp_path, "data.resolution": 16, "data.val_fraction": 0}
+    split = build_datasets(_cfg(**settings), 3, 0, lambda s: None)
+    scores = {r.name: r.difficulty for r in split.train.records}
+    assert scores == {"0.png": 0.1, "1.png": 3.0, "2.png": 0.5, "3.png": None}
+    config = tmp_path / "cfg.toml"
+    stage = "[train]\nmax_steps = 4\n[[curriculum.stages]]\nuntil_step = 2\ndifficulty = [{}]\n"
+    config.write_text(stage.format("0, 0.5"))
+    cfg = load_config(config)
+    with pytest.raises(ConfigError, match=r"difficulty: 1 training image\(s\) have no .*3.png"):
+        Curriculum(cfg, split, build_preset("tiny-sd", 0))
+    meta.write_text("\n".join(json.dumps(line) for line in lines[:3]))
+    split = build_datasets(_cfg(**settings), 3, 0, lambda s: None)
+    curriculum = Curriculum(cfg, split, build_preset("tiny-sd", 0))
+    assert sorted(r.name for r in curriculum.view(0, None).records) == ["0.png", "2.png"]
+    assert "difficulty 0-0.5" in curriculum.describe(0)
+    meta.unlink()
+    csv = tmp_path / "metadata.csv"
+    csv.write_text("file_name,text,difficulty\n0.png,a,0.2\n1.png,b,\n2.png,c,hard\n")
+    with pytest.raises(DataError, match=r"metadata.csv:4: 'difficulty' must be a number .*'hard'"):
+        build_datasets(_cfg(**settings), 3, 0, lambda s: None)
+    csv.write_text("file_name,text,difficulty\n0.png,a,0.2\n1.png,b,\n")
+    split = build_datasets(_cfg(**settings), 3, 0, lambda s: None)
+    assert {r.name: r.difficulty for r in split.train.records} == {"0.png": 0.2, "1.png": None}
+    config.write_text(stage.format("1, 0"))
+    with pytest.raises(ConfigError, match=r"low <= high"):
+        load_config(config)
 
 
 def test_bad_metadata_is_named(tmp_path):

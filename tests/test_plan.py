@@ -115,6 +115,28 @@ def test_cpu_memory_is_predicted_within_20_percent_of_real_steps(name, tiny_imag
         assert plan.memory[part] == pytest.approx(real.memory[part], rel=0.05, abs=4096)
 
 
+def test_measured_step_time_predicts_a_real_run_within_20_percent(tmp_path):
+    """plan --measure's step time (a few steps, set up apart) against the steps of a real
+    `sdtune train` of the same config (data loading, logging and all), run after it."""
+    sets = [*CPU_RUNS["checkpointed"], "data.val_fraction=0", "train.max_steps=14"]
+    config = tmp_path / "cfg.toml"
+    config.write_text("seed = 0\n")
+    cfg = load_config(config, sets)
+    plan = make_plan(cfg, measured_step=measure(cfg, steps=5).step_seconds, variants=False)
+    run = tmp_path / "run"
+    args = ["train", str(config), "--output", str(run)]
+    for item in [*sets, "train.log_every=7", "checkpoint.every_steps=0", "evaluate.every_steps=0",
+                 "evaluate.val_batches=0", "evaluate.judge=false", "evaluate.num_per_prompt=1",
+                 "evaluate.sample_steps=1"]:  # fmt: skip
+        args += ["--set", item]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [64 / r["images_per_s"] for r in rows if "images_per_s" in r]
+    real = steps[-1]  # steps 8 to 14: warm, one of them logged, as a run logs
+    assert plan.step_seconds / real == pytest.approx(1.0, abs=0.2), (plan.step_seconds, steps)
+    assert plan.total_seconds == pytest.approx(plan.step_seconds * 14)
+
+
 def test_optimizer_states_by_optimizer():
     weights = [torch.empty(64, 128, device="meta"), torch.empty(128, device="meta")]
     n = 64 * 128 + 128

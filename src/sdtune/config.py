@@ -422,6 +422,8 @@ class StageConfig(Section):
     """Train on these labels only (the digits' labels); unset: every example."""
     caption_contains: str | None = None
     """Train on the examples whose caption holds this text (case-insensitive); unset: every example."""
+    difficulty: tuple[float, float] | None = None
+    """Train on the examples whose difficulty score (the 'difficulty' column of the folder's metadata.jsonl / metadata.csv) lies in [low, high], e.g. [0, 0.5] for the easier half of a 0-1 score; unset: every example."""
     easiest: float | None = Field(None, gt=0.0, le=1.0)
     """Train on this fraction of the examples the current model finds easiest (lowest loss at fixed noise, scored at the stage's start and saved in RUN/curriculum/); unset: all."""
     lr_scale: float = Field(1.0, gt=0.0, le=100.0)
@@ -434,6 +436,11 @@ class StageConfig(Section):
                 f"curriculum.stages: timesteps {list(self.timesteps)} must be [low, high) with "
                 "0 <= low < high <= 1 (fractions of the noise schedule)"
             )
+        if self.difficulty is not None and not self.difficulty[0] <= self.difficulty[1]:
+            raise ValueError(
+                f"curriculum.stages: difficulty {list(self.difficulty)} must be [low, high] "
+                "with low <= high"
+            )
         if self.labels is not None and not self.labels:
             raise ValueError("curriculum.stages: labels is empty; leave it out to use every label")
         return self
@@ -441,7 +448,7 @@ class StageConfig(Section):
 
 class CurriculumConfig(Section):
     stages: list[StageConfig] = []
-    """[[curriculum.stages]]: each with its until_step and what differs in it (resolution, timesteps, data subset, lr_scale); after the last stage, training goes on as the rest of the config says."""
+    """[[curriculum.stages]]: each with its until_step and what differs in it (resolution, timesteps, data subset by labels / caption / difficulty score or easiest first, lr_scale); after the last stage, training goes on as the rest of the config says."""
 
     @model_validator(mode="after")
     def _increasing(self) -> CurriculumConfig:
@@ -579,12 +586,6 @@ class RunConfig(Section):
             raise ValueError(
                 f"curriculum.stages: the last stage lasts until step {stages[-1].until_step}, "
                 f"past train.max_steps = {self.train.max_steps}"
-            )
-        resized = [s.resolution for s in stages if s.resolution not in (None, self.data.resolution)]
-        if resized and self.data.cache_latents:
-            raise ValueError(
-                "curriculum.stages: a stage's own resolution does not combine with "
-                "data.cache_latents yet; drop one of them"
             )
         return self
 

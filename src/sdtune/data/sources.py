@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,9 @@ class Record:
     """How many times it counts per epoch ([[data.datasets]] repeats, kohya folders' N)."""
     mask: Path | None = None
     """Its loss mask image (data.masks), or None: every pixel counts."""
+    difficulty: float | None = None
+    """Its difficulty score from the metadata's difficulty column (curriculum stages select
+    by it); None: the metadata has none for it."""
 
     def open_mask(self) -> Image.Image | None:
         return None if self.mask is None else _read_upright(self.mask, "mask")
@@ -256,21 +260,40 @@ def _check_image(path: Path, report: ScanReport) -> tuple[str | None, tuple[int,
         return f"cannot read image ({exc})", None
 
 
-def _metadata_row(path: Path, n: int, file_name, text, column: str = "text"):
-    """One checked row: a file name and a caption that are both text."""
+DIFFICULTY = "difficulty"  # the metadata column of an example's difficulty score
+
+
+def _metadata_row(path: Path, n: int, row: dict, column: str = "text"):
+    """One checked row: a file name and a caption that are both text, and the difficulty
+    score when the row has one (a number; empty in a CSV: none)."""
+    file_name, text = row["file_name"], row[column]
     if not isinstance(file_name, str) or not file_name.strip():
         raise DataError(f"{path}:{n}: 'file_name' must be a file name (got {file_name!r})")
     if not isinstance(text, str):
         raise DataError(
             f"{path}:{n}: '{column}' must be a caption string (got {text!r}); write \"\" for none"
         )
-    return file_name, text, n
+    score = row.get(DIFFICULTY)
+    if isinstance(score, str):
+        score = score.strip() or None
+        try:
+            score = None if score is None else float(score)
+        except ValueError:
+            score = row[DIFFICULTY]
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
+    ):
+        raise DataError(
+            f"{path}:{n}: '{DIFFICULTY}' must be a number (got {row[DIFFICULTY]!r}); "
+            "leave it empty for none"
+        )
+    return file_name, text, n, None if score is None else float(score)
 
 
-def _metadata_rows(path: Path, column: str = "text") -> list[tuple[str, str, int]]:
-    """(file_name, caption, line) rows of metadata.jsonl or metadata.csv, the caption from
-    `column` (data.caption_column), with one-line errors."""
-    rows: list[tuple[str, str, int]] = []
+def _metadata_rows(path: Path, column: str = "text") -> list[tuple[str, str, int, float | None]]:
+    """(file_name, caption, line, difficulty) rows of metadata.jsonl or metadata.csv, the
+    caption from `column` (data.caption_column), with one-line errors."""
+    rows: list[tuple[str, str, int, float | None]] = []
     text = read_user_text(path)
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), start=1):
@@ -282,7 +305,7 @@ def _metadata_rows(path: Path, column: str = "text") -> list[tuple[str, str, int
                 raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict) or "file_name" not in row or column not in row:
                 raise DataError(f"{path}:{n}: each line needs 'file_name' and '{column}'")
-            rows.append(_metadata_row(path, n, row["file_name"], row[column], column))
+            rows.append(_metadata_row(path, n, row, column))
     else:
         try:
             reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -293,7 +316,7 @@ def _metadata_rows(path: Path, column: str = "text") -> list[tuple[str, str, int
                 n = reader.line_num
                 if None in row or any(v is None for v in row.values()):
                     raise DataError(f"{path}:{n}: not as many fields as the header has columns")
-                rows.append(_metadata_row(path, n, row["file_name"], row[column], column))
+                rows.append(_metadata_row(path, n, row, column))
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     return rows
@@ -319,13 +342,16 @@ def folder_records(
         (root / m for m in ("metadata.jsonl", "metadata.csv") if (root / m).is_file()), None
     )
     entries: list[tuple[Path, str | None]] = []
+    scores: dict[Path, float] = {}
     if meta is not None:
-        for file_name, text, line in _metadata_rows(meta, column):
+        for file_name, text, line, score in _metadata_rows(meta, column):
             path = root / file_name
             if not path.is_file():
                 report.problems.append((str(path), f"listed in {meta.name}:{line} but missing"))
                 continue
             entries.append((path, text))
+            if score is not None:
+                scores[path] = score
     else:
         images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if masks and mask_root is None:  # cat_mask.png is cat.png's mask, not an image
@@ -361,7 +387,14 @@ def folder_records(
                 continue
             report.masked += mask is not None
         records.append(
-            Record(str(path.relative_to(root)), text or "", path=path, size=size, mask=mask)
+            Record(
+                str(path.relative_to(root)),
+                text or "",
+                path=path,
+                size=size,
+                mask=mask,
+                difficulty=scores.get(path),
+            )  # fmt: skip
         )
     if not records and not report.problems:
         kinds = "/".join(sorted(IMAGE_SUFFIXES))

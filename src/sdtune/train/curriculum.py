@@ -44,10 +44,19 @@ class Curriculum:
                     f"curriculum.stages[{i}].resolution: {stage.resolution} is not a multiple "
                     f"of {self.multiple} (this model downsamples by {self.multiple})"
                 )
+            if stage.difficulty is not None:
+                unscored = [r for r in self.train.records if r.difficulty is None]
+                if unscored:
+                    raise ConfigError(
+                        f"curriculum.stages[{i}].difficulty: {len(unscored)} training "
+                        f"image(s) have no difficulty score (e.g. {unscored[0].name}); give "
+                        "each a number in the 'difficulty' column of the folder's "
+                        "metadata.jsonl / metadata.csv"
+                    )
             if self._candidates(i) == []:
                 raise ConfigError(
                     f"curriculum.stages[{i}]: no training example matches its labels / "
-                    "caption_contains; widen them"
+                    "caption_contains / difficulty; widen them"
                 )
 
     @property
@@ -74,6 +83,9 @@ class Curriculum:
             parts.append(f"labels {', '.join(map(str, stage.labels))}")
         if stage.caption_contains is not None:
             parts.append(f"captions holding {stage.caption_contains!r}")
+        if stage.difficulty is not None:
+            low, high = stage.difficulty
+            parts.append(f"difficulty {low:g}-{high:g}")
         if stage.easiest is not None:
             parts.append(f"the easiest {stage.easiest:.0%}")
         if stage.lr_scale != 1.0:
@@ -83,7 +95,9 @@ class Curriculum:
     def _candidates(self, index: int) -> list[int] | None:
         """Indices into the training set a stage draws from (None: all of them)."""
         stage = self._stage(index)
-        if stage is None or (stage.labels is None and stage.caption_contains is None):
+        if stage is None or (
+            stage.labels is None and stage.caption_contains is None and stage.difficulty is None
+        ):
             return None
         records = self.train.records
         keep = range(len(records))
@@ -93,6 +107,9 @@ class Curriculum:
         if stage.caption_contains is not None:
             text = stage.caption_contains.lower()
             keep = [i for i in keep if text in records[i].caption.lower()]
+        if stage.difficulty is not None:
+            low, high = stage.difficulty
+            keep = [i for i in keep if low <= records[i].difficulty <= high]
         return list(keep)
 
     def view(self, index: int, subset: list[int] | None) -> ImageTextDataset:
@@ -179,9 +196,9 @@ class Curriculum:
             and str(index) not in state.curriculum_subsets
         ):
             state.curriculum_subsets[str(index)] = self._easiest(run, index)
+            self._views.pop(index, None)  # its view is of the subset just chosen
         state.curriculum_stage = index
         state.position = DataPosition()
-        self._views.pop(index, None)
         self.apply(run)
         run.ctx.source.restart(state.position)
         _scale_lr(run, self.lr_scale(index) / before)

@@ -323,8 +323,9 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     pin = cfg.data.pin_memory and device.type == "cuda"
     shard = (accelerator.process_index, accelerator.num_processes)
     source = BatchSource(
-        data, cache, cfg.train.batch_size, cfg.seed, shard, cfg.data.num_workers, pin
-    )
+        data, cache, cfg.train.batch_size, cfg.seed, shard, cfg.data.num_workers, pin,
+        lambda view: _build_cache(cfg, view, bundle, precision, accelerator, say, False).latents,
+    )  # fmt: skip
     ctx = StepContext(
         cfg=cfg,
         bundle=bundle,
@@ -343,18 +344,21 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     return objects, ctx
 
 
-def _build_cache(cfg: RunConfig, data, bundle, precision, accelerator, say):
-    """The latent/text cache of the training set: built on the main process, read by all."""
+def _build_cache(cfg: RunConfig, data, bundle, precision, accelerator, say, text=True):
+    """The latent/text cache of the training set (or, given an `ImageTextDataset`, of a
+    curriculum stage's view of it; its latents only): built on the main process, read by all."""
     from sdtune.data.cache import build_cache, default_cache_dir
+
+    train = getattr(data, "train", data)
 
     def build():
         return build_cache(
-            data.train.records,
-            data.train.spec,
+            train.records,
+            train.spec,
             bundle,
             cfg.data.cache_dir or default_cache_dir(),
             latents=cfg.data.cache_latents,
-            text=cfg.data.cache_text,
+            text=cfg.data.cache_text and text,
             batch_size=cfg.train.batch_size,
             precision=precision,
             say=say,

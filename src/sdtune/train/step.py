@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,7 +69,10 @@ class BatchSource:
     """This process's micro-batches in the order of `next_batch`: decoded images through the
     loader, or, with every latent cached, straight from the cache (nothing decoded)."""
 
-    def __init__(self, data, cache, micro: int, seed: int, shard, workers: int, pin: bool):
+    def __init__(
+        self, data, cache, micro: int, seed: int, shard, workers: int, pin: bool,
+        latents_for=None,
+    ):  # fmt: skip
         self.data, self.cache, self.micro, self.seed, self.shard = data, cache, micro, seed, shard
         self.workers, self.pin = workers, pin
         self.cached_latents = cache is not None and cache.latents is not None
@@ -78,10 +81,21 @@ class BatchSource:
         self.train = data.train
         """The examples read: the training set, or a curriculum stage's part of it."""
         self.order_seed = seed
+        self._latents_for = latents_for
+        """dataset -> its LatentCache (built, or found built, on disk): a curriculum stage's
+        view has its own records and maybe its own resolution, so its own entries."""
+        self._whole = cache.latents if self.cached_latents else None
 
     def use(self, train, order_seed: int) -> None:
         """Read `train` (a curriculum stage's view) in the order of `order_seed` from the next
-        restart on."""
+        restart on; with cached latents, from the view's own cache entries."""
+        if self.cached_latents and train is not self.train:
+            if train is self.data.train:
+                latents = self._whole
+            else:
+                assert self._latents_for is not None, "a view's latents need a builder"
+                latents = self._latents_for(train)
+            self.cache = replace(self.cache, latents=latents)
         self.train, self.order_seed = train, order_seed
 
     def restart(self, position) -> None:
