@@ -132,6 +132,9 @@ def test_uniform_and_weighted_averages(members, tmp_path):
     single = load_file(str(tmp_path / "w.safetensors"))
     key = "model.diffusion_model.input_blocks.0.0.weight"  # conv_in under the SD names
     torch.testing.assert_close(single[key], 0.75 * a[name] + 0.25 * b[name])
+    # self-describing, as an export is: it loads with no config source named
+    again = dict(_load(tmp_path / "w.safetensors").unet.named_parameters())
+    torch.testing.assert_close(again[name], 0.75 * a[name] + 0.25 * b[name])
 
 
 def test_lora_sum_into_the_base_and_into_one_lora(members, tmp_path):
@@ -187,6 +190,8 @@ def test_merge_refusals(members, tmp_path):
         merge(full[:1], tmp_path / "x")
     with pytest.raises(UserError, match="named twice"):
         merge([full[0], full[0]], tmp_path / "x")
+    with pytest.raises(UserError, match="full1 and .*full1/ named twice"):
+        merge([full[0], full[0] + "/"], tmp_path / "x")  # one folder, spelt two ways
     with pytest.raises(UserError, match="1 weight"):
         merge(full, tmp_path / "x", weights=[1.0])
     with pytest.raises(UserError, match="not all LoRAs on one base"):
@@ -219,3 +224,40 @@ def test_merge_refusals(members, tmp_path):
         merge(full, tmp_path / "x", lora_rank=100000)
     with pytest.raises(UserError, match="a folder or a .safetensors"):
         merge(full, tmp_path / "m.ckpt")
+
+
+def test_sigterm_during_a_merge_leaves_nothing_half_written(members, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import sdtune.models.bundle as bundle_module
+    from sdtune.cli import main
+
+    root = members[0]
+
+    def killed(bundle, folder, *args, **kwargs):
+        (folder / "model_index.json").write_text("{}")  # part of it written, then the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(bundle_module, "save_bundle", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "m"
+    assert main(["merge", str(root / "full1"), str(root / "full2"), "--out", str(out)]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+
+
+def test_sample_names_its_models_and_folders_as_given(members, tmp_path, capsys):
+    from sdtune.cli import main
+
+    root = members[0]
+    missing = tmp_path / "nothing-here"
+    args = ["sample", "--prompt", "a digit", "--out", str(tmp_path / "g.png"), "--steps", "1"]
+    assert main([*args[:1], str(missing), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "model.base" not in err  # a positional, not a config key
+    (tmp_path / "file").write_text("x")
+    folder = ["--images-dir", str(tmp_path / "file")]
+    assert main([*args[:1], str(root / "full1"), *args[1:], *folder]) == 2
+    assert "--images-dir" in (err := capsys.readouterr().err) and "is a file" in err

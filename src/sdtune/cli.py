@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def train_run(args: argparse.Namespace, cfg, run_dir: Path, resume_hint: str) ->
         if main:
             print(f"sdtune: {stop.describe(resume_hint)}", file=sys.stderr)
         return stop.exit_code
+    except Terminated:  # outside the loop's own handler: in set-up, or after the last step
+        if main:
+            print(
+                f"sdtune: stopped by SIGTERM; continue with: {resume_hint} --resume latest",
+                file=sys.stderr,
+            )
+        return 143
     if result.judged_accuracy is not None:
         print(f"training took {result.train_seconds:.1f}s")
         print(f"judged_accuracy={result.judged_accuracy:.2f}")
@@ -145,8 +153,11 @@ def _model_specs(args: argparse.Namespace) -> list[str]:
     specs = ([args.model] if args.model else []) + list(args.models or [])
     if not specs:
         raise UserError("name a model: sdtune sample MODEL ... (or --model A --model B ...)")
-    if len(set(specs)) < len(specs):
-        raise UserError("a model is named twice; to weight members, use --weights")
+    from sdtune.ensemble.members import named_twice
+
+    twice = named_twice(specs)
+    if twice:
+        raise UserError(f"{twice} named twice; to weight members, use --weights")
     return specs
 
 
@@ -177,9 +188,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from torchvision.utils import save_image
 
     from sdtune.config import DiffusionConfig, ModelConfig
+    from sdtune.ensemble.members import load_member, load_named
     from sdtune.evaluate.sampling import generate, save_grid
     from sdtune.files import check_writable
-    from sdtune.models import load_model
     from sdtune.models.embeddings import load_embedding_file
     from sdtune.models.lora import load_lora_files
 
@@ -195,6 +206,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     names = [f"{i // args.num:03d}-{i % args.num:02d}.png" for i in range(len(prompts) * args.num)]
     if args.images_dir:
         folder = Path(args.images_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--images-dir {folder} is a file; give a folder to write images to")
         taken = [n for n in [*names, "prompts.txt"] if (folder / n).exists()]
         if taken and not args.overwrite:
             raise UserError(
@@ -215,10 +228,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if (source / "model").is_dir() and (source / "sdtune_run.json").is_file():
                 source = source / "model"
             model_cfg = ModelConfig(base=str(source), config_source=args.config_source)
-            bundle = load_model(model_cfg, DiffusionConfig(), args.seed)
+            bundle = load_named(model_cfg, DiffusionConfig(), args.seed)
         else:
-            from sdtune.ensemble.members import load_member
-
             bundle = load_member(spec, print, args.config_source).bundle
         if args.lora:
             load_lora_files(bundle, [_scaled(spec, "--lora") for spec in args.lora])
@@ -316,6 +327,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.out and Path(args.out).exists():
         raise UserError(f"--out {args.out} already exists; name a new file")
+    if args.out:
+        from sdtune.files import check_writable
+
+        check_writable(Path(args.out))  # before the evaluation, not after it
     ckpt = resolve_checkpoint(Path(args.checkpoint), print, args.fast_verify)
     cfg = validate_config(
         tomllib.loads((ckpt / "config.toml").read_text()), str(ckpt / "config.toml")
@@ -349,9 +364,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in values.items():
         print(f"{key:<18} {value:.4f}")
     out = ckpt.parent / f"eval-{ckpt.name}.json"  # beside it: a verified checkpoint stays as saved
+    if others:
+        out = ckpt.parent / f"eval-ensemble-{ckpt.name}.json"
+    out = Path(args.out) if args.out else out
     record = {"checkpoint": str(ckpt), "weights": meta["weights"], **values, "notes": notes}
     if others:
-        out = Path(args.out) if args.out else ckpt.parent / f"eval-ensemble-{ckpt.name}.json"
         record["ensemble"] = {"members": [str(ckpt), *others], "weights": weights}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
@@ -379,6 +396,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from sdtune.config import load_config
     from sdtune.plan import make_plan, measure, render
 
+    if args.gpu and args.memory is not None:
+        raise UserError("sdtune plan: give --gpu NAME or --memory GiB, not both")
+    if args.price is not None and not args.gpu and not args.measure:
+        raise UserError(
+            "--price: the cost is the predicted time times the price, and there is no time "
+            "without --gpu NAME (or --measure, for this machine)"
+        )
     cfg = load_config(args.config, args.set)
     if args.json and Path(args.json).exists():
         raise UserError(f"--json {args.json} already exists; name a new file")
@@ -673,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="where an ensemble's results go (default: eval-ensemble-STEP.json beside it)",
+        help="the JSON file to write (default: eval-STEP.json, or eval-ensemble-STEP.json, beside it)",
     )
     p.add_argument("--fast-verify", action="store_true", help="check file sizes only, not sha256")
     p.set_defaults(func=cmd_eval)
@@ -836,10 +860,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sdtune never downloads behind the user's back
     if not args.debug:
         _quiet_libraries()
+    previous = _raise_on_sigterm()
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return code
+    except Terminated:  # an output being written atomically is removed on the way out
+        print("sdtune: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except UserError as exc:
         if args.debug:
             raise
@@ -859,3 +887,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not _UNSET:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which saves and stops on its own): unwinds like
+    Ctrl+C, so a half-written output is removed and the exit is one line."""
+
+
+_UNSET = object()
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise Terminated; returns the previous handler to restore (_UNSET when
+    none was replaced). Left alone under a distributed launch: a rank blocked in a collective
+    never returns to Python to raise it, so there the default (exit at once) is kept."""
+
+    def handle(signum, frame):
+        raise Terminated
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return _UNSET
+    try:
+        return signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        return _UNSET

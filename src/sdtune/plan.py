@@ -307,6 +307,8 @@ def step_flops(bundle, cfg) -> dict[str, int]:
     }
 
 
+SMALL_STEP_FLOPS = 1e12  # below this a GPU step is launch-bound: FLOPs do not predict it
+
 MEASURED_UTILISATION = {
     # achieved / peak TFLOP/s of this project's own throughput runs (benchmarks/results), with
     # the peak those runs used: SD 1.5, 512 px, batch 16, bf16, cached latents and text, on an
@@ -387,6 +389,12 @@ def make_plan(
             utilisation = DEFAULT_UTILISATION
             source = f"at an assumed {utilisation:.0%} of its peak (no benchmark record for {key}: unsure, 2x either way)"
         step = flops["per_step"] / (peak_tflops * 1e12 * utilisation)
+        if flops["per_step"] < SMALL_STEP_FLOPS:
+            notes.append(
+                f"time: {flops['per_step'] / 1e9:.3g} GFLOPs a step is too little work for a "
+                "GPU to run at that utilisation (kernel launches and Python bound it instead): "
+                "the time is a lower bound; --measure on the card times it"
+            )
     total = step * cfg.train.max_steps if step is not None else None
     cost = total / 3600 * price if total is not None and price is not None else None
     plan = Plan(

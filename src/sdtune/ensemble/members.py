@@ -32,7 +32,6 @@ class Member:
 def load_member(spec: str, say=print, config_source: str | None = None) -> Member:
     """The model `spec` names, on the CPU in float32 (see the module docstring)."""
     from sdtune.config import DiffusionConfig, ModelConfig
-    from sdtune.models import load_model
     from sdtune.models.loading import HUB_ID, read_model_info
 
     path = Path(spec).expanduser()
@@ -40,7 +39,11 @@ def load_member(spec: str, say=print, config_source: str | None = None) -> Membe
         from sdtune.checkpoint.export import load_checkpoint_run, resolve_checkpoint
 
         ckpt = resolve_checkpoint(path, say)
-        bundle, _, cfg = load_checkpoint_run(ckpt)
+        try:
+            bundle, _, cfg = load_checkpoint_run(ckpt)
+        except UserError as exc:  # its model.base, as its config.toml names it
+            exc.args = (f"{spec}: {exc}{_base_hint(ckpt / 'config.toml')}",)
+            raise exc from None
         base = Path(cfg.model.base).expanduser()
         base = str(base.resolve()) if base.exists() else cfg.model.base
         return Member(spec, bundle, ckpt / "config.toml", base, cfg.model.config_source)
@@ -58,7 +61,7 @@ def load_member(spec: str, say=print, config_source: str | None = None) -> Membe
     if not path.exists() and not (spec.startswith("preset:") or HUB_ID.match(spec)):
         raise UserError(f"{spec}: no such run, checkpoint, model folder or file")
     model = ModelConfig(base=str(path) if path.exists() else spec, config_source=config_source)
-    bundle = load_model(model, DiffusionConfig(), 0)
+    bundle = load_named(model, DiffusionConfig(), 0)
     for module in bundle.components().values():
         module.eval()
     info = read_model_info(path) if path.is_dir() else {}
@@ -67,3 +70,51 @@ def load_member(spec: str, say=print, config_source: str | None = None) -> Membe
     )
     config = config if config is not None and config.is_file() else None
     return Member(spec, bundle, config, base, source)
+
+
+def named_twice(specs: list[str]) -> str | None:
+    """A model `specs` names twice however it is spelled (./a, a/ and an absolute path are one
+    folder), or None."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        key = str(path.resolve()) if path.exists() else spec
+        if key in seen:
+            return spec if spec == seen[key] else f"{seen[key]} and {spec}"
+        seen[key] = spec
+    return None
+
+
+def _base_hint(config: Path) -> str:
+    """A hint when the model.base a checkpoint's config names is a relative path missing here."""
+    import tomllib
+
+    try:
+        base = tomllib.loads(config.read_text())["model"]["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    path = Path(str(base)).expanduser()
+    if str(base).startswith("preset:") or path.is_absolute() or path.exists():
+        return ""
+    return (
+        f" ({config} names model.base {base}, which counts from the folder sdtune runs in: "
+        "run from where the run was trained)"
+    )
+
+
+def load_named(model, diffusion, seed: int) -> ModelBundle:
+    """`load_model`, for a model the command line names: its errors name it as given, not as
+    the config key model.base."""
+    from sdtune.models import load_model
+
+    try:
+        return load_model(model, diffusion, seed)
+    except UserError as exc:
+        text = str(exc)
+        if not text.startswith("model.base: "):
+            raise
+        text = text.removeprefix("model.base: ").replace(
+            "set model.config_source", "pass --config-source"
+        )
+        exc.args = (text,)
+        raise exc from None

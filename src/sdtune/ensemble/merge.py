@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune.ensemble.members import Member, load_member
+from sdtune.ensemble.members import Member, load_member, named_twice
 from sdtune.errors import UserError
 from sdtune.models.bundle import ModelBundle
 
@@ -140,7 +140,7 @@ class _Sum:
         else:
             if bundle.family != self.first.bundle.family:
                 raise UserError(
-                    f"{member.name}: a {bundle.arch.label} model, but {self.first.name} is "
+                    f"{member.name} is {bundle.arch.label}, but {self.first.name} is "
                     f"{self.first.bundle.arch.label}; merge models of one family"
                 )
             _check_same_shape(state, self.total, member.name, self.first.name)
@@ -174,8 +174,9 @@ def merge(
 
     if len(specs) < 2:
         raise UserError("sdtune merge: name at least two models to merge")
-    if len(set(specs)) < len(specs):
-        raise UserError("sdtune merge: a model is named twice; to weight it, use --weights")
+    twice = named_twice(specs)
+    if twice:
+        raise UserError(f"sdtune merge: {twice} named twice; to weight a model, use --weights")
     if soup not in SOUPS:
         raise UserError(f"--soup {soup}: choose one of {', '.join(SOUPS)}")
     if soup == "greedy" and weights is not None:
@@ -256,7 +257,7 @@ def merge(
         if config is not None:
             record["val_loss"] = _validator(config, acc.template, say)(acc.template)
             say(f"merge: the merged model's validation loss {record['val_loss']:.5f}")
-        _write_model(acc.template, out, fmt, record)
+        _write_model(acc.template, out, fmt, record, acc.first.config_source)
     say(f"merge: wrote {out}")
     return MergeResult(out, mode, used, record)
 
@@ -276,7 +277,9 @@ def _is_merge(path: Path) -> bool:
     return False
 
 
-def _write_model(bundle: ModelBundle, out: Path, fmt: str, record: dict) -> None:
+def _write_model(
+    bundle: ModelBundle, out: Path, fmt: str, record: dict, config_source: str | None = None
+) -> None:
     from safetensors.torch import save_file
 
     from sdtune.checkpoint.convert import bundle_to_single_file
@@ -289,8 +292,35 @@ def _write_model(bundle: ModelBundle, out: Path, fmt: str, record: dict) -> None
             save_bundle(bundle, tmp, meta)
         else:
             bundle.arch.check_export(bundle, fmt, bundle.source)
-            metadata = {"sdtune.merge": json.dumps(record)}
+            metadata = {"sdtune.merge": json.dumps(record), "sdtune.family": bundle.family}
+            configs = config_source or _configs_of(bundle)
+            if configs:  # where its configs are: it loads without --config-source
+                metadata["sdtune.base_model"] = configs
             save_file(bundle_to_single_file(bundle), str(tmp), metadata=metadata)
+
+
+def _configs_of(bundle: ModelBundle) -> str:
+    """Where a merged single file's component configs come from, as an export names its base:
+    the members' folder (absolute), preset or hub id, or the base a single-file member names."""
+    from sdtune.models.loading import _exported_base
+
+    path = Path(bundle.source).expanduser()
+    if path.is_file():
+        return _exported_base(path) or ""
+    return str(path.resolve()) if path.exists() else bundle.source
+
+
+def _relative_hint(paths, config: Path) -> str:
+    """A hint for an error about a path a run's config names, when that path is relative and
+    missing from here (it counted from the folder the run was trained in)."""
+    lost = [str(p) for p in paths if p is not None and not Path(p).expanduser().is_absolute()]
+    lost = [p for p in lost if not Path(p).exists()]
+    if not lost:
+        return ""
+    return (
+        f" ({config} names {lost[0]}, which counts from the folder sdtune runs in: run from "
+        "where the run was trained, or pass --config with absolute paths)"
+    )
 
 
 def _write_lora(acc: _Sum, out: Path, rank: int, say) -> dict:
@@ -363,6 +393,11 @@ def _inject_exact(bundle: ModelBundle, component: str, module, names: list[str],
         inject(module, config, ADAPTER)
 
 
+def _data_paths(cfg) -> list:
+    data = cfg.data
+    return [data.path, data.val_path, *(d.path for d in data.datasets)]
+
+
 def _validator(config: Path, bundle: ModelBundle, say):
     """A function model -> validation loss on the held-out images of the run `config` names."""
     from sdtune.config import load_config
@@ -372,7 +407,11 @@ def _validator(config: Path, bundle: ModelBundle, say):
     if not config.is_file():
         raise UserError(f"--config {config}: no such file")
     cfg = load_config(config)  # TOML or YAML; a bad one is a one-line error naming it
-    data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, lambda *_: None)
+    try:
+        data = build_datasets(cfg.data, bundle.image_channels, cfg.seed, lambda *_: None)
+    except UserError as exc:  # a run's relative data.path counts from where it was trained
+        exc.args = (f"--config {config}: {exc}{_relative_hint(_data_paths(cfg), config)}",)
+        raise exc from None
     if data.val is None:
         raise UserError(
             f"--config {config}: its data has no held-out images (data.val_fraction = 0), "
@@ -409,7 +448,7 @@ def _greedy(specs: list[str], out: Path, fmt: str, config: Path | None, say) -> 
             first_name, reference = spec, member.bundle
         elif member.bundle.family != reference.family:
             raise UserError(
-                f"{spec}: a {member.bundle.arch.label} model, but {first_name} is "
+                f"{spec} is {member.bundle.arch.label}, but {first_name} is "
                 f"{reference.arch.label}; merge models of one family"
             )
         losses.append(measure(member.bundle))
@@ -421,6 +460,7 @@ def _greedy(specs: list[str], out: Path, fmt: str, config: Path | None, say) -> 
     from sdtune.checkpoint.adapters import merged_copy
 
     template = merged_copy(best.bundle)
+    configs = best.config_source
     del best
     chosen, best_loss = [order[0]], losses[order[0]]
     for i in order[1:]:
@@ -450,6 +490,6 @@ def _greedy(specs: list[str], out: Path, fmt: str, config: Path | None, say) -> 
         "weights": used,
         "val_loss": best_loss,
     }
-    _write_model(template, out, fmt, record)
+    _write_model(template, out, fmt, record, configs)
     say(f"merge: greedy soup of {len(chosen)} of {len(specs)}: {', '.join(names)}; wrote {out}")
     return MergeResult(out, "greedy", used, record)

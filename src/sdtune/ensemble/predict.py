@@ -81,7 +81,7 @@ def check_compatible(members: list[ModelBundle], names: list[str]) -> None:
     for m, name in zip(members[1:], names[1:]):
         if m.family != first.family:
             raise UserError(
-                f"{name}: a {m.arch.label} model, but {names[0]} is {first.arch.label}; an "
+                f"{name} is {m.arch.label}, but {names[0]} is {first.arch.label}; an "
                 "ensemble's members must be of one family"
             )
         if m.arch.latent_channels(m) != first.arch.latent_channels(first):

@@ -26,6 +26,7 @@ from sdtune.data.dataset import ImageTextDataset
 from sdtune.data.order import BucketIds, DataPosition, derive_seed, generator
 from sdtune.errors import ConfigError
 
+CLASS_PREFIX = "class:"  # DreamBooth's class images (train/dreambooth.py names them so)
 SCORE_SEED = 20261201  # the fixed noise the easiest-first scores are measured with
 
 
@@ -45,7 +46,11 @@ class Curriculum:
                     f"of {self.multiple} (this model downsamples by {self.multiple})"
                 )
             if stage.difficulty is not None:
-                unscored = [r for r in self.train.records if r.difficulty is None]
+                unscored = [  # DreamBooth's class images have no score: left out
+                    r
+                    for r in self.train.records
+                    if r.difficulty is None and not r.name.startswith(CLASS_PREFIX)
+                ]
                 if unscored:
                     raise ConfigError(
                         f"curriculum.stages[{i}].difficulty: {len(unscored)} training "
@@ -109,7 +114,11 @@ class Curriculum:
             keep = [i for i in keep if text in records[i].caption.lower()]
         if stage.difficulty is not None:
             low, high = stage.difficulty
-            keep = [i for i in keep if low <= records[i].difficulty <= high]
+            keep = [
+                i
+                for i in keep
+                if records[i].difficulty is not None and low <= records[i].difficulty <= high
+            ]
         return list(keep)
 
     def view(self, index: int, subset: list[int] | None) -> ImageTextDataset:
@@ -137,6 +146,15 @@ class Curriculum:
             view.bucket_ids = BucketIds(base.bucket_ids[i] for i in picked)
         self._views[index] = view
         return view
+
+    def known_views(self) -> list[ImageTextDataset]:
+        """The views of the stages whose data is known before the run (all but "easiest"
+        ones, chosen at their first step), in stage order."""
+        return [
+            self.view(i, None)
+            for i, stage in enumerate(self.stages)
+            if stage.easiest is None and self.view(i, None) is not self.train
+        ]
 
     def _buckets(self, records, resolution: int) -> list[tuple[int, int]]:
         """Each record's aspect-ratio bucket at a stage's resolution (data.buckets)."""

@@ -133,6 +133,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
 
     group = cfg.train.batch_size * accelerator.num_processes
     run.curriculum = Curriculum(cfg, data, bundle, group)
+    ctx.source.prepare(run.curriculum.known_views())  # their latent caches, before the run
     run.curriculum.apply(run)  # the stage the position counts in
     ctx.source.restart(run.state.position)
     run.log = MetricsLog(run_dir, purge_step=run.state.step + 1) if main else None

@@ -84,18 +84,27 @@ class BatchSource:
         self._latents_for = latents_for
         """dataset -> its LatentCache (built, or found built, on disk): a curriculum stage's
         view has its own records and maybe its own resolution, so its own entries."""
-        self._whole = cache.latents if self.cached_latents else None
+        self._latents = {id(data.train): (data.train, cache.latents)} if self.cached_latents else {}
+        """id(view) -> (view, its LatentCache): each view's built once (the view is kept so
+        that its id stays its own)."""
+
+    def prepare(self, views) -> None:
+        """Build the latent caches of `views` now (at set-up: not in the middle of the run)."""
+        if self.cached_latents:
+            for view in views:
+                self._latents_of(view)
+
+    def _latents_of(self, view):
+        if id(view) not in self._latents:
+            assert self._latents_for is not None, "a view's latents need a builder"
+            self._latents[id(view)] = (view, self._latents_for(view))
+        return self._latents[id(view)][1]
 
     def use(self, train, order_seed: int) -> None:
         """Read `train` (a curriculum stage's view) in the order of `order_seed` from the next
         restart on; with cached latents, from the view's own cache entries."""
         if self.cached_latents and train is not self.train:
-            if train is self.data.train:
-                latents = self._whole
-            else:
-                assert self._latents_for is not None, "a view's latents need a builder"
-                latents = self._latents_for(train)
-            self.cache = replace(self.cache, latents=latents)
+            self.cache = replace(self.cache, latents=self._latents_of(train))
         self.train, self.order_seed = train, order_seed
 
     def restart(self, position) -> None:
