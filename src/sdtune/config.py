@@ -56,7 +56,7 @@ class ModelConfig(Section):
     config_source: str | None = None
     """For a single-file base: a diffusers folder or cached hub id holding its component configs and tokenizer."""
     trainable: list[str] = ["unet.*"]
-    """Parameters to train, as globs (or 're:' regexes) over names prefixed by component: unet., text_encoder., vae."""
+    """Parameters to train, as globs (or 're:' regexes) over names prefixed by component: unet., text_encoder., vae. (unet. also names SD3's transformer.)"""
     frozen: list[str] = []
     """Parameters to freeze even when `trainable` matches them (same pattern syntax)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -258,6 +258,20 @@ class DiffusionConfig(Section):
     """Offset noise strength: adds a per-channel constant to the noise (helps very dark/bright images)."""
     timestep_sampling: Literal["uniform", "low_discrepancy"] = "uniform"
     """How a batch's timesteps are drawn: 'uniform' (each on its own) or 'low_discrepancy' (spread evenly over [0, T) from one random offset, Kingma et al. 2021: steadier gradients for small batches and few images)."""
+    flow_sampling: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
+    """Flow-matching models (SD3): how the noise levels are drawn before the shift: 'logit_normal' (the sigmoid of a normal, SD3's default: most training in the middle), 'uniform', or 'mode' (SD3's mode sampling, diffusion.flow_mode_scale)."""
+    flow_logit_mean: float = Field(0.0, ge=-10.0, le=10.0)
+    """flow_sampling = 'logit_normal': the normal's mean (above 0 trains noisier levels more)."""
+    flow_logit_std: float = Field(1.0, gt=0.0, le=10.0)
+    """flow_sampling = 'logit_normal': the normal's standard deviation."""
+    flow_mode_scale: float = Field(1.29, ge=-1.0, le=1.5)
+    """flow_sampling = 'mode': SD3's scale (0 is uniform; 1.29 SD3's choice)."""
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow-matching models: per-example loss weights: 'none', 'sigma_sqrt' (1/s², SD3's) or 'cosmap' (the cosine map of Esser et al. 2024)."""
+    flow_shift: float | None = Field(None, gt=0.0, le=100.0)
+    """Flow-matching models: shift the noise levels toward the noise, s' = a s / (1 + (a - 1) s), in training and sampling alike (SD3 uses 3.0 at 1024 px); unset: the model scheduler's shift."""
+    flow_shift_resolution: int | None = Field(None, ge=8, le=8192)
+    """Flow-matching models: scale the training shift with the image side, a x side / this (SD3's resolution-dependent shift, e.g. 1024 with flow_shift 3.0); unset: one shift for every size."""
 
 
 class TrainConfig(Section):

@@ -51,7 +51,13 @@ def inspect_path(path: Path, fast: bool = False) -> int:
         return inspect_file(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
-    if (path / "unet" / "config.json").is_file() or (path / "model_index.json").is_file():
+    from sdtune.models.families import FAMILIES
+
+    denoisers = {family.denoiser for family in FAMILIES.values()}  # unet/, transformer/
+    if (
+        any((path / d / "config.json").is_file() for d in denoisers)
+        or (path / "model_index.json").is_file()
+    ):
         return inspect_model_folder(path)
     if (path / MANIFEST).is_file() or path.name.startswith("step-"):
         return 0 if _describe(path, fast) else 1

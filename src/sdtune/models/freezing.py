@@ -54,11 +54,18 @@ def apply_freezing(bundle: ModelBundle, trainable: list[str], frozen: list[str])
     frozen_res = [(p, compile_pattern(p, "model.frozen")) for p in frozen]
     used: set[str] = set()
     groups: dict[str, list[int]] = {}
+    denoiser = bundle.arch.denoiser
+    examples: list[str] = []
     for component, module in bundle.components().items():
         for pname, param in module.named_parameters():
             name = f"{component}.{pname}"
-            hits = [p for p, rx in train_res if rx.fullmatch(name)]
-            blocks = [p for p, rx in frozen_res if rx.fullmatch(name)]
+            if not examples or (component != "vae" and examples[-1].split(".")[0] != component):
+                examples.append(name)
+            # "unet." names the denoiser whatever the family calls it (SD3's transformer), as
+            # kohya's lora_unet_ does: the default ["unet.*"] trains every family's denoiser
+            names = (name, f"unet.{pname}") if component == denoiser != "unet" else (name,)
+            hits = [p for p, rx in train_res if any(rx.fullmatch(n) for n in names)]
+            blocks = [p for p, rx in frozen_res if any(rx.fullmatch(n) for n in names)]
             used.update(hits, blocks)
             is_trainable = bool(hits) and not blocks
             if is_trainable and component == "vae":
@@ -72,8 +79,8 @@ def apply_freezing(bundle: ModelBundle, trainable: list[str], frozen: list[str])
         if pattern not in used:
             key = "model.trainable" if pattern in trainable else "model.frozen"
             raise ConfigError(
-                f"{key}: pattern {pattern!r} matches no parameter "
-                "(names look like unet.down_blocks.0.attentions.0... or text_encoder.text_model...)"
+                f"{key}: pattern {pattern!r} matches no parameter (this model's names look "
+                f"like {' or '.join(examples[:3])})"
             )
     return FreezeReport([(g, c[0], c[1]) for g, c in groups.items()])
 

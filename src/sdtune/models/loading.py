@@ -15,7 +15,7 @@ import torch
 from sdtune.config import DiffusionConfig, ModelConfig
 from sdtune.errors import ModelError
 from sdtune.models.bundle import MODEL_FILE, ModelBundle, save_bundle
-from sdtune.models.families import family_of_folder
+from sdtune.models.families import FAMILIES, family_of_folder
 from sdtune.models.families.sd import shapes_only_active
 from sdtune.models.presets import build_preset
 
@@ -40,9 +40,11 @@ def resolve_hub_id(repo_id: str) -> Path:
 
 def load_folder(path: Path, source: str) -> ModelBundle:
     """Load a diffusers pipeline folder (or an sdtune model folder) through its family."""
-    if not (path / "unet" / "config.json").is_file():
+    folders = sorted({family.denoiser for family in FAMILIES.values()}, reverse=True)
+    if not any((path / name / "config.json").is_file() for name in folders):
         raise ModelError(
-            f"model.base: {path} is not a diffusers pipeline folder (no unet/config.json)"
+            f"model.base: {path} is not a diffusers pipeline folder (no "
+            f"{' or '.join(f'{n}/config.json' for n in folders)})"
         )
     info = read_model_info(path)
     return family_of_folder(path, info).load_folder(path, source, info)
@@ -93,12 +95,12 @@ def _exported_base(path: Path) -> str | None:
         except Exception:  # an unreadable file is reported when it is loaded
             return None
         meta = data.get("sdtune", {}) if isinstance(data, dict) else {}
-        return meta.get("sdtune.base_model")
+        return meta.get("sdtune.base_model") or None
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
-            return (fh.metadata() or {}).get("sdtune.base_model")
+            return (fh.metadata() or {}).get("sdtune.base_model") or None
     except Exception:  # an unreadable header is reported when the file is loaded
         return None
 

@@ -90,9 +90,11 @@ def add_lora(bundle: ModelBundle, settings: LoraSettings) -> None:
     denoiser = bundle.denoiser
     targets = settings.unet_targets or defaults["denoiser"]
     denoiser.add_adapter(config(denoiser, targets, "lora.unet_targets"))
-    if settings.text_encoder:  # every text encoder of the family
+    if settings.text_encoder:  # the family's text encoders (SD3: the CLIP ones, not T5)
         targets = settings.text_encoder_targets or defaults["text_encoder"]
-        for encoder in bundle.text_encoders.values():
+        names = bundle.arch.lora_text_encoders or tuple(bundle.text_encoders)
+        for name in names:
+            encoder = bundle.modules[name]
             inject(encoder, config(encoder, targets, "lora.text_encoder_targets"), ADAPTER)
 
 
@@ -173,7 +175,6 @@ def _strip(module: torch.nn.Module) -> None:
 
 def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> None:
     """Load trained LoRAs (diffusers/peft or kohya format) into the bundle with their scales."""
-    loader = bundle.arch.lora_loader()
     denoiser, encoders = bundle.denoiser, bundle.text_encoders
     prefixes = (f"{bundle.arch.denoiser}.", *(f"{n}." for n in encoders))
     names, scales = [], []
@@ -196,7 +197,7 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             scales.append(scale)
             continue
         try:  # diffusers reads both layouts (kohya keys are converted) and the peft metadata
-            state, alphas, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
+            state, alphas, metadata = bundle.arch.read_lora_file(str(path))
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             first = first if len(first) <= 160 else first[:160] + "..."

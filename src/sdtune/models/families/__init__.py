@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.errors import ModelError
-from sdtune.models.families import sd, sdxl
+from sdtune.models.families import sd, sd3, sdxl
 from sdtune.models.families.base import Conditioning, Family
 
-MODULES = (sd, sdxl)
+MODULES = (sd3, sd, sdxl)  # sd3 first: SD and SDXL read a folder's unet/, which SD3 lacks
 FAMILIES: dict[str, Family] = {f.name: f for m in MODULES for f in m.FAMILIES}
 PRESETS = {name: build for m in MODULES for name, build in m.PRESETS.items()}
 

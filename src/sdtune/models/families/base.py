@@ -80,6 +80,8 @@ class Family:
     """The component that predicts the noise (the one trained by default)."""
     text_encoders: tuple[str, ...] = ("text_encoder",)
     """The text-encoder components, each with a tokenizer of the same name."""
+    lora_text_encoders: tuple[str, ...] | None = None
+    """The text encoders lora.text_encoder adapts (None: all of them)."""
     pipeline_class: str = ""
     """The diffusers pipeline that samples this family and loads its exports ('' for none)."""
     kohya_prefixes: dict[str, str] = {}
@@ -140,9 +142,36 @@ class Family:
     def load_single_file(self, path: Path, config_dir: Path, source: str) -> ModelBundle:
         raise NotImplementedError
 
+    tokenizer_folders: dict[str, str] = {}
+    """Text-encoder component -> the folder of its tokenizer in a diffusers pipeline."""
+
+    def pipeline_index(self) -> dict:
+        """model_index.json's components (after _class_name and _diffusers_version)."""
+        return {}
+
     def save(self, bundle: ModelBundle, directory: Path, info: dict) -> None:
-        """Write the bundle as a diffusers-layout folder (one folder per component)."""
-        raise NotImplementedError
+        """Write the bundle as a diffusers-layout folder (one folder per component, the
+        denoiser's under its own name), with model_index.json where diffusers has a pipeline
+        for it (not for pixel-space models), and sdtune_model.json."""
+        import json
+
+        from sdtune.models.families.sd import diffusers_version, write_model_info
+
+        directory.mkdir(parents=True, exist_ok=True)
+        bundle.denoiser.save_pretrained(directory / self.denoiser, safe_serialization=True)
+        for name, folder in self.tokenizer_folders.items():
+            bundle.modules[name].save_pretrained(directory / name, safe_serialization=True)
+            bundle.tokenizers[name].save_pretrained(directory / folder)
+        bundle.noise_scheduler.save_pretrained(directory / "scheduler")
+        if bundle.vae is not None:
+            bundle.vae.save_pretrained(directory / "vae", safe_serialization=True)
+            index = {
+                "_class_name": self.pipeline_class,
+                "_diffusers_version": diffusers_version(),
+                **self.pipeline_index(),
+            }
+            (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_model_info(bundle, directory, info)
 
     # ------------------------------------------------------------ conditioning
 
@@ -237,6 +266,11 @@ class Family:
         """The diffusers LoRA loader class that reads this family's LoRA files (both layouts)."""
         raise NotImplementedError
 
+    def read_lora_file(self, path: str):
+        """(state, network alphas or None, peft metadata) of a LoRA file, as lora_loader reads
+        it (kohya keys converted)."""
+        return self.lora_loader().lora_state_dict(path, return_lora_metadata=True)
+
     def load_denoiser_lora(self, bundle: ModelBundle, state, alphas, metadata, name: str):
         """The denoiser's part of a LoRA file (as lora_loader read it) as adapter `name`."""
         raise NotImplementedError
@@ -252,3 +286,29 @@ class Family:
     def read_embedding(self, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
         """Vectors per text encoder from an embedding file's tensors (the inverse)."""
         raise NotImplementedError
+
+
+def keyed_embedding_file(keys: dict[str, str], vectors: dict[str, torch.Tensor]):
+    """A textual-inversion file of one tensor per text encoder, under `keys` (encoder -> key:
+    SDXL's clip_l / clip_g, SD3's and t5)."""
+    return {keys[name]: v for name, v in vectors.items()}
+
+
+def read_keyed_embedding(keys: dict[str, str], state: dict, path: Path, label: str):
+    """Vectors per text encoder from such a file, or a one-line error naming what it holds."""
+    from sdtune.errors import UserError
+
+    if set(state) != set(keys.values()):
+        raise UserError(
+            f"--embedding {path}: {label} embedding holds {_and(list(keys.values()))}, found "
+            f"keys {sorted(state)[:4]}"
+        )
+    out = {}
+    for name, key in keys.items():
+        vectors = state[key].detach().float()
+        out[name] = vectors.reshape(-1, vectors.shape[-1])
+    return out
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

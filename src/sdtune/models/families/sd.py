@@ -106,6 +106,22 @@ def check_tokenizer(tokenizer, where: Path) -> None:
         )
 
 
+def tokenize_side_by_side(bundle, tokenizers, prompts: list[str]) -> torch.Tensor:
+    """Several tokenizers' ids of `prompts` side by side in one row each (SDXL, SD3), a
+    learned token expanded to its vectors first."""
+    if bundle.extra_tokens:  # a multi-vector token stands for several tokens
+        from sdtune.models.embeddings import expand_prompt
+
+        prompts = [expand_prompt(p, bundle.extra_tokens) for p in prompts]
+    return torch.cat([tokenize_with(t, prompts) for t in tokenizers], dim=1)
+
+
+def most_tokens(tokenizers, prompts: list[str]) -> list[int]:
+    """Tokens each prompt needs before truncation, the most any of `tokenizers` needs."""
+    counts = [[len(ids) for ids in t(prompts, truncation=False).input_ids] for t in tokenizers]
+    return [max(c) for c in zip(*counts)]
+
+
 def tokenize_with(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
         prompts,
@@ -224,23 +240,6 @@ class StableDiffusion(Family):
             "image_encoder": [None, None],
             "requires_safety_checker": False,
         }
-
-    def save(self, bundle, directory: Path, info: dict) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        bundle.unet.save_pretrained(directory / "unet", safe_serialization=True)
-        for name, folder in self.tokenizer_folders.items():
-            bundle.modules[name].save_pretrained(directory / name, safe_serialization=True)
-            bundle.tokenizers[name].save_pretrained(directory / folder)
-        bundle.noise_scheduler.save_pretrained(directory / "scheduler")
-        if bundle.vae is not None:  # pixel models have no diffusers pipeline, so no index
-            bundle.vae.save_pretrained(directory / "vae", safe_serialization=True)
-            index = {
-                "_class_name": self.pipeline_class,
-                "_diffusers_version": diffusers_version(),
-                **self.pipeline_index(),
-            }
-            (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        write_model_info(bundle, directory, info)
 
     # ------------------------------------------------------------ conditioning
 

@@ -30,13 +30,18 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.errors import ModelError, UserError
-from sdtune.models.families.base import Conditioning
+from sdtune.models.families.base import (
+    Conditioning,
+    keyed_embedding_file,
+    read_keyed_embedding,
+)
 from sdtune.models.families.sd import (
     StableDiffusion,
     check_tokenizer,
     load_parts,
+    most_tokens,
     text_config,
-    tokenize_with,
+    tokenize_side_by_side,
 )
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -149,21 +154,13 @@ class StableDiffusionXL(StableDiffusion):
 
     def tokenize(self, bundle, prompts: list[str]) -> torch.Tensor:
         """Both tokenizers' ids side by side: [ids of tokenizer | ids of tokenizer_2]."""
-        if bundle.extra_tokens:  # a multi-vector token stands for several tokens
-            from sdtune.models.embeddings import expand_prompt
-
-            prompts = [expand_prompt(p, bundle.extra_tokens) for p in prompts]
-        return torch.cat([tokenize_with(t, prompts) for t in self._tokenizers(bundle)], dim=1)
+        return tokenize_side_by_side(bundle, self._tokenizers(bundle), prompts)
 
     def max_tokens(self, bundle) -> int:
         return min(int(t.model_max_length) for t in self._tokenizers(bundle))
 
     def token_counts(self, bundle, prompts: list[str]) -> list[int]:
-        counts = [
-            [len(ids) for ids in t(prompts, truncation=False).input_ids]
-            for t in self._tokenizers(bundle)
-        ]
-        return [max(c) for c in zip(*counts)]
+        return most_tokens(self._tokenizers(bundle), prompts)
 
     def encode(self, bundle, ids, encoders=None) -> Conditioning:
         """Penultimate hidden states of both encoders, concatenated on the feature axis (as
@@ -284,19 +281,10 @@ class StableDiffusionXL(StableDiffusion):
         }
 
     def embedding_file(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {EMBEDDING_KEYS[name]: v for name, v in vectors.items()}
+        return keyed_embedding_file(EMBEDDING_KEYS, vectors)
 
     def read_embedding(self, state: dict, path: Path) -> dict[str, torch.Tensor]:
-        if set(state) != set(EMBEDDING_KEYS.values()):
-            raise UserError(
-                f"--embedding {path}: an SDXL embedding holds clip_l and clip_g, "
-                f"found keys {sorted(state)[:4]}"
-            )
-        out = {}
-        for name, key in EMBEDDING_KEYS.items():
-            vectors = state[key].detach().float()
-            out[name] = vectors.reshape(-1, vectors.shape[-1])
-        return out
+        return read_keyed_embedding(EMBEDDING_KEYS, state, path, "an SDXL")
 
 
 def target_size(bundle, batch: dict) -> tuple[int, int]:
