@@ -15,6 +15,7 @@ digits, as `sdtune train --ensemble` writes them in ensemble.json. One command, 
 20 minutes on 2 cores:
 
     python -m benchmarks.ensembles          # writes benchmarks/results/ensembles.{json,md}
+    python -m benchmarks.ensembles --reuse  # continues one stopped short: trains what is missing
 
 and rewrites the table in README.md and benchmarks/README.md (default seed sets only).
 """
@@ -110,8 +111,23 @@ def _summary(runs: list[dict]) -> dict:
     }
 
 
-def run(work: Path, seeds: list[int], say=print) -> dict:
+def _earlier(path: Path | None) -> dict:
+    """(setting, seed) -> (rows, member seconds) of an earlier result file (--reuse)."""
+    if path is None or not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    found = {}
+    for name, setting in earlier.get("settings", {}).items():
+        for seed, rows, secs in zip(
+            earlier["seeds"], setting["runs"], setting["member_train_seconds"]
+        ):
+            found[(name, seed)] = (rows, secs, earlier["created"][:10])
+    return found
+
+
+def run(work: Path, seeds: list[int], say=print, reuse: Path | None = None) -> dict:
     settings = {}
+    earlier, reused = _earlier(reuse), []
     # fine-tunes need their base: the quickstart model on the digits 0-8 (as benchmarks.fewshot)
     from benchmarks.fewshot import _train
 
@@ -125,6 +141,13 @@ def run(work: Path, seeds: list[int], say=print) -> dict:
     ):
         runs, seconds = [], []
         for seed in seeds:
+            if (name, seed) in earlier:  # the same code and settings: its rows, not a rerun
+                rows, secs, day = earlier[(name, seed)]
+                reused.append(f"{name}, seeds {seed}-{seed + MEMBERS - 1} ({day})")
+                say(f"ensembles: {reused[-1]}: from {reuse}")
+                runs.append(rows)
+                seconds.append(secs)
+                continue
             say(f"ensembles: {name}, seeds {seed}..{seed + MEMBERS - 1} ...")
             rows, secs = _ensemble(config, work / name.replace(" ", "-") / f"seed-{seed}", seed)
             runs.append(rows)
@@ -142,6 +165,7 @@ def run(work: Path, seeds: list[int], say=print) -> dict:
         "seeds": seeds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
+        "reused": reused,
         "machine": cpu_machine(),
     }
 
@@ -171,7 +195,12 @@ def markdown(result: dict) -> str:
         f"(10% of the digits); the other columns from {result['metric_images']} generated "
         "digits judged by the digits judge. `python -m benchmarks.ensembles` on "
         f"{result['machine']['cpus']} CPU cores, torch {result['machine']['torch']}, "
-        f"{result['created'][:10]}.",
+        f"{result['created'][:10]}"
+        + (
+            f"; taken from an earlier run (--reuse): {'; '.join(result['reused'])}."
+            if result.get("reused")
+            else "."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -185,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help="first seed of each ensemble"
     )
     parser.add_argument("--no-readme", action="store_true", help="leave the READMEs alone")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the ensembles the --out results already hold (same code) and train only "
+        "the missing ones (a benchmark stopped short, continued)",
+    )
     args = parser.parse_args(argv)
-    result = run(Path(args.work), args.seeds)
+    out = Path(args.out)
+    reuse = out.with_suffix(".json") if args.reuse else None
+    result = run(Path(args.work), args.seeds, reuse=reuse)
     words = sys.argv[1:] if argv is None else argv
     readmes = (
         [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
         if not args.no_readme and args.seeds == DEFAULT_SEEDS
         else []
     )
-    write_results(
-        "ensembles", Path(args.out), result, markdown(result), words, readmes, (BEGIN, END)
-    )
+    write_results("ensembles", out, result, markdown(result), words, readmes, (BEGIN, END))
     return 0
 
 

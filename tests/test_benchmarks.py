@@ -396,3 +396,31 @@ def test_wide_digits_benchmark_runs_end_to_end(tmp_path):
     report = json.loads((tmp_path / "work" / "buckets" / "seed-1" / "data_report.json").read_text())
     assert {(b["width"], b["height"]) for b in report["buckets"]["buckets"]} == {buckets.WIDE}
     assert "| buckets |" in buckets.table(result)
+
+
+def test_ensembles_reuse_takes_earlier_rows_and_trains_only_the_missing(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import ensembles
+
+    trained = []
+
+    def fake_ensemble(config, out, seed, say=print):  # stands in for three real trainings
+        trained.append((out.parent.name, seed))
+        row = {k: float(seed) for k in ensembles.KEYS}
+        return {"member-1": row, "member-2": row, "soup": row, "ensemble": row}, [1.0, 1.0]
+
+    monkeypatch.setattr(ensembles, "_ensemble", fake_ensemble)
+    (tmp_path / "base-0-8").mkdir()
+    (tmp_path / "base-0-8" / "run_summary.json").write_text("{}")
+    first = ensembles.run(tmp_path, [0], say=lambda *_: None)
+    assert trained == [("from-scratch", 0), ("fine-tunes-of-one-base", 0)]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(first))
+    trained.clear()
+    second = ensembles.run(tmp_path, [0, 10], say=lambda *_: None, reuse=earlier)
+    assert trained == [("from-scratch", 10), ("fine-tunes-of-one-base", 10)]  # only the new
+    assert len(second["reused"]) == 2 and "seeds 0-2" in second["reused"][0]
+    runs = second["settings"]["from scratch"]["runs"]
+    assert runs[0] == first["settings"]["from scratch"]["runs"][0] and len(runs) == 2
+    assert "--reuse" in ensembles.markdown(second)
