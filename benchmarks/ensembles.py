@@ -118,8 +118,10 @@ def _earlier(path: Path | None) -> dict:
     earlier = json.loads(path.read_text())
     found = {}
     for name, setting in earlier.get("settings", {}).items():
+        runs = setting["runs"]
+        seeds = setting.get("seeds", earlier["seeds"])  # a setting may hold fewer than all
         for seed, rows, secs in zip(
-            earlier["seeds"], setting["runs"], setting["member_train_seconds"]
+            seeds, runs, setting.get("member_train_seconds") or [None] * len(runs)
         ):
             found[(name, seed)] = (rows, secs, earlier["created"][:10])
     return found
@@ -154,6 +156,7 @@ def run(work: Path, seeds: list[int], say=print, reuse: Path | None = None) -> d
             seconds.append(secs)
         settings[name] = {
             "steps": config["train"]["max_steps"],
+            "seeds": list(seeds),
             "runs": runs,
             "member_train_seconds": seconds,
             "summary": _summary(runs),
