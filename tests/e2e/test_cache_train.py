@@ -49,6 +49,7 @@ def test_cache_refuses_random_crops_and_a_trained_text_encoder(tmp_path, tiny_im
                         "--set", "lora.text_encoder=true"]) == 2  # fmt: skip
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_curriculum_stages_read_their_own_cache_entries_and_resume_exactly(
     tmp_path, tiny_image_folder
 ):

@@ -195,6 +195,7 @@ def _drift(run, prompt="a photo of a blue circle"):
     return (adapted - base).pow(2).mean().item()
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_lora_output_preservation_resumes_exactly_and_keeps_other_prompts(
     lora_run, tmp_path, tiny_image_folder, capsys
 ):

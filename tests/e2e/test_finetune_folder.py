@@ -19,6 +19,7 @@ EXAMPLE = ROOT / "examples" / "finetune_folder.toml"
 FAST = ["--set", "evaluate.sample_steps=2", "--set", "evaluate.num_per_prompt=1"]
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_example_draws_before_and_after_grids(cli, tmp_path):
     base = tmp_path / "base"
     cli("train", ROOT / "examples" / "quickstart.toml", "--output", base, "--set",

@@ -58,6 +58,7 @@ def test_lion_trains_and_resumes_bit_for_bit(tmp_path):
     assert states and all(set(s) == {"exp_avg"} for s in states)  # one moment per weight
 
 
+@pytest.mark.slow  # over 40 s: run with -m slow
 def test_schedule_free_adamw_resumes_bit_for_bit_and_saves_its_average(tmp_path):
     """Its checkpoints hold the evaluated average (model.safetensors: what export, eval and
     sample read) and the weights training goes on from (train_weights.safetensors)."""
