@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: quickstart quickstart-xl finetune test lint clean lock test-latest
+.PHONY: quickstart quickstart-xl quickstart-sd3 finetune test lint clean lock test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ finetune: $(VENV)/.installed
 
 quickstart-xl: $(VENV)/.installed
 	$(BIN)/sdtune train examples/quickstart_xl.toml --output runs/quickstart_xl --overwrite
+
+quickstart-sd3: $(VENV)/.installed
+	$(BIN)/sdtune train examples/quickstart_sd3.toml --output runs/quickstart_sd3 --overwrite
 
 # The report test renders in Debian's chromium; a fresh CI machine gets it from Debian's registry.
 define CHROMIUM

@@ -115,3 +115,13 @@ def test_lora_export_loads_in_diffusers_sd3_pipeline(lora_run, tmp_path):
     run_cli("sample", lora_run / "run", "--prompt", "a red square", "--out", tmp_path / "g.png",
             "--steps", "2")  # fmt: skip
     assert (tmp_path / "g.png").is_file()
+
+
+@pytest.mark.slow  # about 100 s: the whole quickstart
+def test_quickstart_sd3_is_judged_at_least_0_9(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "quickstart_sd3.toml"
+    proc = run_cli("train", example, "--output", tmp_path / "run")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("judged_accuracy="))
+    assert float(line.split("=")[1]) >= 0.90, proc.stdout[-2000:]
