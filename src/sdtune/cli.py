@@ -363,10 +363,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(note)
     for key, value in values.items():
         print(f"{key:<18} {value:.4f}")
-    out = ckpt.parent / f"eval-{ckpt.name}.json"  # beside it: a verified checkpoint stays as saved
-    if others:
-        out = ckpt.parent / f"eval-ensemble-{ckpt.name}.json"
-    out = Path(args.out) if args.out else out
+    kind = "eval-ensemble" if others else "eval"  # beside it: a checkpoint stays as saved
+    out = Path(args.out) if args.out else ckpt.parent / f"{kind}-{ckpt.name}.json"
     record = {"checkpoint": str(ckpt), "weights": meta["weights"], **values, "notes": notes}
     if others:
         record["ensemble"] = {"members": [str(ckpt), *others], "weights": weights}

@@ -23,13 +23,7 @@ def test_cached_training_matches_and_resumes_exactly(tmp_path, tiny_image_folder
     first = _train(config, tmp_path / "a", *on)
     assert first.returncode == 0, first.stderr
     assert "to encode" in first.stdout
-    w_plain, _, _, rows_plain = _final_state(tmp_path / "plain")
-    w_cached, _, _, rows_cached = _final_state(tmp_path / "a")
-    # the same run: only the encoders' batching rounding (~1e-6) differs
-    loss = [r["loss"] for r in rows_plain if "loss" in r]
-    assert [r["loss"] for r in rows_cached if "loss" in r] == pytest.approx(loss, rel=1e-3)
-    for key in w_plain:
-        torch.testing.assert_close(w_cached[key], w_plain[key], atol=1e-3, rtol=1e-2)
+    _assert_same_run(tmp_path / "plain", tmp_path / "a")
 
     killed = _train(config, tmp_path / "b", *on, crash="step:4")
     assert killed.returncode != 0
@@ -74,12 +68,7 @@ def test_curriculum_stages_read_their_own_cache_entries_and_resume_exactly(
     assert len(encoded) == 2, first.stdout  # the whole at 32 px, then the stage's view at 16
     counts = [int(line.split("latents: ")[1].split(" to encode")[0]) for line in encoded]
     assert 4 == counts[0] > counts[1] > 0, encoded  # 4 training images; the easier at 16 px
-    w_plain, _, _, rows_plain = _final_state(tmp_path / "plain")
-    w_cached, _, _, rows_cached = _final_state(tmp_path / "a")
-    loss = [r["loss"] for r in rows_plain if "loss" in r]
-    assert [r["loss"] for r in rows_cached if "loss" in r] == pytest.approx(loss, rel=1e-3)
-    for key in w_plain:
-        torch.testing.assert_close(w_cached[key], w_plain[key], atol=1e-3, rtol=1e-2)
+    _assert_same_run(tmp_path / "plain", tmp_path / "a")
 
     killed = _train(config, tmp_path / "b", *on, crash="step:3")
     assert killed.returncode != 0
@@ -89,3 +78,13 @@ def test_curriculum_stages_read_their_own_cache_entries_and_resume_exactly(
         " 0 to encode" in line for line in resumed.stdout.splitlines() if "to encode" in line
     )
     _assert_identical(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+
+
+def _assert_same_run(plain, cached):
+    """The cached run is the plain one: only the encoders' batching rounding (~1e-6) differs."""
+    w_plain, _, _, rows_plain = _final_state(plain)
+    w_cached, _, _, rows_cached = _final_state(cached)
+    loss = [r["loss"] for r in rows_plain if "loss" in r]
+    assert [r["loss"] for r in rows_cached if "loss" in r] == pytest.approx(loss, rel=1e-3)
+    for key in w_plain:
+        torch.testing.assert_close(w_cached[key], w_plain[key], atol=1e-3, rtol=1e-2)

@@ -51,12 +51,10 @@ def inspect_path(path: Path, fast: bool = False) -> int:
         return inspect_file(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
-    from sdtune.models.families import FAMILIES
+    from sdtune.models.families import denoiser_folders
 
-    denoisers = {family.denoiser for family in FAMILIES.values()}  # unet/, transformer/
-    if (
-        any((path / d / "config.json").is_file() for d in denoisers)
-        or (path / "model_index.json").is_file()
+    if (path / "model_index.json").is_file() or any(
+        (path / d / "config.json").is_file() for d in denoiser_folders()
     ):
         return inspect_model_folder(path)
     if (path / MANIFEST).is_file() or path.name.startswith("step-"):

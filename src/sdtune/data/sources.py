@@ -273,21 +273,18 @@ def _metadata_row(path: Path, n: int, row: dict, column: str = "text"):
         raise DataError(
             f"{path}:{n}: '{column}' must be a caption string (got {text!r}); write \"\" for none"
         )
-    score = row.get(DIFFICULTY)
-    if isinstance(score, str):
-        score = score.strip() or None
-        try:
-            score = None if score is None else float(score)
-        except ValueError:
-            score = row[DIFFICULTY]
-    if score is not None and (
-        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
-    ):
+    raw = row.get(DIFFICULTY)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return file_name, text, n, None
+    try:
+        score = float("nan") if isinstance(raw, bool) else float(raw)
+    except (TypeError, ValueError):
+        score = float("nan")
+    if not math.isfinite(score):
         raise DataError(
-            f"{path}:{n}: '{DIFFICULTY}' must be a number (got {row[DIFFICULTY]!r}); "
-            "leave it empty for none"
+            f"{path}:{n}: '{DIFFICULTY}' must be a number (got {raw!r}); leave it empty for none"
         )
-    return file_name, text, n, None if score is None else float(score)
+    return file_name, text, n, score
 
 
 def _metadata_rows(path: Path, column: str = "text") -> list[tuple[str, str, int, float | None]]:

@@ -196,15 +196,15 @@ def merge(
                 "each one's strength, usually 0 to 2), at most 1e6"
             )
     if lora_rank is not None:
-        if lora_rank < 1:
-            raise UserError(f"--lora-rank {lora_rank}: the rank must be at least 1")
+        if not 1 <= lora_rank <= 1024:
+            raise UserError(
+                f"--lora-rank {lora_rank}: at least 1 and at most 1024 (a LoRA's rank, not its size)"
+            )
         if out.suffix == ".safetensors":
             raise UserError(
                 f"--out {out}: --lora-rank writes a LoRA folder (the diffusers and kohya files "
                 "and sdtune_model.json, as RUN/model); name a folder"
             )
-    if lora_rank is not None and lora_rank > 1024:
-        raise UserError(f"--lora-rank {lora_rank}: at most 1024 (a LoRA's rank, not its size)")
     if out.suffix and out.suffix != ".safetensors" and not out.is_dir():
         raise UserError(f"--out {out}: a merge writes a folder or a .safetensors file")
     if overwrite and out.exists() and not _is_merge(out):
@@ -302,11 +302,11 @@ def _write_model(
 def _configs_of(bundle: ModelBundle) -> str:
     """Where a merged single file's component configs come from, as an export names its base:
     the members' folder (absolute), preset or hub id, or the base a single-file member names."""
-    from sdtune.models.loading import _exported_base
+    from sdtune.models.loading import exported_base
 
     path = Path(bundle.source).expanduser()
     if path.is_file():
-        return _exported_base(path) or ""
+        return exported_base(path) or ""
     return str(path.resolve()) if path.exists() else bundle.source
 
 

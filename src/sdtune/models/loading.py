@@ -15,7 +15,7 @@ import torch
 from sdtune.config import DiffusionConfig, ModelConfig
 from sdtune.errors import ModelError
 from sdtune.models.bundle import MODEL_FILE, ModelBundle, save_bundle
-from sdtune.models.families import FAMILIES, family_of_folder
+from sdtune.models.families import denoiser_folders, family_of_folder
 from sdtune.models.families.sd import shapes_only_active
 from sdtune.models.presets import build_preset
 
@@ -40,7 +40,7 @@ def resolve_hub_id(repo_id: str) -> Path:
 
 def load_folder(path: Path, source: str) -> ModelBundle:
     """Load a diffusers pipeline folder (or an sdtune model folder) through its family."""
-    folders = sorted({family.denoiser for family in FAMILIES.values()}, reverse=True)
+    folders = denoiser_folders()
     if not any((path / name / "config.json").is_file() for name in folders):
         raise ModelError(
             f"model.base: {path} is not a diffusers pipeline folder (no "
@@ -57,7 +57,7 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
     hub id), so that nothing is downloaded.
     """
     if config_source is None:  # an sdtune export names its base, which has the configs
-        config_source = _exported_base(path)
+        config_source = exported_base(path)
     if config_source is None:
         raise ModelError(
             f"model.base: single-file checkpoint {path} needs its component configs: set "
@@ -87,7 +87,7 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
         return family.load_single_file(path, config_dir, source)
 
 
-def _exported_base(path: Path) -> str | None:
+def exported_base(path: Path) -> str | None:
     """The base model an sdtune export names in its metadata (None for other files)."""
     if path.suffix == ".ckpt":
         try:

@@ -25,8 +25,8 @@ import torch
 from sdtune.data.dataset import ImageTextDataset
 from sdtune.data.order import BucketIds, DataPosition, derive_seed, generator
 from sdtune.errors import ConfigError
+from sdtune.train.dreambooth import CLASS_PREFIX
 
-CLASS_PREFIX = "class:"  # DreamBooth's class images (train/dreambooth.py names them so)
 SCORE_SEED = 20261201  # the fixed noise the easiest-first scores are measured with
 
 

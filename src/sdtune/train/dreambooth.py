@@ -17,6 +17,8 @@ from sdtune.data.sources import IMAGE_SUFFIXES, Record
 from sdtune.errors import DataError
 from sdtune.files import atomic_output, read_user_text
 
+CLASS_PREFIX = "class:"  # the names of class images (other code tells them apart by it)
+
 GEN_BATCH = 8
 
 
@@ -97,7 +99,7 @@ def class_records(cfg: RunConfig, folder: Path) -> list[Record]:
         )
         records.append(
             Record(
-                name=f"class:{path.name}",
+                name=f"{CLASS_PREFIX}{path.name}",
                 caption=caption,
                 path=path,
                 weight=cfg.dreambooth.prior_loss_weight,

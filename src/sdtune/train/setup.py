@@ -297,7 +297,7 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     precision = accelerator.mixed_precision
     cache = None  # latents / text states computed once, on disk (data.cache_*)
     if cfg.data.cache_latents or cfg.data.cache_text:
-        cache = _build_cache(cfg, data, bundle, precision, accelerator, say)
+        cache = _build_cache(cfg, data.train, bundle, precision, accelerator, say)
     preserve = None  # LoRA output preservation (lora.preserve_prompts)
     if cfg.lora.preserve_prompts:
         preserve = OutputPreservation(cfg, bundle, device, accelerator.autocast)
@@ -345,12 +345,10 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     return objects, ctx
 
 
-def _build_cache(cfg: RunConfig, data, bundle, precision, accelerator, say, text=True):
-    """The latent/text cache of the training set (or, given an `ImageTextDataset`, of a
-    curriculum stage's view of it; its latents only): built on the main process, read by all."""
+def _build_cache(cfg: RunConfig, train, bundle, precision, accelerator, say, text=True):
+    """The latent (and, with `text`, text) cache of `train`, the training set or a curriculum
+    stage's view of it: built on the main process, read by all."""
     from sdtune.data.cache import build_cache, default_cache_dir
-
-    train = getattr(data, "train", data)
 
     def build():
         return build_cache(

@@ -19,10 +19,17 @@ __all__ = [
     "PRESETS",
     "Conditioning",
     "Family",
+    "denoiser_folders",
     "detect_family",
     "family_named",
     "family_of_folder",
 ]
+
+
+def denoiser_folders() -> list[str]:
+    """The folders a diffusers pipeline keeps its denoiser in, one per family kind (unet,
+    transformer): what makes a folder a model folder."""
+    return sorted({family.denoiser for family in FAMILIES.values()}, reverse=True)
 
 
 def family_named(name: str) -> Family:

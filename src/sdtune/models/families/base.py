@@ -13,6 +13,7 @@ implementation, and the base methods below are what families share.
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,10 +154,6 @@ class Family:
         """Write the bundle as a diffusers-layout folder (one folder per component, the
         denoiser's under its own name), with model_index.json where diffusers has a pipeline
         for it (not for pixel-space models), and sdtune_model.json."""
-        import json
-
-        from sdtune.models.families.sd import diffusers_version, write_model_info
-
         directory.mkdir(parents=True, exist_ok=True)
         bundle.denoiser.save_pretrained(directory / self.denoiser, safe_serialization=True)
         for name, folder in self.tokenizer_folders.items():
@@ -312,3 +309,23 @@ def read_keyed_embedding(keys: dict[str, str], state: dict, path: Path, label: s
 
 def _and(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def write_model_info(bundle, directory: Path, info: dict) -> None:
+    """sdtune_model.json: the family, where the model came from, and the caller's metadata."""
+    import sdtune
+    from sdtune.models.bundle import MODEL_FILE
+
+    record = {
+        "family": bundle.family,
+        "source": bundle.source,
+        "sdtune_version": sdtune.__version__,
+        **info,
+    }
+    (directory / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -18,7 +18,6 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import sdtune
 from sdtune.errors import ModelError, UserError
 from sdtune.models.families.base import Conditioning, Family
 
@@ -130,12 +129,6 @@ def tokenize_with(tokenizer, prompts: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
-
-
-def diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
 
 
 class StableDiffusion(Family):
@@ -381,19 +374,6 @@ class StableDiffusion(Family):
             )
         vectors = next(iter(state.values())).detach().float()
         return {"text_encoder": vectors.reshape(-1, vectors.shape[-1])}
-
-
-def write_model_info(bundle, directory: Path, info: dict) -> None:
-    """sdtune_model.json: the family, where the model came from, and the caller's metadata."""
-    from sdtune.models.bundle import MODEL_FILE
-
-    record = {
-        "family": bundle.family,
-        "source": bundle.source,
-        "sdtune_version": sdtune.__version__,
-        **info,
-    }
-    (directory / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def sd_variant(unet_config: dict, has_vae: bool) -> str:

@@ -83,9 +83,6 @@ class StableDiffusion3(Family):
 
     # ------------------------------------------------------------ components
 
-    def latent_channels(self, bundle) -> int:
-        return int(bundle.denoiser.config.in_channels)
-
     def resolution_multiple(self, bundle) -> int:
         return self.downsample_factor(bundle) * int(bundle.denoiser.config.patch_size)
 
@@ -216,7 +213,7 @@ class StableDiffusion3(Family):
         transformer = denoiser if denoiser is not None else bundle.denoiser
         if cond.pooled is None:
             raise ValueError("SD3 needs a Conditioning with pooled embeddings")
-        config = transformer.config if hasattr(transformer, "config") else bundle.denoiser.config
+        config = bundle.denoiser.config  # the wrapped (DDP, compiled) module's too
         most = int(config.pos_embed_max_size) * int(config.patch_size)
         if max(noisy.shape[-2:]) > most:  # diffusers would raise deep inside the embedding
             factor = self.downsample_factor(bundle)
