@@ -81,3 +81,48 @@ def test_a_poisoned_step_is_skipped_on_the_device(tmp_path, monkeypatch):
     assert report.bad and not report.finite
     assert all(torch.equal(a, b) for a, b in zip(before, run.bundle.unet.parameters()))
     assert run.state.step == 1  # the step is counted; its update is not applied
+
+
+def test_a_step_with_the_objective_options_written_out(tmp_path):
+    """diffusion.loss = pseudo_huber, a timestep bias and input perturbation, on v-prediction
+    with a zero-terminal-SNR schedule: the step's loss is the same computation by hand."""
+    run = _run(
+        tmp_path,
+        "diffusion.prediction_type=v_prediction",
+        "diffusion.zero_terminal_snr=true",
+        "diffusion.loss=pseudo_huber",
+        "diffusion.huber_delta=0.2",
+        "diffusion.timestep_bias=later",
+        "diffusion.timestep_bias_multiplier=5",
+        "diffusion.input_perturbation=0.1",
+    )
+    bundle, cfg = run.bundle, run.cfg
+    before = copy.deepcopy(bundle.unet)
+    train_step(run.ctx, run.state, log_now=True)
+    (report,) = run.ctx.guard.reports(all_steps=True)
+
+    keys, _ = next_batch(type(run.state.position)(), 4, len(run.data.train), cfg.seed)
+    batch = collate([run.data.train[k] for k in keys])
+    gen = generator(cfg.seed, "noise", 0, 0, 0)
+    x0 = batch["pixel_values"]
+    noise = torch.randn(x0.shape, generator=gen)
+    # 'later': the noisiest quarter 5x as likely, drawn by the inverse of its CDF
+    weights = torch.ones(1000, dtype=torch.float64)
+    weights[750:] = 5.0
+    cdf = torch.cumsum(weights / weights.sum(), 0)
+    u = torch.rand(4, generator=gen, dtype=torch.float64)
+    t = torch.searchsorted(cdf / cdf[-1], u, right=True).clamp(0, 999)
+    xi = torch.randn(x0.shape, generator=gen)
+    abar = bundle.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert bundle.noise_scheduler.alphas_cumprod[-1] < 1e-12  # zero terminal SNR
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * (noise + 0.1 * xi)
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0  # the target keeps the unperturbed noise
+    ids = bundle.tokenizer(
+        batch["captions"], padding="max_length", max_length=12, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        hidden = bundle.text_encoder(ids)[0]
+    pred = before(noisy, t, encoder_hidden_states=hidden).sample
+    r = pred - v
+    loss = (2 * 0.2 * (torch.sqrt(r**2 + 0.04) - 0.2)).flatten(1).mean(1).mean()
+    assert abs(report.loss - loss.item()) < 1e-6

@@ -261,6 +261,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         sampler=args.scheduler,
         negative_prompt=args.negative_prompt,
+        guidance_rescale=args.guidance_rescale,
         resolution=args.resolution,
         device=device,
         width=args.width,
@@ -600,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_number(int, 1), default=25, help="denoising steps")
     p.add_argument(
         "--guidance", type=_number(float, 0.0), default=3.0, help="classifier-free guidance scale"
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=_number(float, 0.0, high=1.0),
+        default=0.0,
+        help="rescale the guided prediction's scale (Lin et al. 2024; 0.7 with a "
+        "zero-terminal-SNR model, 0 off)",
     )
     p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++"], default="ddim")
     p.add_argument("--negative-prompt", default="")

@@ -256,8 +256,28 @@ class DiffusionConfig(Section):
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice, unset disables."""
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     """Offset noise strength: adds a per-channel constant to the noise (helps very dark/bright images)."""
-    timestep_sampling: Literal["uniform", "low_discrepancy"] = "uniform"
-    """How a batch's timesteps are drawn: 'uniform' (each on its own) or 'low_discrepancy' (spread evenly over [0, T) from one random offset, Kingma et al. 2021: steadier gradients for small batches and few images)."""
+    timestep_sampling: Literal["uniform", "low_discrepancy", "logit_normal"] = "uniform"
+    """How a batch's timesteps are drawn: 'uniform' (each on its own), 'low_discrepancy' (spread evenly over [0, T) from one random offset, Kingma et al. 2021: steadier gradients for small batches and few images) or 'logit_normal' (t / T the sigmoid of a normal of diffusion.timestep_logit_mean/std: most training at mid noise, as SD3 trains)."""
+    timestep_logit_mean: float = Field(0.0, ge=-10.0, le=10.0)
+    """timestep_sampling = 'logit_normal': the normal's mean (above 0 trains noisier timesteps more)."""
+    timestep_logit_std: float = Field(1.0, gt=0.0, le=10.0)
+    """timestep_sampling = 'logit_normal': the normal's standard deviation."""
+    timestep_bias: Literal["none", "earlier", "later", "range"] = "none"
+    """Make some timesteps diffusion.timestep_bias_multiplier times as likely: 'earlier' (the least noisy timestep_bias_portion: fine detail), 'later' (the noisiest portion: composition, colour) or 'range' (the fractions diffusion.timestep_bias_range of the schedule)."""
+    timestep_bias_portion: float = Field(0.25, gt=0.0, lt=1.0)
+    """timestep_bias = 'earlier' / 'later': the fraction of the schedule favoured."""
+    timestep_bias_multiplier: float = Field(2.0, gt=0.0, le=100.0)
+    """How many times as likely the favoured timesteps are (below 1 makes them rarer)."""
+    timestep_bias_range: tuple[float, float] | None = None
+    """timestep_bias = 'range': [low, high) as fractions of the schedule, e.g. [0.6, 1.0] for the noisiest 40%."""
+    loss: Literal["mse", "huber", "pseudo_huber"] = "mse"
+    """Training loss on the prediction's error r: 'mse' (r²), 'huber' (r² below diffusion.huber_delta, linear above) or 'pseudo_huber' (its smooth form, 2 delta (sqrt(r² + delta²) - delta)): the Huber losses let outlying images pull less (Khrapov & Lu 2024). The validation loss stays plain MSE, comparable across runs."""
+    huber_delta: float = Field(0.1, gt=0.0, le=10.0)
+    """loss = 'huber' / 'pseudo_huber': the error beyond which the loss grows linearly (0.1 as kohya-ss's huber_c)."""
+    input_perturbation: float = Field(0.0, ge=0.0, le=1.0)
+    """Input perturbation (Ning et al. 2023): the input is noised with eps + this x a second noise while the target stays eps; 0.1 is the paper's choice, 0 disables."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024): a model then learns to make very dark or bright images; needs v-prediction (diffusion.prediction_type = 'v_prediction'), and samplers use trailing timesteps. Sample with evaluate.guidance_rescale = 0.7."""
     flow_sampling: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
     """Flow-matching models (SD3): how the noise levels are drawn before the shift: 'logit_normal' (the sigmoid of a normal, SD3's default: most training in the middle), 'uniform', or 'mode' (SD3's mode sampling, diffusion.flow_mode_scale)."""
     flow_logit_mean: float = Field(0.0, ge=-10.0, le=10.0)
@@ -272,6 +292,21 @@ class DiffusionConfig(Section):
     """Flow-matching models: shift the noise levels toward the noise, s' = a s / (1 + (a - 1) s), in training and sampling alike (SD3 uses 3.0 at 1024 px); unset: the model scheduler's shift."""
     flow_shift_resolution: int | None = Field(None, ge=8, le=8192)
     """Flow-matching models: scale the training shift with the image side, a x side / this (SD3's resolution-dependent shift, e.g. 1024 with flow_shift 3.0); unset: one shift for every size."""
+
+    @model_validator(mode="after")
+    def _bias_range(self) -> DiffusionConfig:
+        span = self.timestep_bias_range
+        if span is not None and not 0.0 <= span[0] < span[1] <= 1.0:
+            raise ValueError(
+                f"diffusion.timestep_bias_range = {list(span)}: give [low, high) with "
+                "0 <= low < high <= 1 (fractions of the schedule)"
+            )
+        if (self.timestep_bias == "range") != (span is not None):
+            raise ValueError(
+                "diffusion.timestep_bias = 'range' and diffusion.timestep_bias_range go "
+                "together: set both (e.g. timestep_bias_range = [0.6, 1.0]) or neither"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -408,6 +443,8 @@ class EvaluateConfig(Section):
     """Denoising steps when sampling."""
     guidance_scale: float = Field(3.0, ge=0.0)
     """Classifier-free guidance scale when sampling (1 disables guidance)."""
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
+    """Rescale the guided prediction toward the conditional one's standard deviation (Lin et al. 2024, sec. 3.4): over-exposure at high guidance goes; 0.7 is the paper's choice with diffusion.zero_terminal_snr, 0 disables."""
     scheduler: Literal["ddim", "euler", "dpm++"] = "ddim"
     """Sampler used for grids and judging."""
     val_batches: int = Field(4, ge=0)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from sdtune.diffusion.objective import Noised
+from sdtune.diffusion.objective import Noised, Objective
 from sdtune.diffusion.targets import offset_noise
 
 TIMESTEP_SCALE = 1000.0  # the denoiser reads 1000 s (diffusers' flow-matching schedulers)
@@ -36,7 +36,7 @@ EPS = 1e-5  # s stays in [EPS, 1 - EPS]
 WEIGHT_FLOOR = 1e-3  # 1 / s² is taken at s >= this: one example never outweighs a batch
 
 
-class FlowMatching:
+class FlowMatching(Objective):
     def __init__(
         self,
         sampling: str = "logit_normal",
@@ -98,7 +98,8 @@ class FlowMatching:
     # ------------------------------------------------------------------ the interface
 
     def draw(self, latents: torch.Tensor, gen: torch.Generator) -> Noised:
-        """Noise, offset, levels (in this order, from `gen`), then the noised batch."""
+        """Noise, offset, levels, input perturbation (in this order, from `gen`), then the
+        noised batch."""
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         noise = offset_noise(noise, self.noise_offset, gen)
         u = self.draw_fractions(latents.shape[0], gen, latents.device)
@@ -107,6 +108,8 @@ class FlowMatching:
         s = (low + (high - low) * s).clamp(EPS, 1.0 - EPS)
         timesteps = (s * TIMESTEP_SCALE).float()
         noisy, target = self.at(latents, noise, timesteps)
+        if self.input_perturbation:  # the input from perturbed noise, the target from eps
+            noisy = self.at(latents, self.input_noise(noise, gen), timesteps)[0]
         return Noised(noisy, timesteps, target, self.weights(timesteps))
 
     def at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

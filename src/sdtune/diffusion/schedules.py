@@ -17,8 +17,10 @@ def make_noise_scheduler(
     prediction_type: str = "epsilon",
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
+    **options,
 ) -> DDPMScheduler:
-    """A DDPM training scheduler with Stable Diffusion's defaults."""
+    """A DDPM training scheduler with Stable Diffusion's defaults (`options`: more of
+    DDPMScheduler's settings, e.g. rescale_betas_zero_snr)."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -27,6 +29,7 @@ def make_noise_scheduler(
         prediction_type=prediction_type,
         clip_sample=False,
         steps_offset=1,
+        **options,
     )
 
 

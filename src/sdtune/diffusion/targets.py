@@ -60,17 +60,42 @@ def offset_noise(
     return noise + strength * offset
 
 
+LOSSES = ("mse", "huber", "pseudo_huber")
+
+
+def elementwise_error(
+    model_output: torch.Tensor, target: torch.Tensor, kind: str = "mse", delta: float = 0.1
+) -> torch.Tensor:
+    """The per-element error, in float32: 'mse' r²; 'huber' 2 x Huber(r; delta), r² inside
+    |r| < delta and 2 delta |r| - delta² outside; 'pseudo_huber' 2 delta (sqrt(r² + delta²) -
+    delta), its smooth form (Charbonnier 1994; for diffusion, Khrapov & Lu 2024). Both are r²
+    for small residuals and grow linearly for large ones, so a few outlying images or
+    corrupted captions pull the weights less than under the square."""
+    residual = model_output.float() - target.float()
+    if kind == "mse":
+        return residual.pow(2)
+    if kind == "huber":
+        return 2.0 * torch.nn.functional.huber_loss(
+            residual, torch.zeros_like(residual), reduction="none", delta=delta
+        )
+    if kind == "pseudo_huber":
+        return 2.0 * delta * (torch.sqrt(residual.pow(2) + delta * delta) - delta)
+    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+
+
 def diffusion_loss(
     model_output: torch.Tensor,
     target: torch.Tensor,
     weights: torch.Tensor | None = None,
     pixel_weights: torch.Tensor | None = None,
+    kind: str = "mse",
+    delta: float = 0.1,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally weighted, averaged over the batch. With
-    `pixel_weights` (B x 1 x h x w, a loss mask at the latents' resolution), each sample's
-    error is its mask-weighted mean: a masked-out background teaches nothing, and a small
-    subject weighs as much as a large one."""
-    error = (model_output.float() - target.float()).pow(2)
+    """The error per sample (`kind`: see elementwise_error; mean squared by default),
+    optionally weighted, averaged over the batch. With `pixel_weights` (B x 1 x h x w, a loss
+    mask at the latents' resolution), each sample's error is its mask-weighted mean: a
+    masked-out background teaches nothing, and a small subject weighs as much as a large one."""
+    error = elementwise_error(model_output, target, kind, delta)
     if pixel_weights is not None:
         w = pixel_weights.float().expand_as(error)
         per_sample = (error * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)

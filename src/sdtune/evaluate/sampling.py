@@ -30,6 +30,7 @@ def generate(
     guidance_scale: float = 3.0,
     sampler: str = "ddim",
     negative_prompt: str = "",
+    guidance_rescale: float = 0.0,
     resolution: int | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
@@ -38,6 +39,7 @@ def generate(
 ) -> torch.Tensor:
     """Images in [0, 1] (N x C x H x W), one per prompt; image i's noise depends only on (seed, i).
     The size is `height` x `width`, each defaulting to `resolution` (else the model's own).
+    `guidance_rescale` > 0 rescales the guided prediction (see rescale_guidance).
     An `Ensemble` samples with its members' mean prediction at every step."""
     ensemble = as_ensemble(bundle)
     bundle = ensemble.first  # the latent space, the VAE and the sampler's schedule
@@ -79,10 +81,22 @@ def generate(
                 if guided:
                     out_uncond, out_cond = out.chunk(2)
                     out = out_uncond + guidance_scale * (out_cond - out_uncond)
+                    if guidance_rescale > 0:
+                        out = rescale_guidance(out, out_cond, guidance_rescale)
                 latents = scheduler.step(out, t, latents).prev_sample
             pixels = bundle.decode_latents(latents)
             images.append(((pixels.float() + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(images)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2024, eqs. 15-16: scale the guided prediction to the conditional one's
+    standard deviation per image, and mix: phi x rescaled + (1 - phi) x guided. At high
+    guidance scales (and with a zero-terminal-SNR schedule) guidance inflates the prediction's
+    scale, which over-exposes; rescaling takes that back while keeping its direction."""
+    dims = list(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return phi * (guided * ratio) + (1.0 - phi) * guided
 
 
 def generate_as_configured(
@@ -100,6 +114,7 @@ def generate_as_configured(
         seed=cfg.evaluate.seed + seed_offset,
         steps=cfg.evaluate.sample_steps,
         guidance_scale=cfg.evaluate.guidance_scale,
+        guidance_rescale=cfg.evaluate.guidance_rescale,
         sampler=cfg.evaluate.scheduler,
         resolution=cfg.data.resolution,
         device=device,

@@ -20,7 +20,6 @@ import torch
 from sdtune.data import next_batch
 from sdtune.data.cache import cached_batch
 from sdtune.data.order import derive_seed, generator
-from sdtune.diffusion.targets import diffusion_loss
 from sdtune.models.families import Conditioning
 from sdtune.train.optim import step_unless
 from sdtune.train.parts import batches
@@ -215,11 +214,12 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
         masks = torch.nn.functional.interpolate(
             masks.to(device, non_blocking=True).float(), size=latents.shape[-2:], mode="area"
         )
+    loss_of = ctx.objective.loss  # diffusion.loss: MSE, Huber or pseudo-Huber
     if pick is None:
-        return diffusion_loss(pred, noised.target, weights, masks), None
+        return loss_of(pred, noised.target, weights, masks), None
     pred, pred_kept = pred.chunk(2)
-    kept_loss = diffusion_loss(pred_kept, kept_target, noised.weights)
-    loss = diffusion_loss(pred, noised.target, weights, masks) + preserve.weight * kept_loss
+    kept_loss = loss_of(pred_kept, kept_target, noised.weights)
+    loss = loss_of(pred, noised.target, weights, masks) + preserve.weight * kept_loss
     return loss, kept_loss.detach()
 
 

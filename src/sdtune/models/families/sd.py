@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdtune.errors import ModelError, UserError
+from sdtune.errors import ConfigError, ModelError, UserError
 from sdtune.models.families.base import Conditioning, Family
 
 A1111_KEY = "emb_params"  # AUTOMATIC1111's safetensors embedding key; diffusers reads it too
@@ -260,22 +260,39 @@ class StableDiffusion(Family):
     # ------------------------------------------------------------ the objective
 
     def objective(self, bundle, diffusion, device):
-        from sdtune.diffusion.objective import DDPM
+        from sdtune.diffusion.objective import DDPM, timestep_density
 
         config = bundle.noise_scheduler.config
+        scheduler = bundle.noise_scheduler
+        density = timestep_density(
+            int(scheduler.alphas_cumprod.shape[0]),
+            diffusion.timestep_sampling,
+            diffusion.timestep_logit_mean,
+            diffusion.timestep_logit_std,
+            diffusion.timestep_bias,
+            diffusion.timestep_bias_portion,
+            diffusion.timestep_bias_multiplier,
+            diffusion.timestep_bias_range,
+        )
         return DDPM(
-            bundle.noise_scheduler.alphas_cumprod,
+            scheduler.alphas_cumprod,
             str(config.prediction_type),
             diffusion.min_snr_gamma,
             diffusion.noise_offset,
             device,
             diffusion.timestep_sampling,
-        )
+            density,
+        ).configure(diffusion)
 
     def apply_diffusion_settings(self, bundle, diffusion) -> None:
+        """diffusion.noise_schedule / prediction_type / zero_terminal_snr rebuild the training
+        schedule (unset ones keep the base model's); the samplers take it from there."""
         from sdtune.diffusion.schedules import make_noise_scheduler
 
         config = dict(bundle.noise_scheduler.config)
+        zero_snr = {}
+        if diffusion.zero_terminal_snr:  # SNR(T) = 0, sampled from the last timestep
+            zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
         if diffusion.noise_schedule is not None:
             bundle.noise_scheduler = make_noise_scheduler(
                 diffusion.num_train_timesteps,
@@ -283,10 +300,22 @@ class StableDiffusion(Family):
                 diffusion.prediction_type or config.get("prediction_type", "epsilon"),
                 config.get("beta_start", 0.00085),
                 config.get("beta_end", 0.012),
+                **zero_snr,
             )
-        elif diffusion.prediction_type is not None:
-            bundle.noise_scheduler = DDPMScheduler.from_config(
-                config, prediction_type=diffusion.prediction_type
+        elif diffusion.prediction_type is not None or zero_snr:
+            changes = dict(zero_snr)
+            if diffusion.prediction_type is not None:
+                changes["prediction_type"] = diffusion.prediction_type
+            bundle.noise_scheduler = DDPMScheduler.from_config(config, **changes)
+        prediction = bundle.noise_scheduler.config.prediction_type
+        if (
+            bundle.noise_scheduler.config.get("rescale_betas_zero_snr")
+            and prediction != "v_prediction"
+        ):
+            raise ConfigError(
+                f"diffusion.zero_terminal_snr: {bundle.source} predicts {prediction}, which is "
+                "undefined at zero SNR (the last timestep's input holds no image): set "
+                "diffusion.prediction_type = 'v_prediction'"
             )
 
     def set_dropout(self, bundle, p: float) -> None:

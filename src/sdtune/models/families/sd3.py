@@ -257,11 +257,18 @@ class StableDiffusion3(Family):
                     "such setting; use diffusion.flow_* (flow_sampling, flow_weighting, "
                     "flow_shift) or remove it"
                 )
-        if diffusion.timestep_sampling != "uniform":
-            raise ConfigError(
-                f"diffusion.timestep_sampling: '{diffusion.timestep_sampling}' is DDPM's; flow "
-                "matching draws its noise levels by diffusion.flow_sampling"
-            )
+        ddpm_choices = {
+            "timestep_sampling": (diffusion.timestep_sampling, "uniform"),
+            "timestep_bias": (diffusion.timestep_bias, "none"),
+            "zero_terminal_snr": (diffusion.zero_terminal_snr, False),
+        }
+        for key, (value, default) in ddpm_choices.items():
+            if value != default:
+                raise ConfigError(
+                    f"diffusion.{key} = {value!r} is DDPM's; flow matching draws its noise "
+                    "levels by diffusion.flow_sampling (logit_normal, uniform, mode) and "
+                    "diffusion.flow_shift, and its last level is pure noise already"
+                )
         shift = diffusion.flow_shift
         return FlowMatching(
             diffusion.flow_sampling,
@@ -274,7 +281,7 @@ class StableDiffusion3(Family):
             diffusion.noise_offset,
             device,
             self.downsample_factor(bundle),
-        )
+        ).configure(diffusion)  # diffusion.loss, huber_delta, input_perturbation
 
     def apply_diffusion_settings(self, bundle, diffusion) -> None:
         """diffusion.flow_shift is the sampler's shift too: a model samples as it was trained."""
