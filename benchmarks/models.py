@@ -1,12 +1,14 @@
 """The models the throughput benchmark trains, and the FLOP count of one training step.
 
 - sdtune's tiny presets (`tiny-sd`, `tiny-digits`, `tiny-sdxl`), as `model.base = "preset:NAME"`
-  says;
+  says, and `tiny-sd3` (sdtune's `preset:tiny-sd3` with 77-token text encoders, the length
+  diffusers' SD3 script tokenizes to);
 - full-size Stable Diffusion architectures built from their published component configs
   (written out below, so nothing is downloaded) with seeded random weights: `sd15` (UNet
-  859.5M parameters, VAE 83.7M, CLIP ViT-L/14 text encoder 123.1M) and `sdxl` (UNet 2.57B,
-  CLIP ViT-L and OpenCLIP bigG text encoders). Random weights cost the same FLOPs and memory
-  as trained ones.
+  859.5M parameters, VAE 83.7M, CLIP ViT-L/14 text encoder 123.1M), `sdxl` (UNet 2.57B,
+  CLIP ViT-L and OpenCLIP bigG text encoders) and `sd35` (SD 3.5 Medium: the MMDiT-X
+  transformer, CLIP-L and CLIP-G with projections, T5-XXL, the 16-channel VAE). Random weights
+  cost the same FLOPs and memory as trained ones.
 
 The full-size models are handed to sdtune's real loader by adding them to the preset table in
 the benchmark's own process (`register_presets`). Each model with a VAE names the diffusers
@@ -19,13 +21,25 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from sdtune.diffusion.schedules import make_noise_scheduler
 from sdtune.models.bundle import ModelBundle
 from sdtune.models.families import PRESETS
 from sdtune.models.families.sd import SD1
+from sdtune.models.families.sd3 import SD3, tiny_encoders, tiny_sd3, tiny_t5_tokenizer
 from sdtune.models.families.sdxl import SDXL
 from sdtune.models.presets import build_preset
 from sdtune.models.tokenizer import build_tiny_tokenizer
@@ -111,6 +125,47 @@ CLIP_BIGG = {
 }
 
 
+# stabilityai/stable-diffusion-3.5-medium: transformer/config.json, vae/config.json,
+# text_encoder_2 (CLIP-G: bigG's text tower with its projection), text_encoder_3 (T5 v1.1 XXL)
+SD35_TRANSFORMER = {
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+SD3_VAE = {
+    **SD_VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.0,
+}
+SD3_TOKENS = 77  # what diffusers' SD3 script tokenizes CLIP to (and T5, by its default)
+
+
 @dataclass(frozen=True)
 class Arch:
     """A model the benchmark knows: its sdtune `model.base`, default shape and what can run."""
@@ -128,12 +183,15 @@ class Arch:
 
 PEER_SD = "examples/text_to_image/train_text_to_image.py"
 PEER_SDXL = "examples/text_to_image/train_text_to_image_sdxl.py"
+PEER_SD3 = "examples/dreambooth/train_dreambooth_lora_sd3.py"
 ARCHS = {
     "tiny-sd": Arch("tiny-sd", "preset:tiny-sd", 32, 64, True, PEER_SD),
     "tiny-digits": Arch("tiny-digits", "preset:tiny-digits", 16, 64, False),
     "tiny-sdxl": Arch("tiny-sdxl", "preset:tiny-sdxl", 32, 64, True, PEER_SDXL),
     "sd15": Arch("sd15", "preset:bench-sd15", 512, 8, True, PEER_SD),
     "sdxl": Arch("sdxl", "preset:bench-sdxl", 1024, 4, True, PEER_SDXL),
+    "tiny-sd3": Arch("tiny-sd3", "preset:bench-tiny-sd3", 32, 64, True, PEER_SD3),
+    "sd35": Arch("sd35", "preset:bench-sd35", 1024, 4, True, PEER_SD3),
 }
 
 
@@ -175,11 +233,49 @@ def sdxl(dropout: float = 0.0) -> ModelBundle:
     return SDXL.bundle(unet, encoders, tokenizers, scheduler, vae, "preset:bench-sdxl")
 
 
+def bench_tiny_sd3(dropout: float = 0.0) -> ModelBundle:
+    """sdtune's tiny-sd3 with 77-token text encoders: diffusers' SD3 script pads every CLIP
+    prompt to 77 tokens, whatever the tokenizer says."""
+    tiny = tiny_sd3(dropout)
+    encoders, tokenizers = tiny_encoders(SD3_TOKENS, (32, 64), 64, 2)
+    return tiny.arch.bundle(
+        tiny.denoiser, encoders, tokenizers, tiny.noise_scheduler, tiny.vae, "preset:bench-tiny-sd3"
+    )
+
+
+def _t5_config(fields: dict, tokenizer) -> T5Config:
+    return T5Config(**fields, pad_token_id=tokenizer.pad_token_id, eos_token_id=1)
+
+
+def sd35(dropout: float = 0.0) -> ModelBundle:
+    """SD 3.5 Medium at full size with random weights: the 2.24B MMDiT-X (dual attention in
+    its first 13 layers, QK-norm), CLIP-L and CLIP-G with projections, T5-XXL's encoder, the
+    16-channel VAE (sdtune's local tokenizers stand in for CLIP's and T5's: their cost is the
+    same at the same lengths)."""
+    clip_tokenizers = [build_tiny_tokenizer(SD3_TOKENS), build_tiny_tokenizer(SD3_TOKENS)]
+    t5_tokenizer = tiny_t5_tokenizer(SD3_TOKENS)
+    encoders = [
+        CLIPTextModelWithProjection(_clip_config(CLIP_L, clip_tokenizers[0])),
+        CLIPTextModelWithProjection(_clip_config(CLIP_BIGG, clip_tokenizers[1])),
+        T5EncoderModel(_t5_config(T5_XXL, t5_tokenizer)),
+    ]
+    transformer = SD3Transformer2DModel(**SD35_TRANSFORMER)
+    for module in transformer.modules():  # model.dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    vae = AutoencoderKL(**SD3_VAE)
+    tokenizers = [*clip_tokenizers, t5_tokenizer]
+    return SD3.bundle(transformer, encoders, tokenizers, scheduler, vae, "preset:bench-sd35")
+
+
 def register_presets() -> None:
-    """Let `model.base = "preset:bench-sd15"` and `"preset:bench-sdxl"` name the full-size
-    models (this process only)."""
+    """Let `model.base = "preset:bench-sd15"`, `"preset:bench-sdxl"`, `"preset:bench-sd35"`
+    and `"preset:bench-tiny-sd3"` name the benchmark's models (this process only)."""
     PRESETS.setdefault("bench-sd15", sd15)
     PRESETS.setdefault("bench-sdxl", sdxl)
+    PRESETS.setdefault("bench-sd35", sd35)
+    PRESETS.setdefault("bench-tiny-sd3", bench_tiny_sd3)
 
 
 def build_bundle(arch: Arch, seed: int = 0) -> ModelBundle:
@@ -190,18 +286,27 @@ def build_bundle(arch: Arch, seed: int = 0) -> ModelBundle:
     return build_preset(arch.base.removeprefix("preset:"), seed)
 
 
-def _meta_components(arch: Arch) -> tuple[UNet2DConditionModel, list, AutoencoderKL | None]:
-    """The architecture on the meta device: shapes only, no memory, no initialisation."""
+def _is_transformer(arch: Arch) -> bool:
+    return arch.peer == PEER_SD3
+
+
+def _meta_components(arch: Arch) -> tuple[torch.nn.Module, list, AutoencoderKL | None]:
+    """The architecture on the meta device (shapes only, no memory, no initialisation): the
+    denoiser (UNet or SD3 transformer), the text encoders in order, the VAE."""
+    if arch.name == "sd35":
+        with torch.device("meta"):
+            bundle = sd35()
+        return bundle.denoiser, list(bundle.text_encoders.values()), bundle.vae
     if arch.name == "sd15":
         unet_cfg, text_cfgs, vae_cfg = SD15_UNET, [CLIPTextConfig(**CLIP_L)], SD_VAE
     elif arch.name == "sdxl":
         unet_cfg, vae_cfg = SDXL_UNET, SDXL_VAE
         text_cfgs = [CLIPTextConfig(**CLIP_L), CLIPTextConfig(**CLIP_BIGG)]
-    else:  # a tiny preset is cheap to build for real; its configs are what counts
+    else:  # a tiny preset is cheap to build for real; it is what counts
         bundle = build_bundle(arch)
-        unet_cfg = dict(bundle.unet.config)
-        text_cfgs = [encoder.config for encoder in bundle.text_encoders.values()]
-        vae_cfg = dict(bundle.vae.config) if bundle.vae is not None else None
+        for module in bundle.components().values():
+            module.to("meta")
+        return bundle.denoiser, list(bundle.text_encoders.values()), bundle.vae
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)
         encoders = [CLIPTextModel(text_cfgs[0])]
@@ -212,15 +317,19 @@ def _meta_components(arch: Arch) -> tuple[UNet2DConditionModel, list, Autoencode
 
 
 def resolution_multiple(arch: Arch) -> int:
-    """Image sides must be a multiple of this: the VAE's and the UNet's downsampling together."""
-    unet, _, vae = _meta_components(arch)
+    """Image sides must be a multiple of this: the VAE's downsampling times the UNet's (or the
+    transformer's patch size)."""
+    denoiser, _, vae = _meta_components(arch)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    return vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if _is_transformer(arch):
+        return vae_factor * int(denoiser.config.patch_size)
+    return vae_factor * 2 ** (len(denoiser.config.block_out_channels) - 1)
 
 
 def parameter_counts(arch: Arch) -> dict[str, int]:
-    unet, encoders, vae = _meta_components(arch)
-    counts = {"unet": sum(p.numel() for p in unet.parameters())}
+    denoiser, encoders, vae = _meta_components(arch)
+    name = "transformer" if _is_transformer(arch) else "unet"
+    counts = {name: sum(p.numel() for p in denoiser.parameters())}
     for i, encoder in enumerate(encoders):
         counts["text_encoder" + (f"_{i + 1}" if i else "")] = sum(
             p.numel() for p in encoder.parameters()
@@ -236,6 +345,8 @@ def step_flops(arch: Arch, resolution: int, batch: int, train_text: bool) -> dic
     encode, the text encoder(s), the UNet forward and the whole backward pass."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if _is_transformer(arch):
+        return _transformer_step_flops(arch, resolution, batch, train_text)
     unet, encoders, vae = _meta_components(arch)
     for module in [*encoders, *([vae] if vae is not None else [])]:
         module.requires_grad_(train_text and module is not vae)
@@ -266,6 +377,50 @@ def step_flops(arch: Arch, resolution: int, batch: int, train_text: bool) -> dic
         mark("text_encoder")
         pred = unet(latents, timesteps, encoder_hidden_states=hidden, **extra).sample
         mark("unet_forward")
+        pred.float().pow(2).mean().backward()
+        mark("backward")
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def _transformer_step_flops(arch: Arch, resolution: int, batch: int, train_text: bool) -> dict:
+    """step_flops for the SD3 layout: the VAE encode, CLIP-L and CLIP-G (penultimate states,
+    pooled outputs) and T5 at 77 tokens each, the transformer's forward and the backward
+    (`train_text` trains the CLIP encoders, never T5)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    transformer, encoders, vae = _meta_components(arch)
+    for i, module in enumerate([vae, *encoders]):
+        module.requires_grad_(train_text and 1 <= i <= 2)
+    with torch.device("meta"):
+        pixels = torch.zeros(batch, 3, resolution, resolution)
+        ids = torch.zeros(batch, SD3_TOKENS, dtype=torch.long)
+        timesteps = torch.zeros(batch)
+    flops: dict[str, int] = {}
+    with FlopCounterMode(display=False) as counter:
+
+        def mark(name: str) -> None:
+            flops[name] = counter.get_total_flops() - sum(flops.values())
+
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample()
+        mark("vae_encode")
+        with nullcontext() if train_text else torch.no_grad():
+            clip = [e(ids, output_hidden_states=True) for e in encoders[:2]]
+        with torch.no_grad():
+            t5 = encoders[2](ids)[0]
+        hidden = torch.cat([o.hidden_states[-2] for o in clip], dim=-1)
+        hidden = torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1]))
+        hidden = torch.cat([hidden, t5], dim=-2)
+        pooled = torch.cat([o.text_embeds for o in clip], dim=-1)
+        mark("text_encoder")
+        pred = transformer(
+            hidden_states=latents,
+            timestep=timesteps,
+            encoder_hidden_states=hidden,
+            pooled_projections=pooled,
+        ).sample
+        mark("transformer_forward")
         pred.float().pow(2).mean().backward()
         mark("backward")
     flops["total"] = sum(flops.values())

@@ -1,9 +1,11 @@
 """What both trainers share, and the peer's side of it.
 
 The peer is diffusers' example script for the model's family: `examples/text_to_image/
-train_text_to_image.py` for SD 1.x/2.x, `train_text_to_image_sdxl.py` for SDXL, given by path
-(the user takes it from the diffusers repository, at the tag of the installed diffusers; it is
-never kept in this repository). Both trainers read the same image folder (the digits written
+train_text_to_image.py` for SD 1.x/2.x, `train_text_to_image_sdxl.py` for SDXL,
+`examples/dreambooth/train_dreambooth_lora_sd3.py` for SD 3.x (LoRA only: diffusers has no
+SD3 full fine-tune script; the harness then trains sdtune's LoRA on the same modules at the
+same rank), given by path (the user takes it from the diffusers repository, at the tag of the
+installed diffusers; it is never kept in this repository). Both trainers read the same image folder (the digits written
 as PNGs with a metadata.jsonl) and the same diffusers pipeline folder (the model saved once
 by sdtune's `save_bundle`), with the same optimizer settings, batch and resolution.
 
@@ -32,6 +34,37 @@ MAX_GRAD_NORM = 1.0
 PEER_PRECOMPUTES = {  # data.* keys set to true
     "examples/text_to_image/train_text_to_image_sdxl.py": ("cache_latents", "cache_text"),
 }
+SD3_PEER = "examples/dreambooth/train_dreambooth_lora_sd3.py"
+# What each peer's text must hold (and must not): tells one example from another.
+PEER_MARKS = {
+    "examples/text_to_image/train_text_to_image.py": (
+        ("--train_data_dir", "def main"),
+        ("StableDiffusionXLPipeline", "StableDiffusion3Pipeline"),
+    ),
+    "examples/text_to_image/train_text_to_image_sdxl.py": (
+        ("--train_data_dir", "def main", "StableDiffusionXLPipeline"),
+        ("StableDiffusion3Pipeline",),
+    ),
+    SD3_PEER: (
+        ("--instance_data_dir", "--dataset_name", "def main", "StableDiffusion3Pipeline"),
+        (),
+    ),
+}
+# The SD3 peer's LoRA (its defaults: rank 4, alpha = rank, the attention projections of both
+# streams), which sdtune's side is given too.
+SD3_LORA_RANK = 4
+SD3_LORA_TARGETS = [
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+]  # fmt: skip
+PEER_SETTINGS = {  # sdtune overrides that make its run the peer's kind of run
+    SD3_PEER: [
+        "lora.enabled=true",
+        f"lora.rank={SD3_LORA_RANK}",
+        f"lora.alpha={SD3_LORA_RANK}",
+        "lora.unet_targets=[" + ",".join(f'"{t}"' for t in SD3_LORA_TARGETS) + "]",
+    ],
+}
 
 
 class BenchmarkError(UserError):
@@ -57,12 +90,8 @@ def check_peer(script: Path, arch) -> dict:
             f"at the tag of your diffusers (v{diffusers.__version__})"
         )
     text = script.read_text(encoding="utf-8")
-    xl = "StableDiffusionXLPipeline" in text
-    if (
-        "--train_data_dir" not in text
-        or "def main" not in text
-        or xl != arch.peer.endswith("_sdxl.py")
-    ):
+    needed, absent = PEER_MARKS[arch.peer]
+    if not all(mark in text for mark in needed) or any(mark in text for mark in absent):
         raise BenchmarkError(
             f"--peer {script}: this is not diffusers' {arch.peer}, the peer for --model {arch.name}"
         )
@@ -139,6 +168,10 @@ def peer_args(
     workers: int = 0,
 ) -> list[str]:
     """The peer's command line for the benchmark's model, data and settings."""
+    if peer["example"] == SD3_PEER:
+        return sd3_peer_args(
+            model_dir, data_dir, out_dir, resolution, batch, max_steps, precision, workers
+        )
     args = [
         "--pretrained_model_name_or_path", str(model_dir),
         "--train_data_dir", str(data_dir),
@@ -163,6 +196,50 @@ def peer_args(
     if ema:
         args.append("--use_ema")
     return args
+
+
+def sd3_peer_args(
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    resolution: int,
+    batch: int,
+    max_steps: int,
+    precision: str,
+    workers: int,
+) -> list[str]:
+    """train_dreambooth_lora_sd3.py's command line: the captioned digits folder read as a
+    dataset (each image its own caption, encoded by all three encoders at every step, as
+    sdtune does without data.cache_text), LoRA of rank 4 on its default modules, the flow
+    matching objective sdtune trains (logit-normal levels, target eps - x_0: no EDM
+    preconditioning)."""
+    return [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--dataset_name", str(data_dir),
+        "--image_column", "image",
+        "--caption_column", "text",
+        "--instance_prompt", "a digit",  # required; each image's own caption is used
+        "--max_sequence_length", "77",
+        "--resolution", str(resolution),
+        "--center_crop",
+        "--train_batch_size", str(batch),
+        "--max_train_steps", str(max_steps),
+        "--rank", str(SD3_LORA_RANK),
+        "--learning_rate", str(LEARNING_RATE),
+        "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0",
+        "--optimizer", "AdamW",
+        "--adam_weight_decay", str(WEIGHT_DECAY),
+        "--max_grad_norm", str(MAX_GRAD_NORM),
+        "--weighting_scheme", "logit_normal",
+        "--precondition_outputs", "0",
+        "--mixed_precision", precision,
+        "--seed", "0",
+        "--output_dir", str(out_dir),
+        "--checkpointing_steps", str(10**9),
+        "--dataloader_num_workers", str(workers),
+        "--report_to", "tensorboard",
+    ]  # fmt: skip
 
 
 def sdtune_config(

@@ -1,12 +1,14 @@
 """Training throughput: sdtune's real training loop, optionally side by side with diffusers'
-example script for the model's family (train_text_to_image.py, train_text_to_image_sdxl.py) on
-the same model, data and batch.
+example script for the model's family (train_text_to_image.py, train_text_to_image_sdxl.py,
+train_dreambooth_lora_sd3.py) on the same model, data and batch.
 
     python -m benchmarks.throughput                                # tiny-sd, 32 px, batch 64
     python -m benchmarks.throughput --peer /tmp/peer/train_text_to_image.py
     python -m benchmarks.throughput --model tiny-sdxl --peer /tmp/peer/train_text_to_image_sdxl.py
     python -m benchmarks.throughput --model sd15 --batch-size 8   # full-size SD 1.5, random weights
     python -m benchmarks.throughput --model sdxl --flops-only
+    python -m benchmarks.throughput --model tiny-sd3 --peer /tmp/peer/train_dreambooth_lora_sd3.py
+    python -m benchmarks.throughput --model sd35 --flops-only      # SD 3.5 Medium
     python -m benchmarks.throughput --compare train.compile=true --compare data.cache_latents=true
 
 Each run is a fresh process (benchmarks/worker.py) timed by a hook after every optimizer step;
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     """Run the benchmark `args` describe; the result (also written to args.out), or None."""
     from benchmarks.models import ARCHS, parameter_counts, step_flops
-    from benchmarks.peer import PEER_PRECOMPUTES, check_peer
+    from benchmarks.peer import PEER_PRECOMPUTES, PEER_SETTINGS, check_peer
 
     arch = ARCHS[args.model]
     resolution = args.resolution or arch.resolution
@@ -147,6 +149,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     peer = check_peer(args.peer, arch) if args.peer is not None and not args.flops_only else None
     if peer is not None:  # sdtune does the work per step that the peer does (the SDXL caches)
         args.set = [f"data.{key}=true" for key in PEER_PRECOMPUTES.get(arch.peer, ())] + args.set
+        args.set = PEER_SETTINGS.get(arch.peer, []) + args.set  # the SD3 peer trains LoRA
     flops = step_flops(arch, resolution, batch, args.train_text_encoder)
     if args.flops_only:
         counts = ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in parameter_counts(arch).items())
@@ -161,7 +164,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
         )
     if peer is not None and args.train_text_encoder:
         raise BenchmarkError(
-            "--peer: the peer script trains the UNet only; leave out --train-text-encoder"
+            "--peer: the peer script trains the denoiser only; leave out --train-text-encoder"
         )
     cuda = not args.cpu and _cuda_available()
     precision = args.precision or ("bf16" if cuda else "no")
@@ -173,6 +176,11 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
         for name, spec in specs.items()
     }
     versions_now, parameters = versions(), parameter_counts(arch)  # once, not every round
+    trained = next(iter(parameters))  # the denoiser: unet or transformer
+    if "lora.enabled=true" in args.set:
+        trained = f"LoRA on the {trained}"
+    if args.train_text_encoder:
+        trained += " + text encoder"
 
     def record(runs: list[dict], profiles: dict[str, str], rounds: int) -> dict:
         """The result of the runs so far, written out: a benchmark stopped short (a time limit,
@@ -207,7 +215,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
                 "resolution": resolution,
                 "batch_size": batch,
                 "precision": precision,
-                "trainable": "unet + text encoder" if args.train_text_encoder else "unet",
+                "trainable": trained,
                 "ema": args.ema,
                 "images": args.images or 1797,
                 "warmup_steps": args.warmup,

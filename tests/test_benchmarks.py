@@ -1,8 +1,9 @@
 """The throughput benchmark: a real (short) run on the tiny preset, its result file, its errors.
 
-The side-by-side tests need diffusers' examples/text_to_image/train_text_to_image.py and
-train_text_to_image_sdxl.py, which are not part of this repository: set SDTUNE_PEER_SCRIPT
-and SDTUNE_PEER_SCRIPT_SDXL to their paths to run them.
+The side-by-side tests need diffusers' examples/text_to_image/train_text_to_image.py,
+train_text_to_image_sdxl.py and examples/dreambooth/train_dreambooth_lora_sd3.py, which are
+not part of this repository: set SDTUNE_PEER_SCRIPT, SDTUNE_PEER_SCRIPT_SDXL and
+SDTUNE_PEER_SCRIPT_SD3 to their paths to run them.
 """
 
 import importlib.util
@@ -195,6 +196,38 @@ def test_flop_count_and_full_size_configs():
     assert step_flops(ARCHS["tiny-sdxl"], 32, 4, False)["total"] == 2 * xl["total"]
 
 
+def test_sd35_sizes_and_flops():
+    """--model sd35: SD 3.5 Medium's published component sizes, and a step's FLOPs as the
+    transformer, the three encoders (77 tokens) and the VAE cost them."""
+    import torch
+
+    from benchmarks.models import register_presets
+    from sdtune.models.families import PRESETS
+
+    counts = parameter_counts(ARCHS["sd35"])
+    assert counts == {
+        "transformer": 2_243_171_520,
+        "text_encoder": 123_650_304,  # CLIP-L with its projection
+        "text_encoder_2": 694_659_840,  # CLIP-G (bigG) with its projection
+        "text_encoder_3": 4_762_310_656,  # T5 v1.1 XXL's encoder
+        "vae": 83_819_683,
+    }
+    one = step_flops(ARCHS["sd35"], 1024, 1, train_text=False)
+    assert step_flops(ARCHS["sd35"], 1024, 2, False)["total"] == 2 * one["total"]
+    # 4096 image tokens + 154 text tokens through 2.24B parameters: about 2 x 2.2e9 x 4250
+    assert 1.0e13 < one["transformer_forward"] < 1.2e13
+    assert 1.9 < one["backward"] / one["transformer_forward"] <= 2.0
+    # T5-XXL dominates the text side: about 2 x 4.76e9 x 77
+    assert 0.7e12 < one["text_encoder"] < 0.9e12
+    register_presets()
+    with torch.device("meta"):
+        bundle = PRESETS[ARCHS["sd35"].base.removeprefix("preset:")]()
+    assert bundle.family == "sd3"
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in bundle.modules.items()} == counts
+    tiny = step_flops(ARCHS["tiny-sd3"], 32, 2, train_text=False)
+    assert tiny["transformer_forward"] > 0 and tiny["text_encoder"] > 0
+
+
 def test_full_size_sdxl_is_what_sdtune_loads():
     """`--model sdxl` trains through sdtune's preset table: the builder makes the published
     architecture (built on the meta device here: shapes only)."""
@@ -226,6 +259,15 @@ def test_peer_script_must_match_the_model(tmp_path, monkeypatch):
         check_peer(xl, ARCHS["tiny-sd"])
     with pytest.raises(BenchmarkError, match="tiny-digits has no VAE"):
         check_peer(sd, ARCHS["tiny-digits"])
+    sd3 = tmp_path / "train_dreambooth_lora_sd3.py"
+    sd3.write_text(
+        'def main():\n  "--instance_data_dir" "--dataset_name" StableDiffusion3Pipeline\n'
+    )
+    assert check_peer(sd3, ARCHS["tiny-sd3"])["example"].endswith("lora_sd3.py")
+    with pytest.raises(BenchmarkError, match="train_dreambooth_lora_sd3.py, the peer for"):
+        check_peer(xl, ARCHS["tiny-sd3"])
+    with pytest.raises(BenchmarkError, match="train_text_to_image.py, the peer for"):
+        check_peer(sd3, ARCHS["tiny-sd"])
 
 
 def test_missing_peer_script_is_a_one_line_error(tmp_path, capsys):
@@ -272,6 +314,7 @@ def _needs_peer(variable: str, script: str):
 
 PEER, needs_peer = _needs_peer("SDTUNE_PEER_SCRIPT", "train_text_to_image.py")
 PEER_SDXL, needs_sdxl_peer = _needs_peer("SDTUNE_PEER_SCRIPT_SDXL", "train_text_to_image_sdxl.py")
+PEER_SD3, needs_sd3_peer = _needs_peer("SDTUNE_PEER_SCRIPT_SD3", "train_dreambooth_lora_sd3.py")
 
 
 @needs_peer
@@ -295,6 +338,19 @@ def test_sdxl_side_by_side_with_the_peer(tmp_path):
     flops, counted = result["flops_per_step"], result["flops_counted"]
     assert counted["peer"] == counted["sdtune"]
     assert counted["peer"] == flops["total"] - flops["vae_encode"] - flops["text_encoder"]
+
+
+@needs_sd3_peer
+def test_sd3_side_by_side_with_the_peer(tmp_path):
+    """The SD3 peer trains LoRA on its attention projections at rank 4: so does sdtune."""
+    result = _run(tmp_path, "--model", "tiny-sd3", "--resolution", "32", "--repeats", "1",
+                  "--peer", PEER_SD3)  # fmt: skip
+    assert [r["trainer"] for r in result["runs"]] == ["sdtune", "peer"]
+    lora = result["setup"]["sdtune_config"]["lora"]
+    assert lora["enabled"] and lora["rank"] == 4 and "attn.add_q_proj" in lora["unet_targets"]
+    assert result["setup"]["trainable"] == "LoRA on the transformer"
+    assert "--dataset_name" in result["setup"]["peer_args"]
+    assert result["flops_counted"]["peer"] == result["flops_counted"]["sdtune"]
 
 
 def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
