@@ -97,39 +97,67 @@ def variant_of(bundle: ModelBundle) -> str:
     return adapter_variant(next(iter(adapted(bundle).values())))
 
 
+DORA_REFUSAL = (
+    "a DoRA has no kohya file that reads as trained: peft normalises its magnitude per output "
+    "channel by the adapted weight, ComfyUI by the base weight and AUTOMATIC1111 per input "
+    "channel; export the merged model for them (--format single-file) or the diffusers LoRA "
+    "(--format lora)"
+)
+
+
+def kohya_refusal(bundle: ModelBundle) -> str | None:
+    """Why the adapters have no kohya file (None: they have one): DoRA never does, and a
+    family may not hold some variant in its kohya layout (SD3's fused qkv and LoKr)."""
+    variant = variant_of(bundle)
+    if variant == "dora":
+        return DORA_REFUSAL
+    return bundle.arch.kohya_refusal(bundle, variant)
+
+
+def _kohya_kinds(
+    state: dict[str, torch.Tensor], variant: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """peft's adapter weights of one component by module, under kohya's weight kinds
+    (lora_down.weight / lora_up.weight; hada_w1_a, ...; lokr_w1, ...)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if variant == "lora":
+            name, _, kind = key.rpartition(".lora_")
+            kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind)
+        else:
+            marker = ADAPTER_MARKS[variant]
+            name, _, kind = key.rpartition(marker)
+            kind = marker[1:] + kind if name else None
+        if kind is None:
+            raise UserError(f"cannot write {key} in kohya format")
+        modules.setdefault(name, {})[kind] = value
+    return modules
+
+
 def kohya_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """The adapters under kohya's names, lora_unet_<module>.<weight>: LoRA as lora_down,
     lora_up and alpha; LoHa as hada_w1_a/b, hada_w2_a/b and alpha; LoKr as lokr_w1(_a/_b),
     lokr_w2(_a/_b) with peft's alpha / rank folded into the first factor and no alpha (ComfyUI
-    and AUTOMATIC1111 apply alpha / rank only to factored LoKr weights, peft to all)."""
+    and AUTOMATIC1111 apply alpha / rank only to factored LoKr weights, peft to all). The
+    family names the modules (kohya_modules: SD3's are the original MMDiT's)."""
+    refusal = kohya_refusal(bundle)
+    if refusal is not None:
+        raise UserError(refusal)
     variant = variant_of(bundle)
-    if variant == "dora":
-        raise UserError(
-            "a DoRA has no kohya file that reads as trained: peft normalises its magnitude "
-            "per output channel by the adapted weight, ComfyUI by the base weight and "
-            "AUTOMATIC1111 per input channel; export the merged model for them "
-            "(--format single-file) or the diffusers LoRA (--format lora)"
-        )
     out: dict[str, torch.Tensor] = {}
     for component, module in adapted(bundle).items():
         prefix = bundle.arch.kohya_prefixes[component]
         alpha, rank = lora_alpha_rank(module)
-        for key, value in _standard_names(module).items():
-            if variant == "lora":
-                name, _, kind = key.rpartition(".lora_")
-                kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind)
-            else:
-                marker = ADAPTER_MARKS[variant]
-                name, _, kind = key.rpartition(marker)
-                kind = marker[1:] + kind if name else None
-            if kind is None:
-                raise UserError(f"cannot write {key} in kohya format")
+        modules = _kohya_kinds(_standard_names(module), variant)
+        named = bundle.arch.kohya_modules(bundle, component, modules, alpha, variant)
+        for name, (weights, module_alpha) in named.items():
             kohya = f"{prefix}_{name.replace('.', '_')}"
-            if variant == "lokr" and kind in ("lokr_w1", "lokr_w1_a"):
-                value = value * (alpha / rank)  # the scale peft applies; see the docstring
-            elif variant != "lokr":
-                out[f"{kohya}.alpha"] = torch.tensor(alpha)
-            out[f"{kohya}.{kind}"] = value
+            if variant != "lokr":
+                out[f"{kohya}.alpha"] = torch.tensor(module_alpha)
+            for kind, value in weights.items():
+                if variant == "lokr" and kind in ("lokr_w1", "lokr_w1_a"):
+                    value = value * (alpha / rank)  # the scale peft applies; see the docstring
+                out[f"{kohya}.{kind}"] = value
     return out
 
 
@@ -260,7 +288,7 @@ def write_adapter_folder(
         variant = variant_of(bundle)
         own = LORA_FILE if variant in ("lora", "dora") else PEFT_FILE
         save_lora_diffusers(bundle, directory / own, meta)
-        if variant != "dora":  # see kohya_state
+        if kohya_refusal(bundle) is None:  # see kohya_state
             save_lora_kohya(bundle, directory / KOHYA_FILE, meta)
         info["lora"] = own
         info["lora_variant"] = variant

@@ -76,10 +76,11 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
                 config_dir = resolve_hub_id(config_source)
             else:
                 raise ModelError(f"model.config_source: {config_source} is not a folder or hub id")
-        if not (config_dir / "unet" / "config.json").is_file():
+        folders = denoiser_folders()
+        if not any((config_dir / name / "config.json").is_file() for name in folders):
             raise ModelError(
-                f"model.config_source: {config_source} is not a diffusers pipeline folder "
-                "(no unet/config.json)"
+                f"model.config_source: {config_source} is not a diffusers pipeline folder (no "
+                f"{' or '.join(f'{n}/config.json' for n in folders)})"
             )
         family = family_of_folder(config_dir, read_model_info(config_dir))
         if shapes_only_active():  # the architecture is its config source's: no weight read

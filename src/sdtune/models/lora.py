@@ -197,7 +197,9 @@ def load_lora_files(bundle: ModelBundle, files: list[tuple[Path, float]]) -> Non
             scales.append(scale)
             continue
         try:  # diffusers reads both layouts (kohya keys are converted) and the peft metadata
-            state, alphas, metadata = bundle.arch.read_lora_file(str(path))
+            state, alphas, metadata = bundle.arch.read_lora_file(str(path), bundle)
+        except UserError:  # the family's own one-line reason
+            raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             first = first if len(first) <= 160 else first[:160] + "..."

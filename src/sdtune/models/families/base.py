@@ -263,14 +263,32 @@ class Family:
         """The diffusers LoRA loader class that reads this family's LoRA files (both layouts)."""
         raise NotImplementedError
 
-    def read_lora_file(self, path: str):
-        """(state, network alphas or None, peft metadata) of a LoRA file, as lora_loader reads
-        it (kohya keys converted)."""
+    def read_lora_file(self, path: str, bundle: ModelBundle):
+        """(state, network alphas or None, peft metadata) of a LoRA file for `bundle`, as
+        lora_loader reads it (kohya keys converted)."""
         return self.lora_loader().lora_state_dict(path, return_lora_metadata=True)
 
     def load_denoiser_lora(self, bundle: ModelBundle, state, alphas, metadata, name: str):
         """The denoiser's part of a LoRA file (as lora_loader read it) as adapter `name`."""
         raise NotImplementedError
+
+    def kohya_refusal(self, bundle: ModelBundle, variant: str) -> str | None:
+        """Why this model's adapters of `variant` have no kohya file (None: they have one)."""
+        return None
+
+    def kohya_modules(
+        self,
+        bundle: ModelBundle,
+        component: str,
+        modules: dict[str, dict[str, torch.Tensor]],
+        alpha: float,
+        variant: str,
+    ) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+        """A component's adapters under the module names its kohya file uses (before the
+        prefix; dots are made underscores after), each with its alpha: `modules` is module
+        name -> {kohya weight kind (lora_down.weight, hada_w1_a, ...): tensor}, all of one
+        `variant` at `alpha`. The default keeps the module names the component has."""
+        return {name: (weights, alpha) for name, weights in modules.items()}
 
     def kohya_metadata(self, bundle: ModelBundle) -> dict[str, str]:
         """sd-scripts' ss_base_model_version, ss_v2 and modelspec.architecture for this family."""

@@ -41,6 +41,14 @@ from sdtune.models.families.sd import (
     text_config,
     tokenize_side_by_side,
 )
+from sdtune.models.families.sd3_keys import (
+    SINGLE_FILE_PREFIXES,
+    exact_on,
+    kohya_lora_to_peft,
+    lora_to_original,
+    module_map,
+    transformer_to_original,
+)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 CLIP_ENCODERS = TEXT_ENCODERS[:2]
@@ -124,15 +132,19 @@ class StableDiffusion3(Family):
             self.name, modules, dict(zip(TEXT_ENCODERS, tokenizers)), scheduler, source
         )
 
-    def load_folder(self, path: Path, source: str, info: dict):
+    @staticmethod
+    def check_layout(path: Path, key: str = "model.base") -> None:
         wanted = ("transformer", *TEXT_ENCODERS, *TOKENIZER_FOLDERS.values(), "scheduler")
         missing = [c for c in wanted if not (path / c).is_dir()]
         if missing:
             raise ModelError(
-                f"model.base: {path} has no {'/, '.join(missing)}/ folder; an SD3 pipeline folder "
+                f"{key}: {path} has no {'/, '.join(missing)}/ folder; an SD3 pipeline folder "
                 "holds transformer/, text_encoder/ to text_encoder_3/, tokenizer/ to "
                 "tokenizer_3/, scheduler/ (and vae/)"
             )
+
+    def load_folder(self, path: Path, source: str, info: dict):
+        self.check_layout(path)
         from transformers import T5TokenizerFast
 
         transformer = load_weights(path, "transformer", SD3Transformer2DModel)
@@ -158,10 +170,58 @@ class StableDiffusion3(Family):
         return self.bundle(transformer, encoders, tokenizers, scheduler, vae, source)
 
     def load_single_file(self, path: Path, config_dir: Path, source: str):
-        raise ModelError(
-            f"model.base: {path}: SD3 single files are not read yet; use the diffusers folder "
-            "(StableDiffusion3Pipeline.from_single_file(...).save_pretrained(FOLDER) makes one)"
-        )
+        """An SD 3.x single file (the original layout, single_file_state's) through diffusers'
+        StableDiffusion3Pipeline.from_single_file, the configs and tokenizers from `config_dir`;
+        the VAE and text encoders a .safetensors lacks (files of the transformer alone, or
+        without T5) come from there too, which diffusers does not do by itself."""
+        from diffusers import StableDiffusion3Pipeline
+
+        if not self.pipeline_class:
+            raise ModelError(
+                f"model.config_source: {config_dir} is a pixel-space model (no VAE), which has no "
+                "SD3 single-file layout; point it at the diffusers folder of an SD3 model"
+            )
+        self.check_layout(config_dir, "model.config_source")
+        try:
+            pipe = StableDiffusion3Pipeline.from_single_file(
+                str(path),
+                config=str(config_dir),
+                local_files_only=True,
+                **self.parts_not_in(path, config_dir),
+            )
+        except ModelError:
+            raise
+        except Exception as exc:  # diffusers raises many types for unreadable or mismatched files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"model.base: cannot load SD3 single-file checkpoint {path}: {first}"
+            ) from exc
+        tokenizers = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
+        for tokenizer, folder in zip(tokenizers, TOKENIZER_FOLDERS.values()):
+            check_tokenizer(tokenizer, config_dir / folder)
+        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        return self.bundle(pipe.transformer, encoders, tokenizers, pipe.scheduler, pipe.vae, source)
+
+    def parts_not_in(self, path: Path, config_dir: Path) -> dict:
+        """The VAE and text encoders a .safetensors single file holds nothing of, loaded from
+        the diffusers folder `config_dir` (a .ckpt is taken to hold them all)."""
+        from safetensors import safe_open
+
+        if path.suffix != ".safetensors":
+            return {}
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+        classes = {
+            "vae": AutoencoderKL,
+            "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection,
+            "text_encoder_3": T5EncoderModel,
+        }
+        return {
+            name: load_weights(config_dir, name, cls)
+            for name, cls in classes.items()
+            if not any(k.startswith(SINGLE_FILE_PREFIXES[name]) for k in keys)
+        }
 
     def pipeline_index(self) -> dict:
         return {
@@ -307,28 +367,107 @@ class StableDiffusion3(Family):
     # ------------------------------------------------------------ file layouts
 
     def check_export(self, bundle, fmt: str, base: str) -> None:
-        if fmt in ("single-file", "ckpt", "kohya"):
+        if fmt not in ("single-file", "ckpt"):
+            return
+        if bundle.vae is None:
             raise UserError(
-                f"--format {fmt}: not written for {self.label} yet; export it with --format "
-                "diffusers (or --format lora for a LoRA)"
+                f"--format {fmt}: {base} is a pixel-space model (no VAE) and has no SD3 "
+                "single-file layout; export it with --format diffusers"
+            )
+        projection = bundle.modules["text_encoder"].text_projection.weight
+        if projection.shape[0] != projection.shape[1]:
+            raise UserError(
+                f"--format {fmt}: {base}'s CLIP-L projects {projection.shape[1]} to "
+                f"{projection.shape[0]} features; SD3 single files hold CLIP-L unprojected, "
+                "which folds into the transformer only when both are alike: export it with "
+                "--format diffusers"
             )
 
     def single_file_state(self, bundle) -> dict[str, torch.Tensor]:
-        raise UserError(f"{self.label}: no single-file layout is written yet")
+        """The original SD 3.x layout that ComfyUI and diffusers' from_single_file read (an
+        "incl_clips" file, see SINGLE_FILE_PREFIXES): the MMDiT under its original names
+        (sd3_keys), the VAE under LDM's, CLIP-L, CLIP-G and T5 under transformers' names.
+
+        Both readers use CLIP-L's pooled output unprojected (ComfyUI's SD3 clip_l has
+        return_projected_pooled=False; diffusers sets its text_projection to the identity), so
+        a CLIP-L projection P that is not the identity is folded into the transformer's
+        pooled-text embedder (its CLIP-L columns W become W P) and written as the identity:
+        the same model, up to rounding, in every reader."""
+        from sdtune.checkpoint.convert import text_encoder_to_ldm, vae_to_ldm
+
+        if bundle.vae is None:
+            raise ValueError("a pixel-space model has no SD3 single-file layout")
+        transformer, clip_l = unprojected_clip_l(bundle)
+        prefix = SINGLE_FILE_PREFIXES
+        state = {
+            prefix["transformer"] + k: v
+            for k, v in transformer_to_original(transformer, bundle.denoiser.config).items()
+        }
+        state.update(vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config)))
+        state.update(text_encoder_to_ldm(clip_l, prefix["text_encoder"]))
+        clip_g = bundle.modules["text_encoder_2"].state_dict()
+        state.update(text_encoder_to_ldm(clip_g, prefix["text_encoder_2"]))
+        t5 = untied(bundle.modules["text_encoder_3"].state_dict())
+        state.update({prefix["text_encoder_3"] + k: v for k, v in t5.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def lora_loader(self):
         from diffusers.loaders import SD3LoraLoaderMixin
 
         return SD3LoraLoaderMixin
 
-    def read_lora_file(self, path: str):
+    def read_lora_file(self, path: str, bundle):
+        """A diffusers/peft LoRA file through SD3's loader (which keeps no network alphas), or
+        a kohya-named one (sdtune's --format kohya, sd-scripts') converted by sd3_keys, whose
+        alphas are folded into the weights: diffusers' SD3 loader reads no kohya names."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        kohya = tuple(f"{p}_" for p in self.kohya_prefixes.values())
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as fh:
+                if any(k.startswith(kohya) for k in fh.keys()):
+                    state = kohya_lora_to_peft(
+                        load_file(path),
+                        bundle.denoiser.config,
+                        self.kohya_prefixes,
+                        f"--lora {path}",
+                    )
+                    return state, None, None
         state, metadata = self.lora_loader().lora_state_dict(path, return_lora_metadata=True)
-        return state, None, metadata  # SD3's loader keeps no network alphas
+        return state, None, metadata
 
     def load_denoiser_lora(self, bundle, state, alphas, metadata, name: str) -> None:
         self.lora_loader().load_lora_into_transformer(
             state, bundle.denoiser, adapter_name=name, metadata=metadata
         )
+
+    def kohya_refusal(self, bundle, variant: str) -> str | None:
+        """A LoKr on a module the original MMDiT fuses (q, k, v into qkv) or reorders has no
+        exact kohya form; LoRA and LoHa always have one."""
+        from sdtune.models.lora import ADAPTER_MARKS, has_lora, lora_state
+
+        if variant in ("lora", "loha") or not has_lora(bundle.denoiser):
+            return None
+        slots = module_map(bundle.denoiser.config)
+        names = {k.rpartition(ADAPTER_MARKS[variant])[0] for k in lora_state(bundle.denoiser)}
+        inexact = sorted(n for n in names if n in slots and not exact_on(slots[n], variant))
+        if not inexact:
+            return None
+        return (
+            f"an SD3 {variant} on {inexact[0]} has no kohya file that reads as trained: "
+            "ComfyUI and kohya name SD3's q, k and v as one fused qkv, and a Kronecker product "
+            "does not stack; export the merged model (--format single-file), or train "
+            "lora.variant = 'lora' or 'loha'"
+        )
+
+    def kohya_modules(self, bundle, component, modules, alpha, variant):
+        """The transformer's adapters under the original MMDiT names that ComfyUI's SD3 LoRA
+        keys (lora_unet_<original module>) and kohya sd-scripts use, q/k/v fused exactly
+        (sd3_keys.lora_to_original); the CLIP encoders' under their own (lora_te1_/lora_te2_)."""
+        if component != self.denoiser:
+            return super().kohya_modules(bundle, component, modules, alpha, variant)
+        return lora_to_original(modules, bundle.denoiser.config, alpha, variant)
 
     def kohya_metadata(self, bundle) -> dict[str, str]:
         return {
@@ -342,6 +481,36 @@ class StableDiffusion3(Family):
 
     def read_embedding(self, state: dict, path: Path) -> dict[str, torch.Tensor]:
         return read_keyed_embedding(EMBEDDING_KEYS, state, path, "an SD3")
+
+
+def unprojected_clip_l(bundle) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(transformer state, CLIP-L state) with CLIP-L's projection P folded into the pooled-text
+    embedder: pooled = [P h_l, h_g] enters as W pooled, so W's CLIP-L columns become W P (in
+    float64) and P the identity. Unchanged when P is the identity already (SD3's own)."""
+    transformer = dict(bundle.denoiser.state_dict())
+    clip_l = dict(bundle.modules["text_encoder"].state_dict())
+    projection = clip_l["text_projection.weight"]
+    eye = torch.eye(projection.shape[0], dtype=projection.dtype, device=projection.device)
+    if torch.equal(projection, eye):
+        return transformer, clip_l
+    key = "time_text_embed.text_embedder.linear_1.weight"
+    weight, width = transformer[key], projection.shape[0]
+    folded = (weight[:, :width].double() @ projection.double()).to(weight.dtype)
+    transformer[key] = torch.cat([folded, weight[:, width:]], dim=1)
+    clip_l["text_projection.weight"] = eye
+    return transformer, clip_l
+
+
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict whose tied tensors are copies (safetensors holds no shared tensors). T5's
+    encoder.embed_tokens is its shared table: both names are written, as diffusers'
+    from_single_file (with transformers 5, which ties them only in from_pretrained) leaves a
+    name it does not find on the meta device; ComfyUI's T5 reads shared.weight."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        out[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return out
 
 
 class FlowSampler:
