@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed-and-memory issue, in one script (some steps, or all):
 #
-#   benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory xl-speed xl-memory' | all]
+#   benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory xl-speed xl-memory sd35-speed' | all]
 #
 # speed:    SD 1.5 at 512 px, batch $BATCH (default 16), bf16: sdtune with cached latents and
 #           text states, side by side with diffusers' train_text_to_image.py (PEER_SCRIPT),
@@ -16,6 +16,10 @@
 #           encode images and captions once before training)
 # xl-memory: SDXL at 1024 px, batch 1: LoRA (target <= 12 GiB) and full fine-tune (target <=
 #           24 GiB), peak CUDA memory allocated
+# sd35-speed: SD 3.5 Medium (the published 2.24B MMDiT, CLIP-L/G, T5-XXL, random weights) LoRA at
+#           1024 px, batch $SD35_BATCH (default 1), bf16, side by side with diffusers'
+#           train_dreambooth_lora_sd3.py ($PEER_SD3; rank 4 on its attention projections for
+#           both; each image's caption encoded by all three encoders at every step, in both)
 #
 # Every step has its own time limit (STEP_LIMIT seconds, default 500; DEADLINE seconds from the
 # start, when set, ends the last one sooner) and a failing step does not stop the others; a
@@ -24,7 +28,7 @@
 # model and cache folders stay in $WORK (default /tmp/sdtune-gpu-bench) for the next steps.
 # Each step takes 1.5 to 4.5 minutes on one H100.
 set -u
-usage="usage: benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory xl-speed xl-memory' | all]"
+usage="usage: benchmarks/gpu.sh PEER_SCRIPT OUT_DIR ['speed speed-cl compiled memory xl-speed xl-memory sd35-speed' | all]"
 peer=${1:?$usage}
 out=${2:?$usage}
 what=${3:-all}
@@ -35,14 +39,20 @@ work=${WORK:-/tmp/sdtune-gpu-bench}
 limit=${STEP_LIMIT:-500}
 deadline=${DEADLINE:-0}  # seconds from the start after which no step runs on (0: none)
 for word in $what; do
-    case $word in speed | speed-cl | compiled | memory | xl-speed | xl-memory | all) ;;
-    *) echo "benchmarks/gpu.sh: unknown step '$word' (speed, speed-cl, compiled, memory, xl-speed, xl-memory, all)" >&2
+    case $word in speed | speed-cl | compiled | memory | xl-speed | xl-memory | sd35-speed | all) ;;
+    *) echo "benchmarks/gpu.sh: unknown step '$word' (speed, speed-cl, compiled, memory, xl-speed, xl-memory, sd35-speed, all)" >&2
        exit 2 ;;
     esac
 done
 case " $what " in *" xl-speed "*)
     if [ -z "${PEER_SDXL:-}" ] || [ ! -f "$PEER_SDXL" ]; then
         echo "benchmarks/gpu.sh: xl-speed needs PEER_SDXL=PATH of diffusers' train_text_to_image_sdxl.py" >&2
+        exit 2
+    fi
+esac
+case " $what " in *" sd35-speed "*)
+    if [ -z "${PEER_SD3:-}" ] || [ ! -f "$PEER_SD3" ]; then
+        echo "benchmarks/gpu.sh: sd35-speed needs PEER_SD3=PATH of diffusers' train_dreambooth_lora_sd3.py" >&2
         exit 2
     fi
 esac
@@ -120,5 +130,15 @@ case " $what " in *" xl-memory "* | *" all "*)
         --set model.gradient_checkpointing=true --set train.optimizer=adamw8bit \
         --set train.log_update_ratio=false --set data.cache_latents=true \
         --set data.cache_text=true
+esac
+case " $what " in *" sd35-speed "* | *" all "*)
+    if [ -z "${PEER_SD3:-}" ] || [ ! -f "$PEER_SD3" ]; then
+        echo "== sd35-speed: skipped, PEER_SD3 names no train_dreambooth_lora_sd3.py" >&2
+        failed=1
+    else
+    step sd35-speed --model sd35 --resolution 1024 --peak-tflops 790 --images "$images" \
+        --workers "$workers" --work "$work" --out "$out" --no-readme \
+        --batch-size "${SD35_BATCH:-1}" --repeats "${REPEATS:-1}" --peer "$PEER_SD3"
+    fi
 esac
 exit $failed
