@@ -142,3 +142,56 @@ def test_an_embedding_file_holds_a_vector_set_per_encoder(tmp_path):
     assert sorted(state) == ["clip_g", "clip_l", "t5"]
     back = bundle.arch.read_embedding(state, tmp_path / "e.safetensors")
     assert all(torch.equal(back[n], vectors[n]) for n in vectors)
+
+
+def test_t5_left_out_is_not_loaded_and_conditions_as_diffusers_without_it(tiny, tmp_path):
+    """model.text_encoder_3 = false: T5 is not read from the folder, its states are zeros as
+    StableDiffusion3Pipeline(text_encoder_3=None) gives, the saving is said, and the model
+    saves and loads back as a pipeline without T5."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdtune.config import DiffusionConfig, ModelConfig
+    from sdtune.models.loading import describe, load_model
+
+    bundle, folder, _ = tiny
+    t5_weights = sum(p.numel() for p in bundle.modules["text_encoder_3"].parameters())
+    no_t5 = load_model(ModelConfig(base=str(folder), text_encoder_3=False), DiffusionConfig(), 0)
+    assert "text_encoder_3" not in no_t5.modules and list(no_t5.text_encoders) == [
+        "text_encoder",
+        "text_encoder_2",
+    ]
+    assert no_t5.left_out == {"text_encoder_3": t5_weights}  # counted from its config
+    assert f"no T5 (its states zeros: {t5_weights / 1e6:,.1f}M weights not loaded" in describe(
+        no_t5
+    )
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None)
+    prompts = ["a photo of a cat", "a red square"]
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=16
+    )
+    cond = no_t5.arch.conditioning(no_t5, prompts, "cpu")
+    torch.testing.assert_close(cond.hidden, embeds)
+    torch.testing.assert_close(cond.pooled, pooled)
+    assert cond.hidden[:, 16:].abs().sum() == 0  # T5's part
+    # saved without T5: a pipeline folder diffusers loads with text_encoder_3 = None
+    out = tmp_path / "no-t5"
+    save_bundle(no_t5, out)
+    assert not (out / "text_encoder_3").exists() and (out / "tokenizer_3").is_dir()
+    assert json.loads((out / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    assert json.loads((out / "sdtune_model.json").read_text())["left_out"] == ["text_encoder_3"]
+    # diffusers asks for it by name (text_encoder_3 is not one of its optional components)
+    assert StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None).transformer
+    again = load_folder(out, str(out))  # loads as a model without T5, unasked
+    assert "text_encoder_3" not in again.modules and again.left_out == {"text_encoder_3": 0}
+    torch.testing.assert_close(again.arch.conditioning(again, prompts, "cpu").hidden, embeds)
+    # a preset leaves it out too, and only SD3 has a T5 to leave out
+    preset = load_model(
+        ModelConfig(base="preset:tiny-sd3", text_encoder_3=False), DiffusionConfig(), 0
+    )
+    assert preset.left_out == {"text_encoder_3": t5_weights}
+    with pytest.raises(
+        ConfigError, match=r"model.text_encoder_3 = false: preset:tiny-sd .*only SD 3"
+    ):
+        load_model(ModelConfig(base="preset:tiny-sd", text_encoder_3=False), DiffusionConfig(), 0)

@@ -63,6 +63,8 @@ class ModelConfig(Section):
     """Dropout probability inside the UNet's residual blocks (0 keeps the base model's setting)."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass: less memory, about 30% more compute."""
+    text_encoder_3: bool = True
+    """SD 3.x: false leaves T5 out: not loaded (T5-XXL's 4.76B weights, 9.5 GB in bf16), its part of the conditioning zeros, as diffusers' pipeline without it; prompts then speak through the two CLIP encoders only (77 tokens)."""
 
 
 class DatasetEntry(Section):

@@ -125,3 +125,35 @@ def test_quickstart_sd3_is_judged_at_least_0_9(tmp_path):
     proc = run_cli("train", example, "--output", tmp_path / "run")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("judged_accuracy="))
     assert float(line.split("=")[1]) >= 0.90, proc.stdout[-2000:]
+
+
+def test_a_run_without_t5_trains_exports_and_samples_without_it(tmp_path, tiny_image_folder):
+    """model.text_encoder_3 = false end to end: the run says what it saves, its LoRA and its
+    merged export are models without T5 (diffusers loads them with text_encoder_3=None and
+    predicts the same), and the run's adapter folder samples without loading T5."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    config = tmp_path / "cfg.toml"
+    text = LORA.format(images=tiny_image_folder, cache=tmp_path / "cache")
+    config.write_text(text.replace("[model]\n", "[model]\ntext_encoder_3 = false\n"))
+    proc = run_cli("train", config, "--output", tmp_path / "run")
+    assert "no T5 (its states zeros: 0.1M weights not loaded" in proc.stdout
+    info = json.loads((tmp_path / "run" / "model" / "sdtune_model.json").read_text())
+    assert info["left_out"] == ["text_encoder_3"]
+    merged, single = tmp_path / "merged", tmp_path / "merged.safetensors"
+    run_cli("export", tmp_path / "run", "--format", "diffusers", "--out", merged)
+    run_cli("export", tmp_path / "run", "--format", "single-file", "--out", single)
+    assert not (merged / "text_encoder_3").exists()
+    pipe = StableDiffusion3Pipeline.from_pretrained(merged, text_encoder_3=None)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        "a red square", None, None, do_classifier_free_guidance=False, max_sequence_length=16
+    )
+    assert embeds[:, 16:].abs().sum() == 0  # T5's place: zeros
+    proc = run_cli("sample", tmp_path / "run", "--prompt", "a red square", "--out",
+                   tmp_path / "g.png", "--steps", "2")  # fmt: skip
+    assert (tmp_path / "g.png").is_file()
+    proc = run_cli("sample", single, "--prompt", "a red square", "--out", tmp_path / "s.png",
+                   "--steps", "2")  # fmt: skip
+    assert (tmp_path / "s.png").is_file()

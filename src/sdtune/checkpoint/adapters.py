@@ -282,6 +282,7 @@ def write_adapter_folder(
         "base": base,
         "config_source": config_source,
         "seed": seed,
+        **({"left_out": sorted(bundle.left_out)} if bundle.left_out else {}),  # e.g. no T5
         **meta,
     }
     if adapted(bundle):

@@ -34,6 +34,9 @@ class ModelBundle:
     """What model.base said, for the record."""
     extra_tokens: dict[str, int] = field(default_factory=dict)
     """Textual-inversion tokens added to the tokenizers and how many vectors each has."""
+    left_out: dict[str, int] = field(default_factory=dict)
+    """Optional components not loaded (model.text_encoder_3 = false), with their parameter
+    counts (0: unknown)."""
 
     @property
     def arch(self):
@@ -49,7 +52,9 @@ class ModelBundle:
 
     @property
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        return {name: self.modules[name] for name in self.arch.text_encoders}
+        return {
+            name: self.modules[name] for name in self.arch.text_encoders if name in self.modules
+        }
 
     @property
     def vae(self):

@@ -56,11 +56,12 @@ def expand_prompt(prompt: str, tokens: dict[str, int]) -> str:
 def add_tokens(bundle: ModelBundle, token: str, vectors: dict[str, torch.Tensor]) -> None:
     """Add `token` to every text encoder and its tokenizer, with the vectors given for each
     (`vectors`: text-encoder component -> N x width; the same N for all)."""
+    vectors = {k: v for k, v in vectors.items() if k not in bundle.left_out}  # e.g. no T5
     counts = {v.shape[0] for v in vectors.values()}
-    if len(counts) != 1 or set(vectors) != set(bundle.arch.text_encoders):
+    if len(counts) != 1 or set(vectors) != set(bundle.text_encoders):
         raise UserError(
             f"token {token!r}: vectors for {sorted(vectors)}, but this model's text encoders are "
-            f"{list(bundle.arch.text_encoders)} (with as many vectors for each)"
+            f"{list(bundle.text_encoders)} (with as many vectors for each)"
         )
     names = token_names(token, counts.pop())
     for component, encoder in bundle.text_encoders.items():

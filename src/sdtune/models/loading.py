@@ -38,8 +38,18 @@ def resolve_hub_id(repo_id: str) -> Path:
         ) from exc
 
 
-def load_folder(path: Path, source: str) -> ModelBundle:
-    """Load a diffusers pipeline folder (or an sdtune model folder) through its family."""
+OPTIONAL = ("text_encoder_3",)
+"""The model.* switches that leave a component out (`false`): their names are the components'."""
+
+
+def left_out_of(model: ModelConfig) -> frozenset[str]:
+    """The components `model` leaves out (model.text_encoder_3 = false)."""
+    return frozenset(name for name in OPTIONAL if not getattr(model, name))
+
+
+def load_folder(path: Path, source: str, without: frozenset[str] = frozenset()) -> ModelBundle:
+    """Load a diffusers pipeline folder (or an sdtune model folder) through its family, with
+    the optional components `without` names not loaded."""
     folders = denoiser_folders()
     if not any((path / name / "config.json").is_file() for name in folders):
         raise ModelError(
@@ -47,10 +57,14 @@ def load_folder(path: Path, source: str) -> ModelBundle:
             f"{' or '.join(f'{n}/config.json' for n in folders)})"
         )
     info = read_model_info(path)
-    return family_of_folder(path, info).load_folder(path, source, info)
+    family = family_of_folder(path, info)
+    family.check_left_out(without, source)
+    return family.leave_out(family.load_folder(path, source, info, without), without)
 
 
-def load_single_file(path: Path, config_source: str | None, source: str) -> ModelBundle:
+def load_single_file(
+    path: Path, config_source: str | None, source: str, without: frozenset[str] = frozenset()
+) -> ModelBundle:
     """A single-file SD checkpoint (.safetensors/.ckpt) through diffusers' single-file loading.
 
     Component configs and the tokenizer come from `config_source` (a diffusers folder or a cached
@@ -83,9 +97,12 @@ def load_single_file(path: Path, config_source: str | None, source: str) -> Mode
                 f"{' or '.join(f'{n}/config.json' for n in folders)})"
             )
         family = family_of_folder(config_dir, read_model_info(config_dir))
+        family.check_left_out(without, source)
         if shapes_only_active():  # the architecture is its config source's: no weight read
-            return family.load_folder(config_dir, source, read_model_info(config_dir))
-        return family.load_single_file(path, config_dir, source)
+            bundle = family.load_folder(config_dir, source, read_model_info(config_dir), without)
+        else:
+            bundle = family.load_single_file(path, config_dir, source, without)
+        return family.leave_out(bundle, without)
 
 
 def exported_base(path: Path) -> str | None:
@@ -108,9 +125,11 @@ def exported_base(path: Path) -> str | None:
 
 def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> ModelBundle:
     """Resolve `model.base`, apply the diffusion and dropout settings, return float32 on CPU."""
-    base = model.base
+    base, without = model.base, left_out_of(model)
     if base.startswith("preset:"):
         bundle = build_preset(base.removeprefix("preset:"), seed, model.dropout)
+        bundle.arch.check_left_out(without, base)
+        bundle.arch.leave_out(bundle, without)
     else:
         path = Path(base).expanduser()
         if path.is_file():
@@ -118,13 +137,13 @@ def load_model(model: ModelConfig, diffusion: DiffusionConfig, seed: int) -> Mod
                 raise ModelError(
                     f"model.base: {path} is a file but not a .safetensors or .ckpt checkpoint"
                 )
-            bundle = load_single_file(path, model.config_source, base)
+            bundle = load_single_file(path, model.config_source, base, without)
         elif path.is_dir() and _is_adapter_folder(path):
-            return load_adapter_folder(path, diffusion)
+            return load_adapter_folder(path, diffusion, without)
         elif path.is_dir():
-            bundle = load_folder(path, base)
+            bundle = load_folder(path, base, without)
         elif HUB_ID.match(base):
-            bundle = load_folder(resolve_hub_id(base), base)
+            bundle = load_folder(resolve_hub_id(base), base, without)
         else:
             raise ModelError(
                 f"model.base: '{base}' is not a preset:NAME, an existing folder or file, "
@@ -161,16 +180,24 @@ def _is_adapter_folder(path: Path) -> bool:
     return read_model_info(path).get("kind") == "adapters"
 
 
-def load_adapter_folder(path: Path, diffusion: DiffusionConfig) -> ModelBundle:
+def load_adapter_folder(
+    path: Path, diffusion: DiffusionConfig, without: frozenset[str] = frozenset()
+) -> ModelBundle:
     """A trained-adapters folder (sdtune's RUN/model after LoRA or textual inversion): its base
-    model with the LoRA and the embedding it names applied."""
+    model, without what it was trained without (its 'left_out') and `without`, with the LoRA
+    and the embedding it names applied."""
     from sdtune.models.embeddings import load_embedding_file
     from sdtune.models.lora import load_lora_files
 
     info = read_model_info(path)
     if not isinstance(info.get("base"), str):
         raise ModelError(f"{path / MODEL_FILE}: names no base model ('base'); it is damaged")
-    base = ModelConfig(base=info["base"], config_source=info.get("config_source"))
+    left = without | frozenset(info.get("left_out") or ())
+    base = ModelConfig(
+        base=info["base"],
+        config_source=info.get("config_source"),
+        **{name: name not in left for name in OPTIONAL},
+    )
     try:
         bundle = load_model(base, diffusion, int(info.get("seed", 0)))
     except ModelError as exc:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdtune.errors import ConfigError
+
 if TYPE_CHECKING:
     from sdtune.config import DiffusionConfig
     from sdtune.models.bundle import ModelBundle
@@ -137,10 +139,36 @@ class Family:
 
     # ------------------------------------------------------------ loading and saving
 
-    def load_folder(self, path: Path, source: str, info: dict) -> ModelBundle:
+    optional_components: dict[str, str] = {}
+    """Components a model may go without (model.<component> = false), and what each is."""
+
+    def check_left_out(self, without: frozenset[str], source: str) -> None:
+        """A one-line error when `without` names a component this family cannot go without."""
+        for name in sorted(without - set(self.optional_components)):
+            raise ConfigError(
+                f"model.{name} = false: {source} ({self.label}) has no {name} it can leave out "
+                "(only SD 3.x's T5, model.text_encoder_3, can be)"
+            )
+
+    def leave_out(self, bundle: ModelBundle, without: frozenset[str]) -> ModelBundle:
+        """Drop the optional components `without` names that loading did not skip already,
+        counting their weights in bundle.left_out."""
+        for name in sorted(without):
+            module = bundle.modules.pop(name, None)
+            if module is not None:
+                bundle.left_out[name] = sum(p.numel() for p in module.parameters())
+            else:
+                bundle.left_out.setdefault(name, 0)
+        return bundle
+
+    def load_folder(
+        self, path: Path, source: str, info: dict, without: frozenset[str] = frozenset()
+    ) -> ModelBundle:
         raise NotImplementedError
 
-    def load_single_file(self, path: Path, config_dir: Path, source: str) -> ModelBundle:
+    def load_single_file(
+        self, path: Path, config_dir: Path, source: str, without: frozenset[str] = frozenset()
+    ) -> ModelBundle:
         raise NotImplementedError
 
     tokenizer_folders: dict[str, str] = {}
@@ -157,7 +185,8 @@ class Family:
         directory.mkdir(parents=True, exist_ok=True)
         bundle.denoiser.save_pretrained(directory / self.denoiser, safe_serialization=True)
         for name, folder in self.tokenizer_folders.items():
-            bundle.modules[name].save_pretrained(directory / name, safe_serialization=True)
+            if name in bundle.modules:  # an optional encoder left out keeps its tokenizer
+                bundle.modules[name].save_pretrained(directory / name, safe_serialization=True)
             bundle.tokenizers[name].save_pretrained(directory / folder)
         bundle.noise_scheduler.save_pretrained(directory / "scheduler")
         if bundle.vae is not None:
@@ -166,6 +195,7 @@ class Family:
                 "_class_name": self.pipeline_class,
                 "_diffusers_version": diffusers_version(),
                 **self.pipeline_index(),
+                **{name: [None, None] for name in bundle.left_out},
             }
             (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         write_model_info(bundle, directory, info)
@@ -344,6 +374,7 @@ def write_model_info(bundle, directory: Path, info: dict) -> None:
         "family": bundle.family,
         "source": bundle.source,
         "sdtune_version": sdtune.__version__,
+        **({"left_out": sorted(bundle.left_out)} if bundle.left_out else {}),
         **info,
     }
     (directory / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -184,7 +184,7 @@ class StableDiffusion(Family):
             modules["vae"] = vae
         return ModelBundle(self.name, modules, {"text_encoder": tokenizer}, scheduler, source)
 
-    def load_folder(self, path: Path, source: str, info: dict):
+    def load_folder(self, path: Path, source: str, info: dict, without=frozenset()):
         missing = [c for c in ("text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
         if missing:
             raise ModelError(
@@ -196,7 +196,7 @@ class StableDiffusion(Family):
         )
         return self.bundle(unet, encoders[0], tokenizers[0], scheduler, vae, source)
 
-    def load_single_file(self, path: Path, config_dir: Path, source: str):
+    def load_single_file(self, path: Path, config_dir: Path, source: str, without=frozenset()):
         from diffusers import StableDiffusionPipeline
 
         try:

@@ -67,6 +67,7 @@ class StableDiffusion3(Family):
     denoiser = "transformer"
     text_encoders = TEXT_ENCODERS
     lora_text_encoders = CLIP_ENCODERS  # T5 is frozen: 4.7B weights, not what a LoRA adapts
+    optional_components = {"text_encoder_3": "T5"}  # model.text_encoder_3 = false
     kohya_prefixes = {
         "transformer": "lora_unet",
         "text_encoder": "lora_te1",
@@ -117,8 +118,21 @@ class StableDiffusion3(Family):
             f"model: {bundle.source} | family {self.name} | {space} | flow matching, shift "
             f"{float(bundle.noise_scheduler.config.shift):g} | MMDiT {config.num_layers} layers x "
             f"{config.num_attention_heads * config.attention_head_dim} wide | pooled "
-            f"{config.pooled_projection_dim} | text CLIP-L + CLIP-G + T5"
+            f"{config.pooled_projection_dim} | text CLIP-L + CLIP-G + {self._t5_said(bundle)}"
         )
+
+    @staticmethod
+    def _t5_said(bundle) -> str:
+        if "text_encoder_3" in bundle.modules:
+            return "T5"
+        weights = bundle.left_out.get("text_encoder_3", 0)
+        saved = (
+            f": {weights / 1e6:,.1f}M weights not loaded, {weights * 4 / 2**30:,.2f} GiB in "
+            f"float32 ({weights * 2 / 2**30:,.2f} GiB in bf16)"
+            if weights
+            else ""
+        )
+        return f"no T5 (its states zeros{saved})"
 
     # ------------------------------------------------------------ loading and saving
 
@@ -134,7 +148,9 @@ class StableDiffusion3(Family):
 
     @staticmethod
     def check_layout(path: Path, key: str = "model.base") -> None:
-        wanted = ("transformer", *TEXT_ENCODERS, *TOKENIZER_FOLDERS.values(), "scheduler")
+        """The folders an SD3 pipeline needs (text_encoder_3/ may be missing: a model without
+        T5, as StableDiffusion3Pipeline(text_encoder_3=None) saves it)."""
+        wanted = ("transformer", *CLIP_ENCODERS, *TOKENIZER_FOLDERS.values(), "scheduler")
         missing = [c for c in wanted if not (path / c).is_dir()]
         if missing:
             raise ModelError(
@@ -143,7 +159,9 @@ class StableDiffusion3(Family):
                 "tokenizer_3/, scheduler/ (and vae/)"
             )
 
-    def load_folder(self, path: Path, source: str, info: dict):
+    def load_folder(self, path: Path, source: str, info: dict, without=frozenset()):
+        """A diffusers SD3 folder; T5 is not read when `without` names it or the folder has
+        none."""
         self.check_layout(path)
         from transformers import T5TokenizerFast
 
@@ -152,7 +170,9 @@ class StableDiffusion3(Family):
         if (path / "vae" / "config.json").is_file():
             vae = load_weights(path, "vae", AutoencoderKL)
         classes = (CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel)
-        encoders = [load_weights(path, n, c) for n, c in zip(TEXT_ENCODERS, classes)]
+        skipped = self._skipped_t5(path, without)
+        names = CLIP_ENCODERS if skipped is not None else TEXT_ENCODERS
+        encoders = [load_weights(path, n, c) for n, c in zip(names, classes)]
         tokenizers = []
         for folder, cls in zip(
             TOKENIZER_FOLDERS.values(), (CLIPTokenizer, CLIPTokenizer, T5TokenizerFast)
@@ -167,9 +187,27 @@ class StableDiffusion3(Family):
             "scheduler",
             lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
         )
-        return self.bundle(transformer, encoders, tokenizers, scheduler, vae, source)
+        bundle = self.bundle(transformer, encoders, tokenizers, scheduler, vae, source)
+        if skipped is not None:
+            bundle.left_out["text_encoder_3"] = skipped
+        return bundle
 
-    def load_single_file(self, path: Path, config_dir: Path, source: str):
+    @staticmethod
+    def _skipped_t5(path: Path, without) -> int | None:
+        """None when T5 is to be loaded from `path`; else its weight count, from its config on
+        the meta device (0: the folder has no T5)."""
+        config = path / "text_encoder_3" / "config.json"
+        if "text_encoder_3" not in without and config.is_file():
+            return None
+        if not config.is_file():
+            return 0
+        from transformers import T5Config
+
+        with torch.device("meta"):
+            t5 = T5EncoderModel(T5Config.from_pretrained(path / "text_encoder_3"))
+        return sum(p.numel() for p in t5.parameters())
+
+    def load_single_file(self, path: Path, config_dir: Path, source: str, without=frozenset()):
         """An SD 3.x single file (the original layout, single_file_state's) through diffusers'
         StableDiffusion3Pipeline.from_single_file, the configs and tokenizers from `config_dir`;
         the VAE and text encoders a .safetensors lacks (files of the transformer alone, or
@@ -187,7 +225,7 @@ class StableDiffusion3(Family):
                 str(path),
                 config=str(config_dir),
                 local_files_only=True,
-                **self.parts_not_in(path, config_dir),
+                **self.parts_not_in(path, config_dir, without),
             )
         except ModelError:
             raise
@@ -199,16 +237,25 @@ class StableDiffusion3(Family):
         tokenizers = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
         for tokenizer, folder in zip(tokenizers, TOKENIZER_FOLDERS.values()):
             check_tokenizer(tokenizer, config_dir / folder)
-        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
-        return self.bundle(pipe.transformer, encoders, tokenizers, pipe.scheduler, pipe.vae, source)
+        encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+        if pipe.text_encoder_3 is None:
+            encoders.pop()
+        bundle = self.bundle(
+            pipe.transformer, encoders, tokenizers, pipe.scheduler, pipe.vae, source
+        )
+        if pipe.text_encoder_3 is None:
+            bundle.left_out["text_encoder_3"] = self._skipped_t5(config_dir, without) or 0
+        return bundle
 
-    def parts_not_in(self, path: Path, config_dir: Path) -> dict:
+    def parts_not_in(self, path: Path, config_dir: Path, without=frozenset()) -> dict:
         """The VAE and text encoders a .safetensors single file holds nothing of, loaded from
-        the diffusers folder `config_dir` (a .ckpt is taken to hold them all)."""
+        the diffusers folder `config_dir` (a .ckpt is taken to hold them all); T5 not at all
+        when `without` names it or neither holds one."""
         from safetensors import safe_open
 
+        t5_out = "text_encoder_3" in without
         if path.suffix != ".safetensors":
-            return {}
+            return {"text_encoder_3": None} if t5_out else {}
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
         classes = {
@@ -217,11 +264,15 @@ class StableDiffusion3(Family):
             "text_encoder_2": CLIPTextModelWithProjection,
             "text_encoder_3": T5EncoderModel,
         }
-        return {
-            name: load_weights(config_dir, name, cls)
-            for name, cls in classes.items()
-            if not any(k.startswith(SINGLE_FILE_PREFIXES[name]) for k in keys)
-        }
+        parts = {}
+        for name, cls in classes.items():
+            in_file = any(k.startswith(SINGLE_FILE_PREFIXES[name]) for k in keys)
+            in_folder = (config_dir / name / "config.json").is_file()
+            if name == "text_encoder_3" and (t5_out or not (in_file or in_folder)):
+                parts[name] = None  # left out, or in neither: a model without T5
+            elif not in_file:
+                parts[name] = load_weights(config_dir, name, cls)
+        return parts
 
     def pipeline_index(self) -> dict:
         return {
@@ -264,8 +315,12 @@ class StableDiffusion3(Family):
             out = modules[name](part, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
-        t5 = modules["text_encoder_3"](parts[2])[0]
         clip = torch.cat(hidden, dim=-1)
+        if "text_encoder_3" in modules:
+            t5 = modules["text_encoder_3"](parts[2])[0]
+        else:  # T5 left out: zeros in its place, as StableDiffusion3Pipeline gives
+            width = int(bundle.denoiser.config.joint_attention_dim)
+            t5 = clip.new_zeros(clip.shape[0], parts[2].shape[1], width)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, -1))
 
@@ -407,8 +462,9 @@ class StableDiffusion3(Family):
         state.update(text_encoder_to_ldm(clip_l, prefix["text_encoder"]))
         clip_g = bundle.modules["text_encoder_2"].state_dict()
         state.update(text_encoder_to_ldm(clip_g, prefix["text_encoder_2"]))
-        t5 = untied(bundle.modules["text_encoder_3"].state_dict())
-        state.update({prefix["text_encoder_3"] + k: v for k, v in t5.items()})
+        if "text_encoder_3" in bundle.modules:  # a model without T5 has none in its file
+            t5 = untied(bundle.modules["text_encoder_3"].state_dict())
+            state.update({prefix["text_encoder_3"] + k: v for k, v in t5.items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def lora_loader(self):
@@ -480,7 +536,9 @@ class StableDiffusion3(Family):
         return keyed_embedding_file(EMBEDDING_KEYS, vectors)
 
     def read_embedding(self, state: dict, path: Path) -> dict[str, torch.Tensor]:
-        return read_keyed_embedding(EMBEDDING_KEYS, state, path, "an SD3")
+        """clip_l, clip_g and t5; a file learned without T5 holds no t5."""
+        keys = {n: k for n, k in EMBEDDING_KEYS.items() if k in state or n in CLIP_ENCODERS}
+        return read_keyed_embedding(keys, state, path, "an SD3")
 
 
 def unprojected_clip_l(bundle) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

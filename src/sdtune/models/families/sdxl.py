@@ -99,7 +99,7 @@ class StableDiffusionXL(StableDiffusion):
                 "scheduler/ (and vae/)"
             )
 
-    def load_folder(self, path: Path, source: str, info: dict):
+    def load_folder(self, path: Path, source: str, info: dict, without=frozenset()):
         self.check_layout(path)
 
         unet, vae, encoders, tokenizers, scheduler = load_parts(
@@ -111,7 +111,7 @@ class StableDiffusionXL(StableDiffusion):
         )
         return self.bundle(unet, encoders, tokenizers, scheduler, vae, source)
 
-    def load_single_file(self, path: Path, config_dir: Path, source: str):
+    def load_single_file(self, path: Path, config_dir: Path, source: str, without=frozenset()):
         from diffusers import StableDiffusionXLPipeline
 
         self.check_layout(config_dir, "model.config_source")
