@@ -126,3 +126,44 @@ def test_a_step_with_the_objective_options_written_out(tmp_path):
     r = pred - v
     loss = (2 * 0.2 * (torch.sqrt(r**2 + 0.04) - 0.2)).flatten(1).mean(1).mean()
     assert abs(report.loss - loss.item()) < 1e-6
+
+
+def test_dreambooth_prior_toward_the_base_is_zero_until_the_adapters_move(tmp_path):
+    """dreambooth.prior_target = 'base': the class images' target is the frozen base's own
+    prediction, so at the first step (LoRA's up-projections start at zero: adapted == base)
+    their loss is exactly zero and the step's loss is the instance images' alone; with
+    'noise' the class images add their own."""
+    extra = [
+        "lora.enabled=true",
+        "model.trainable=[]",
+        "dreambooth.instance_prompt=a photo of sks digit",
+        'dreambooth.class_prompt=["a photo of a digit"]',
+        "dreambooth.num_class_images=4",
+        "dreambooth.class_sample_steps=1",
+        "data.caption_dropout=0.0",
+        "train.batch_size=8",
+    ]
+    losses = {}
+    for target in ("base", "noise"):
+        (tmp_path / target).mkdir()
+        run = _run(tmp_path / target, *extra, f"dreambooth.prior_target={target}")
+        ctx, state = run.ctx, run.state
+        keys, _ = next_batch(type(state.position)(), 8, len(run.data.train), run.cfg.seed)
+        batch = collate([run.data.train[k] for k in keys])
+        latents = batch["pixel_values"]  # pixel space
+        rows = [i for i, n in enumerate(batch["names"]) if n.startswith("class:")]
+        assert 0 < len(rows) < 8
+        noised = ctx.objective.draw(latents, generator(run.cfg.seed, "noise", 0, 0, 0))
+        from sdtune.train.step import _conditioning
+
+        with torch.no_grad():  # before the step: the weights it starts from
+            cond = _conditioning(ctx, batch, None, False)
+            pred = run.bundle.arch.predict(run.bundle, noised.noisy, noised.timesteps, cond)
+        per = (pred - noised.target).pow(2).flatten(1).mean(1)
+        train_step(ctx, state, log_now=True)
+        (report,) = ctx.guard.reports(all_steps=True)
+        losses[target] = report.loss
+        if target == "base":  # class rows contribute zero
+            per[rows] = 0.0
+        assert abs(report.loss - per.mean().item()) < 1e-6
+    assert losses["noise"] > losses["base"]

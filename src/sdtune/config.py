@@ -596,6 +596,8 @@ class DreamBoothConfig(Section):
     """Guidance scale for generating class images."""
     class_sample_steps: int = Field(25, ge=1, le=1000)
     """Denoising steps for generating class images (the sampler is evaluate.scheduler)."""
+    prior_target: Literal["noise", "base"] = "noise"
+    """What the class images' prior loss pulls toward: 'noise' (DreamBooth's: their true noise, so the model also learns the class images' own flaws, which for generated ones are the base's sampling errors) or 'base' (with LoRA: what the frozen base predicts for them, so the prior loss is zero until the adapters change the class and counts only that change)."""
 
 
 class RunConfig(Section):
@@ -651,6 +653,12 @@ class RunConfig(Section):
                     "dreambooth.class_prompt is required for prior preservation "
                     "(or set dreambooth.prior_loss_weight = 0)"
                 )
+        if db.prior_target == "base" and (not self.lora.enabled or self.model.trainable):
+            raise ValueError(
+                "dreambooth.prior_target = 'base' needs LoRA with every base weight frozen "
+                "(lora.enabled = true, model.trainable = []): the base without the adapters "
+                "gives the class images' target"
+            )
         return self
 
     @model_validator(mode="after")

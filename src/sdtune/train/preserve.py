@@ -1,4 +1,5 @@
-"""Output preservation for LoRA: keep what the base draws for other prompts, without class images.
+"""Output preservation for LoRA: keep what the base draws for other prompts, without class images;
+and DreamBooth's prior loss toward the base's own prediction (dreambooth.prior_target = 'base').
 
 Plain LoRA learns from the instance images alone, and nothing in its loss says that the other
 prompts must keep their meaning: the adapters that teach "a photo of sks dog" move every prompt
@@ -96,3 +97,46 @@ class OutputPreservation:
         with torch.no_grad(), _bypassed(self._layers), evaluating(bundle.denoiser):  # the base
             cond = arch.condition(bundle, self.base[pick], {"latents": noisy, **(batch or {})})
             return arch.predict(bundle, noisy, timesteps, cond)
+
+
+class BasePrior:
+    """dreambooth.prior_target = 'base' (LoRA): the class images' target is the frozen base's
+    prediction on their noisy latents under their own prompts, not their true noise.
+
+    DreamBooth's prior loss trains on the class images as data: generated ones carry the base's
+    sampling errors (and a few bad draws), which the model then learns too. With the base at
+    hand (the adapters switched off), the prior loss can instead ask the adapted model to
+    predict what the base predicts there: zero at the start, it measures only how far the
+    adapters moved the class, which is what prior preservation means to keep. One forward
+    without gradients over the class rows of each batch."""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+        self._layers = lora_layers(bundle.denoiser)
+        encoders = list(bundle.text_encoders.values())
+        self._te_layers = lora_layers(*encoders)
+        self.te_adapted = bool(self._te_layers)
+
+    @staticmethod
+    def rows(batch, device) -> torch.Tensor:
+        """Indices of the batch's class images (by their names)."""
+        from sdtune.train.dreambooth import CLASS_PREFIX
+
+        names = batch["names"]
+        return torch.tensor(
+            [i for i, n in enumerate(names) if n.startswith(CLASS_PREFIX)],
+            dtype=torch.long,
+            device=device,
+        )
+
+    def target(self, noisy, timesteps, cond, rows, batch, ids=None) -> torch.Tensor:
+        """The base's prediction at `rows` of the batch. `cond` is the batch's conditioning;
+        where the text encoders have adapters (`ids`: the batch's token ids), the base's own
+        conditioning is computed instead."""
+        bundle, arch = self.bundle, self.bundle.arch
+        encoders = list(bundle.text_encoders.values())
+        with torch.no_grad(), _bypassed(self._layers + self._te_layers):
+            with evaluating(bundle.denoiser, *encoders):
+                if self.te_adapted and ids is not None:
+                    cond = arch.condition(bundle, arch.encode(bundle, ids), batch)
+                return arch.predict(bundle, noisy[rows], timesteps[rows], cond[rows])

@@ -31,7 +31,7 @@ from sdtune.train.ema import EMA
 from sdtune.train.guard import StepGuard
 from sdtune.train.optim import build_lr_scheduler, build_optimizer, param_groups, skips_on_device
 from sdtune.train.parts import grid_prompts, truncate_metrics
-from sdtune.train.preserve import OutputPreservation
+from sdtune.train.preserve import BasePrior, OutputPreservation
 from sdtune.train.speed import check_speed_options, prepare_denoiser, set_tf32, training_forward
 from sdtune.train.step import BatchSource, StepContext, TrainingObjects
 
@@ -305,6 +305,10 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
         say(
             f"lora: output preservation on {len(preserve.prompts)} prompt(s), weight {preserve.weight:g}"
         )  # noqa: E501
+    prior = None  # DreamBooth's prior loss toward the base (dreambooth.prior_target = 'base')
+    if cfg.dreambooth.instance_prompt and cfg.dreambooth.prior_target == "base":
+        prior = BasePrior(bundle)
+        say("dreambooth: the class images' target is the frozen base's prediction")
     groups = param_groups(trainable, cfg, arch)
     say(
         "optimizer groups: "
@@ -341,6 +345,7 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
         # fused optimizers skip a bad step on the device; others (and fp16's scaler) read it
         device_skip=skips_on_device(optimizer) and accelerator.scaler is None,
         preserve=preserve,
+        prior=prior,
     )
     return objects, ctx
 

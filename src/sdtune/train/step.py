@@ -147,6 +147,7 @@ class StepContext:
     train_text: bool  # whether any text encoder trains
     device_skip: bool  # whether the optimizer skips a bad step on the device
     preserve: Any = None  # OutputPreservation (lora.preserve_prompts), or None
+    prior: Any = None  # BasePrior (dreambooth.prior_target = 'base'), or None
     hooks: FaultHooks = field(default_factory=FaultHooks)
 
 
@@ -200,6 +201,9 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
         with attention_kernel(attention):
             kept_target = preserve.target(noised.noisy, noised.timesteps, pick, batch)
     cond = _conditioning(ctx, batch, pick, train_text_now)
+    target = noised.target
+    if ctx.prior is not None:  # the class images' target: the base's own prediction
+        target = _base_prior_target(ctx, batch, noised, cond)
     inputs, t_in = noised.noisy, noised.timesteps
     if pick is not None:  # one denoiser call: instance half, preservation half
         inputs, t_in = torch.cat([inputs, inputs]), torch.cat([t_in, t_in])
@@ -216,11 +220,27 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
         )
     loss_of = ctx.objective.loss  # diffusion.loss: MSE, Huber or pseudo-Huber
     if pick is None:
-        return loss_of(pred, noised.target, weights, masks), None
+        return loss_of(pred, target, weights, masks), None
     pred, pred_kept = pred.chunk(2)
     kept_loss = loss_of(pred_kept, kept_target, noised.weights)
-    loss = loss_of(pred, noised.target, weights, masks) + preserve.weight * kept_loss
+    loss = loss_of(pred, target, weights, masks) + preserve.weight * kept_loss
     return loss, kept_loss.detach()
+
+
+def _base_prior_target(ctx: StepContext, batch, noised, cond) -> torch.Tensor:
+    """noised.target with the class images' rows replaced by the frozen base's prediction."""
+    device, prior = ctx.accelerator.device, ctx.prior
+    rows = prior.rows(batch, device)
+    if rows.numel() == 0:
+        return noised.target
+    ids = None
+    if prior.te_adapted and not ctx.source.cached_text:
+        ids = ctx.bundle.arch.tokenize(ctx.bundle, batch["captions"]).to(device)
+    with attention_kernel(ctx.cfg.train):
+        base = prior.target(noised.noisy, noised.timesteps, cond, rows, batch, ids)
+    target = noised.target.clone()
+    target[rows] = base.to(target.dtype)
+    return target
 
 
 def _conditioning(ctx: StepContext, batch, pick, train_text_now: bool) -> Conditioning:
