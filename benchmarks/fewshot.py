@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from benchmarks.report import cpu_machine
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- fewshot:begin -->", "<!-- fewshot:end -->"
 TARGET_NINE, TARGET_FORGETTING = 0.90, 1.0
-PRIOR_WEIGHT = float(os.environ.get("SDTUNE_FEWSHOT_PRIOR_WEIGHT", "1.0"))  # screening knob
 TARGETED = ("lora", "dreambooth-lora")  # the recommended few-shot settings the target is for
 DEFAULT_SEEDS = [1, 2, 3, 4, 5]
 NINE = 9
@@ -154,6 +152,15 @@ def methods(base_model: Path) -> dict[str, dict]:
         },
     )
     lora_plain = _merge(lora_r8, fewshot)
+    dreambooth_lora = _merge(
+        _merge(_merge(common, {"lora": lora_r8["lora"], "dreambooth": prior}), fewshot),
+        {
+            **preserve,
+            "dreambooth": {"prior_loss_weight": 0.1, "class_guidance_scale": 3.0},
+            # half of each batch is class images: 600 steps give the nines lora's 400 or so
+            "train": {"max_steps": 600},
+        },
+    )
     return {
         "full": _merge(
             common,
@@ -167,22 +174,15 @@ def methods(base_model: Path) -> dict[str, dict]:
         "lora": _merge(lora_plain, preserve),
         "lora-plain": lora_plain,  # the same adapters and steps, trained on the ten nines alone
         "lora-r8-constant": _merge(lora_r8, preserve),  # the recommendation until 2026-12
-        # the same adapters as lora, with DreamBooth's instance prompt and class images (at
-        # guidance 3); the class images' target is the frozen base's prediction, not their
-        # noise (trained as data, the base's samples taught their flaws: 1.3 points forgotten
-        # on the worst seed at prior weight 0.1)
-        "dreambooth-lora": _merge(
-            _merge(_merge(common, {"lora": lora_r8["lora"], "dreambooth": prior}), fewshot),
-            {
-                **preserve,
-                "dreambooth": {
-                    "prior_loss_weight": PRIOR_WEIGHT,
-                    "class_guidance_scale": 3.0,
-                    "prior_target": "base",
-                },
-                # half of each batch is class images: 600 steps give the nines lora's 400 or so
-                "train": {"max_steps": 600},
-            },
+        # the same adapters as lora, with DreamBooth's instance prompt and class images; their
+        # prior loss weighs little beside output preservation, and the class images are
+        # sampled at guidance 3
+        "dreambooth-lora": dreambooth_lora,
+        # the same, with the class images' target the frozen base's own prediction (and so
+        # at full weight): whether their loss taught the base's sampling flaws
+        "dreambooth-lora-base": _merge(
+            dreambooth_lora,
+            {"dreambooth": {"prior_loss_weight": 1.0, "prior_target": "base"}},
         ),
         "dreambooth-full": _merge(
             common,

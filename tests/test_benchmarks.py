@@ -364,6 +364,7 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
         "lora",
         "lora-plain",
         "dreambooth-lora",
+        "dreambooth-lora-base",
         "dreambooth-full",
         "textual-inversion",
         "lora-r8-constant",
