@@ -260,13 +260,12 @@ def sd35(dropout: float = 0.0) -> ModelBundle:
         T5EncoderModel(_t5_config(T5_XXL, t5_tokenizer)),
     ]
     transformer = SD3Transformer2DModel(**SD35_TRANSFORMER)
-    for module in transformer.modules():  # model.dropout
-        if isinstance(module, torch.nn.Dropout):
-            module.p = dropout
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     vae = AutoencoderKL(**SD3_VAE)
     tokenizers = [*clip_tokenizers, t5_tokenizer]
-    return SD3.bundle(transformer, encoders, tokenizers, scheduler, vae, "preset:bench-sd35")
+    bundle = SD3.bundle(transformer, encoders, tokenizers, scheduler, vae, "preset:bench-sd35")
+    SD3.set_dropout(bundle, dropout)  # model.dropout
+    return bundle
 
 
 def register_presets() -> None:

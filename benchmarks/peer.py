@@ -155,26 +155,10 @@ def write_model_folder(folder: Path, arch) -> Path:
     return folder
 
 
-def peer_args(
-    peer: dict,
-    model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    resolution: int,
-    batch: int,
-    max_steps: int,
-    precision: str,
-    ema: bool,
-    workers: int = 0,
-) -> list[str]:
-    """The peer's command line for the benchmark's model, data and settings."""
-    if peer["example"] == SD3_PEER:
-        return sd3_peer_args(
-            model_dir, data_dir, out_dir, resolution, batch, max_steps, precision, workers
-        )
-    args = [
+def _shared_args(model_dir, out_dir, resolution, batch, max_steps, precision, workers):
+    """The flags every diffusers example script takes alike: model, shape, optimizer, run."""
+    return [
         "--pretrained_model_name_or_path", str(model_dir),
-        "--train_data_dir", str(data_dir),
         "--resolution", str(resolution),
         "--center_crop",
         "--train_batch_size", str(batch),
@@ -191,14 +175,10 @@ def peer_args(
         "--dataloader_num_workers", str(workers),
         "--report_to", "tensorboard",
     ]  # fmt: skip
-    if peer["has_interpolation_flag"]:  # sdtune resizes with bicubic
-        args += ["--image_interpolation_mode", "bicubic"]
-    if ema:
-        args.append("--use_ema")
-    return args
 
 
-def sd3_peer_args(
+def peer_args(
+    peer: dict,
     model_dir: Path,
     data_dir: Path,
     out_dir: Path,
@@ -206,39 +186,40 @@ def sd3_peer_args(
     batch: int,
     max_steps: int,
     precision: str,
-    workers: int,
+    ema: bool,
+    workers: int = 0,
 ) -> list[str]:
-    """train_dreambooth_lora_sd3.py's command line: the captioned digits folder read as a
-    dataset (each image its own caption, encoded by all three encoders at every step, as
-    sdtune does without data.cache_text), LoRA of rank 4 on its default modules, the flow
-    matching objective sdtune trains (logit-normal levels, target eps - x_0: no EDM
-    preconditioning)."""
+    """The peer's command line for the benchmark's model, data and settings."""
+    args = _shared_args(model_dir, out_dir, resolution, batch, max_steps, precision, workers)
+    if peer["example"] == SD3_PEER:
+        if ema:
+            raise BenchmarkError(
+                f"--ema: diffusers' {SD3_PEER} keeps no EMA; leave out --ema to compare with it"
+            )
+        return args + sd3_peer_args(data_dir)
+    args += ["--train_data_dir", str(data_dir)]
+    if peer["has_interpolation_flag"]:  # sdtune resizes with bicubic
+        args += ["--image_interpolation_mode", "bicubic"]
+    if ema:
+        args.append("--use_ema")
+    return args
+
+
+def sd3_peer_args(data_dir: Path) -> list[str]:
+    """train_dreambooth_lora_sd3.py's own flags: the captioned digits folder read as a dataset
+    (each image its own caption, encoded by all three encoders at every step, as sdtune does
+    without data.cache_text), LoRA of rank 4 on its default modules, the flow matching
+    objective sdtune trains (logit-normal levels, target eps - x_0: no EDM preconditioning)."""
     return [
-        "--pretrained_model_name_or_path", str(model_dir),
         "--dataset_name", str(data_dir),
         "--image_column", "image",
         "--caption_column", "text",
         "--instance_prompt", "a digit",  # required; each image's own caption is used
         "--max_sequence_length", "77",
-        "--resolution", str(resolution),
-        "--center_crop",
-        "--train_batch_size", str(batch),
-        "--max_train_steps", str(max_steps),
         "--rank", str(SD3_LORA_RANK),
-        "--learning_rate", str(LEARNING_RATE),
-        "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0",
         "--optimizer", "AdamW",
-        "--adam_weight_decay", str(WEIGHT_DECAY),
-        "--max_grad_norm", str(MAX_GRAD_NORM),
         "--weighting_scheme", "logit_normal",
         "--precondition_outputs", "0",
-        "--mixed_precision", precision,
-        "--seed", "0",
-        "--output_dir", str(out_dir),
-        "--checkpointing_steps", str(10**9),
-        "--dataloader_num_workers", str(workers),
-        "--report_to", "tensorboard",
     ]  # fmt: skip
 
 

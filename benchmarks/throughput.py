@@ -177,7 +177,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict | None:
     }
     versions_now, parameters = versions(), parameter_counts(arch)  # once, not every round
     trained = next(iter(parameters))  # the denoiser: unet or transformer
-    if "lora.enabled=true" in args.set:
+    if specs["sdtune"]["config"].get("lora", {}).get("enabled"):
         trained = f"LoRA on the {trained}"
     if args.train_text_encoder:
         trained += " + text encoder"

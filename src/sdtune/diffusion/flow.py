@@ -107,17 +107,19 @@ class FlowMatching(Objective):
         low, high = self.timestep_range
         s = (low + (high - low) * s).clamp(EPS, 1.0 - EPS)
         timesteps = (s * TIMESTEP_SCALE).float()
-        noisy, target = self.at(latents, noise, timesteps)
-        if self.input_perturbation:  # the input from perturbed noise, the target from eps
-            noisy = self.at(latents, self.input_noise(noise, gen), timesteps)[0]
+        noisy, target = self.at(latents, noise, timesteps, self.input_noise(noise, gen))
         return Noised(noisy, timesteps, target, self.weights(timesteps))
 
-    def at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    def at(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, input_noise=None
+    ):
         """(noisy input, target) for given noise and timesteps: x_s = (1 - s) x_0 + s eps and
-        the velocity eps - x_0."""
+        the velocity eps - x_0; the input made with `input_noise` where given (input
+        perturbation), the target with `noise`."""
         shape = (-1,) + (1,) * (latents.ndim - 1)
         s = self.sigmas(timesteps).to(latents.device, torch.float32).view(shape)
-        noisy = ((1.0 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+        made = noise if input_noise is None else input_noise
+        noisy = ((1.0 - s) * latents.float() + s * made.float()).to(latents.dtype)
         return noisy, (noise.float() - latents.float()).to(latents.dtype)
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:

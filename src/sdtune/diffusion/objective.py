@@ -66,10 +66,10 @@ class Objective:
         )
 
     def input_noise(self, noise: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The noise the input is made with: `noise`, or noise + gamma xi with input
-        perturbation (xi drawn last from `gen`, so runs without it draw as before)."""
+        """The noise the input is made with: None (`noise` itself), or noise + gamma xi with
+        input perturbation (xi drawn last from `gen`, so runs without it draw as before)."""
         if self.input_perturbation == 0.0:
-            return noise
+            return None
         extra = torch.randn(noise.shape, generator=gen, device=noise.device, dtype=noise.dtype)
         return noise + self.input_perturbation * extra
 
@@ -124,13 +124,7 @@ class DDPM(Objective):
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         noise = offset_noise(noise, self.noise_offset, gen)
         timesteps = self.draw_timesteps(latents.shape[0], gen, latents.device)
-        if self.input_perturbation == 0.0:
-            noisy, target = self.at(latents, noise, timesteps)
-        else:
-            noisy = add_noise(latents, self.input_noise(noise, gen), timesteps, self.alphas_cumprod)
-            target = training_target(
-                self.prediction_type, latents, noise, timesteps, self.alphas_cumprod
-            )
+        noisy, target = self.at(latents, noise, timesteps, self.input_noise(noise, gen))
         return Noised(noisy, timesteps, target, self.weights(timesteps))
 
     def draw_timesteps(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -166,10 +160,13 @@ class DDPM(Objective):
         t = torch.searchsorted(cdf.to(device), u, right=True)
         return t.clamp_(first, end - 1).long()
 
-    def at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-        """(noisy input, target) for given noise and timesteps (validation fixes both)."""
+    def at(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, input_noise=None
+    ):
+        """(noisy input, target) for given noise and timesteps (validation fixes both); the
+        input made with `input_noise` where given (input perturbation), the target with `noise`."""
         ac = self.alphas_cumprod
-        noisy = add_noise(latents, noise, timesteps, ac)
+        noisy = add_noise(latents, noise if input_noise is None else input_noise, timesteps, ac)
         return noisy, training_target(self.prediction_type, latents, noise, timesteps, ac)
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:

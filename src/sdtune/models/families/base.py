@@ -144,7 +144,9 @@ class Family:
 
     def check_left_out(self, without: frozenset[str], source: str) -> None:
         """A one-line error when `without` names a component this family cannot go without."""
-        for name in sorted(without - set(self.optional_components)):
+        extra = sorted(without - set(self.optional_components))
+        if extra:
+            name = extra[0]
             raise ConfigError(
                 f"model.{name} = false: {source} ({self.label}) has no {name} it can leave out "
                 "(only SD 3.x's T5, model.text_encoder_3, can be)"
