@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from sdtune.checkpoint.store import (
     LATEST,
+    MANIFEST,
     TMP_PREFIX,
     CheckpointError,
+    Ranks,
     verify_checkpoint,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
 from sdtune.data.order import DataPosition
 
@@ -41,6 +45,10 @@ CONFIG_KEY = "config.toml"
 ARCH_KEY = "architecture.json"
 RNG_KEY = "rng-{rank}.safetensors"
 OLD_RNG_KEY = "rng-{rank}.pt"  # before 0.1.1: pickled, read only through torch's safe loader
+SHARDED_META = "sharded"
+"""The manifest's record of a sharded checkpoint ({"processes": N, "by": "fsdp"}): its
+weights, EMA and optimizer state are torch.distributed.checkpoint files (`.metadata` and a
+`__R_0.distcp` per process) in place of model/ema.safetensors and optimizer.pt."""
 
 
 @dataclass
@@ -144,14 +152,19 @@ def check_architecture(saved: dict, current: dict, where: Path) -> None:
         )
 
 
-def crash_point(kind: str, step: int, files_written: int | None = None) -> None:
+def crash_point(
+    kind: str, step: int, files_written: int | None = None, rank: int | None = None
+) -> None:
     """Test hook: SDTUNE_CRASH_AT=step:N (after step N), save:N:K (after the K-th file of the
-    save of step N) or end:N (after the final evaluation) kills this process with SIGKILL."""
+    save of step N; save:N:K:R on process R alone, for a sharded save) or end:N (after the
+    final evaluation) kills this process with SIGKILL."""
     spec = os.environ.get("SDTUNE_CRASH_AT")
     if not spec:
         return
     parts = spec.split(":")
     if parts[0] == kind and int(parts[1]) == step:
+        if kind == "save" and len(parts) > 3 and rank is not None and int(parts[3]) != rank:
+            return
         if kind != "save" or (files_written is not None and int(parts[2]) == files_written):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -279,6 +292,134 @@ def save_training_state(
 
     writers = {name: hooked(w) for name, w in writers.items()}
     return write_checkpoint(root, progress.step, writers, {"kind": "training"})
+
+
+def _sharded_state(objects, model) -> dict:
+    """What torch.distributed.checkpoint saves and loads in place: every process's shard of the
+    trainable weights, of EMA's average and of the optimizer state (keyed by parameter name,
+    so a checkpoint reshards onto another number of processes)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {
+        "model": {n: p.detach() for n, p in objects.trainable.items()},
+        "optim": get_optimizer_state_dict(model, objects.optimizer),
+    }
+    if objects.ema is not None:
+        state["ema"] = dict(zip(objects.trainable, objects.ema.shadow_params))
+    return state
+
+
+def save_sharded_state(
+    root: Path, progress: TrainingProgress, objects, config_toml: str, ranks: Ranks, model
+) -> Path:
+    """Checkpoint `progress.step` written by every process together (store.
+    write_sharded_checkpoint): each process's shard through torch.distributed.checkpoint, never
+    gathered on one process; the main process's progress, config, architecture and schedule;
+    every process's RNG state."""
+    import torch.distributed.checkpoint as dcp
+
+    counter = {"n": 0}
+
+    def hooked(write):
+        def run(path: Path) -> None:
+            write(path)
+            counter["n"] += 1
+            crash_point("save", progress.step, counter["n"], ranks.rank)
+
+        return run
+
+    own: dict = {}
+    if ranks.main:
+        own = {
+            PROGRESS_KEY: lambda path: path.write_text(
+                json.dumps(progress.to_dict(), indent=2) + "\n"
+            ),
+            CONFIG_KEY: lambda path: path.write_text(config_toml),
+            ARCH_KEY: lambda path: path.write_text(
+                json.dumps(objects.architecture, indent=2, default=str) + "\n"
+            ),
+            LR_KEY: lambda path: torch.save(objects.lr_scheduler.state_dict(), path),
+        }
+    own[RNG_KEY.format(rank=ranks.rank)] = save_rng_state
+    state = _sharded_state(objects, model)
+    collective = hooked(lambda folder: dcp.save(state, checkpoint_id=str(folder)))
+    meta = {"kind": "training", SHARDED_META: {"processes": ranks.world, "by": "fsdp"}}
+    own = {name: hooked(w) for name, w in own.items()}
+    return write_sharded_checkpoint(root, progress.step, ranks, collective, own, meta)
+
+
+def sharded_info(path: Path) -> dict | None:
+    """The manifest's sharding record of checkpoint `path`, or None (one process wrote it)."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get(SHARDED_META)
+    except (OSError, ValueError):
+        return None
+
+
+def load_sharded_state(path: Path, objects, model, rank: int, sharded: bool) -> TrainingProgress:
+    """Restore what `save_sharded_state` wrote: into this process's shards (`sharded`, any
+    number of processes: the files reshard), or into whole tensors (one process)."""
+    import torch.distributed.checkpoint as dcp
+
+    check_architecture(json.loads((path / ARCH_KEY).read_text()), objects.architecture, path)
+    if objects.ema is not None and not _has_ema(path):
+        raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
+    state = _sharded_state(objects, model)
+    with warnings.catch_warnings():  # one process: "assuming ... a single process", it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=not sharded)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, objects.optimizer, state["optim"])
+    objects.lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))
+    progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
+    if objects.ema is not None:
+        objects.ema.optimization_step = progress.ema_steps
+    rng_file = path / RNG_KEY.format(rank=rank)
+    if rng_file.is_file():  # a process the checkpoint's run did not have starts as set up
+        set_rng_state(load_rng_state(rng_file))
+    return progress
+
+
+def _has_ema(path: Path) -> bool:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith("ema.") for k in keys)
+
+
+def sharded_weights(path: Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """The whole trainable weights (`which` = "model") or EMA's ("ema") of a sharded
+    checkpoint, read in one process (torch.distributed.checkpoint reshards them)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = f"{which}."
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    wanted = {
+        key[len(prefix) :]: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in metadata.items()
+        if key.startswith(prefix) and hasattr(md, "size")
+    }
+    if not wanted:
+        raise CheckpointError(f"{path}: holds no {which} weights")
+    state = {which: wanted}
+    with warnings.catch_warnings():  # "assuming ... a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state[which]
+
+
+def checkpoint_weights(path: Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """The trainable weights ("model") or EMA's ("ema") a verified checkpoint holds, whether
+    one process or several (sharded) wrote it."""
+    if sharded_info(path) is not None:
+        return sharded_weights(path, which)
+    return load_file(str(path / (EMA_KEY if which == "ema" else MODEL_KEY)))
+
+
+def checkpoint_has_ema(path: Path) -> bool:
+    return _has_ema(path) if sharded_info(path) is not None else (path / EMA_KEY).is_file()
 
 
 def load_training_state(path: Path, objects, rank: int = 0) -> TrainingProgress:

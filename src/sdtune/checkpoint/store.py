@@ -58,22 +58,33 @@ def write_checkpoint(
             write(path)
             fsync_path(path)
             files[name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "sdtune_version": sdtune.__version__,
-            "step": step,
-            "files": files,
-            **(meta or {}),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        fsync_path(tmp / MANIFEST)
-        fsync_path(tmp)
+        _write_manifest(tmp, step, files, meta)
     except Exception as exc:  # the partial checkpoint goes; the earlier ones and latest stay
         full = disk_full(exc, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise NoSpaceError(f"{root}: the disk filled up while writing {final.name}") from exc
         raise
+    _publish(tmp, final)
+    return final
+
+
+def _write_manifest(tmp: Path, step: int, files: dict, meta: dict | None) -> None:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "sdtune_version": sdtune.__version__,
+        "step": step,
+        "files": files,
+        **(meta or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete, fsynced `tmp` to `final`, then point `latest` at it (atomically)."""
+    root = final.parent
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -83,7 +94,6 @@ def write_checkpoint(
     fsync_path(latest_tmp)
     os.replace(latest_tmp, root / LATEST)
     fsync_path(root)
-    return final
 
 
 def verify_checkpoint(path: Path, fast: bool = False) -> dict:
@@ -116,3 +126,95 @@ def verify_checkpoint(path: Path, fast: bool = False) -> dict:
         if not fast and sha256_of(file) != info["sha256"]:
             raise CheckpointError(f"{file}: sha256 does not match {MANIFEST} (corrupted)")
     return manifest
+
+
+class Ranks:
+    """The processes that write (and read) one sharded checkpoint together, over
+    torch.distributed: each writes its own files, and the main process (rank 0) the manifest
+    and `latest`, once every process has said its files are on disk."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        """`obj` from every process, in rank order, on every process (a barrier too)."""
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """The main process's `obj`, on every process."""
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def write_sharded_checkpoint(
+    root: Path,
+    step: int,
+    ranks: Ranks,
+    collective: Callable[[Path], None],
+    own: dict[str, Callable[[Path], None]],
+    meta: dict | None = None,
+) -> Path:
+    """Checkpoint `step` written by every process of `ranks` together, with write_checkpoint's
+    promises: `collective(folder)` runs on every process (torch's distributed checkpoint
+    writing each process's shard), `own` are this process's files alone. The files go into one
+    temporary sibling; each process fsyncs and hashes its part of them; only when every
+    process has reported does the main process write the manifest (every file's size and
+    sha256), rename the folder into place and move `latest`. A process that fails or dies
+    before then leaves the temporary folder, which the next start removes: `latest` never
+    names a checkpoint with a half-written shard."""
+    final = root / step_dirname(step)
+    name = ranks.broadcast(f"{TMP_PREFIX}{step_dirname(step)}-{os.getpid()}")
+    tmp = root / name
+    error = None
+    if ranks.main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            error = exc
+    if ranks.broadcast(None if error is None else repr(error)) is not None:
+        raise (error if error is not None else CheckpointError(f"{root}: cannot create {name}"))
+    try:
+        collective(tmp)
+        for file_name, write in own.items():
+            write(tmp / file_name)
+    except Exception as exc:
+        error = exc
+    failures = ranks.gather(None if error is None else (disk_full(error, tmp), repr(error)))
+    failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if failed:
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None and not isinstance(error, OSError):
+            raise error
+        if any(full for _, (full, _) in failed):
+            raise NoSpaceError(f"{root}: the disk filled up while writing {final.name}")
+        rank, (_, what) = failed[0]
+        raise CheckpointError(f"{root}: process {rank} could not write {final.name}: {what}")
+    # every process's files are written: each fsyncs and hashes its share of them
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    files = {}
+    for file_name in names[ranks.rank :: ranks.world]:
+        path = tmp / file_name
+        fsync_path(path)
+        files[file_name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    listed = ranks.gather(files)
+    if ranks.main:
+        files = {k: v for part in listed for k, v in sorted(part.items())}
+        _write_manifest(tmp, step, files, meta)
+        _publish(tmp, final)
+    ranks.gather(None)  # no process goes on (or saves again) before `latest` has moved
+    return final

@@ -1,0 +1,137 @@
+"""The sharded checkpoint store on two real processes (gloo on CPU): each writes its shard
+through torch.distributed.checkpoint, the manifest covers every file, `latest` moves only once
+both have reported, and a process that fails or dies leaves the previous checkpoint in
+charge. Fast: no model, a DTensor of 8 rows split across the two processes."""
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sdtune.checkpoint.state import (
+    checkpoint_weights,
+    clean_temporaries,
+    find_checkpoint,
+    sharded_info,
+)
+from sdtune.checkpoint.store import (
+    CheckpointError,
+    Ranks,
+    verify_checkpoint,
+    write_sharded_checkpoint,
+)
+
+
+def _worker(rank: int, world: int, port: int, root: str, plan: str) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    ranks = Ranks(rank, world)
+    for step in (1, 2):
+        full = torch.arange(16.0).reshape(8, 2) * step
+        state = {"model": {"w": distribute_tensor(full, mesh, [Shard(0)])}}
+
+        def own(path: Path, step=step) -> None:
+            if plan == "full" and step == 2 and rank == 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            if plan == "die" and step == 2 and rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            path.write_text(f"rank {rank} step {step}\n")
+
+        try:
+            write_sharded_checkpoint(
+                Path(root),
+                step,
+                ranks,
+                lambda folder, state=state: dcp.save(state, checkpoint_id=str(folder)),
+                {f"own-{rank}.txt": own},
+                {"kind": "training", "sharded": {"processes": world, "by": "fsdp"}},
+            )
+        except Exception as exc:  # noqa: BLE001 - the test reads what each process raised
+            Path(root, f"error-{rank}-{step}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    dist.destroy_process_group()
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(root: Path, plan: str) -> None:
+    context = mp.start_processes(
+        _worker, args=(2, _port(), str(root), plan), nprocs=2, join=False, start_method="spawn"
+    )
+    try:
+        while not context.join(timeout=60):
+            pass
+    except mp.ProcessExitedException:
+        # one process killed: the other waits at a collective until torch's store gives up
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def test_every_process_writes_its_shard_under_one_manifest(tmp_path):
+    _run(tmp_path, "ok")
+    assert not list(tmp_path.glob("error-*"))
+    assert (tmp_path / "latest").read_text().strip() == "step-0000002"
+    ckpt = tmp_path / "step-0000002"
+    manifest = verify_checkpoint(ckpt)
+    names = {p.name for p in ckpt.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == names
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "own-0.txt", "own-1.txt"} <= names
+    assert sharded_info(ckpt) == {"processes": 2, "by": "fsdp"}
+    # read back whole, in this one process (the shards reassemble)
+    assert torch.equal(checkpoint_weights(ckpt)["w"], torch.arange(16.0).reshape(8, 2) * 2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_full_disk_on_one_process_keeps_the_previous_checkpoint(tmp_path):
+    _run(tmp_path, "full")
+    # both processes learn of it: the one whose disk filled, and the other
+    for rank in (0, 1):
+        said = (tmp_path / f"error-{rank}-2.txt").read_text()
+        assert said.startswith("NoSpaceError") and "step-0000002" in said
+    assert (tmp_path / "latest").read_text().strip() == "step-0000001"
+    assert not (tmp_path / "step-0000002").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_process_dying_mid_save_never_moves_latest(tmp_path):
+    _run(tmp_path, "die")
+    assert (tmp_path / "latest").read_text().strip() == "step-0000001"
+    assert not (tmp_path / "step-0000002").exists()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert left  # the half-written save, which the next start removes
+    said = []
+    clean_temporaries(tmp_path, said.append)
+    assert said and "left by an interrupted save" in said[0]
+    assert find_checkpoint(tmp_path, said.append) == tmp_path / "step-0000001"
+
+
+def test_a_corrupt_shard_is_refused_and_the_previous_checkpoint_used(tmp_path):
+    _run(tmp_path, "ok")
+    shard = tmp_path / "step-0000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="__0_0.distcp: sha256 does not match"):
+        verify_checkpoint(tmp_path / "step-0000002")
+    said = []
+    assert find_checkpoint(tmp_path, said.append) == tmp_path / "step-0000001"
+    assert any("falling back to step-0000001" in s for s in said)
+    manifest = json.loads((tmp_path / "step-0000001" / "manifest.json").read_text())
+    assert manifest["step"] == 1
