@@ -38,6 +38,9 @@ def train_run(args: argparse.Namespace, cfg, run_dir: Path, resume_hint: str) ->
 
     if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
+    from sdtune.train.shard import check_launch
+
+    check_launch()  # a launch asking for what sdtune does not shard with: before it starts
     # under `accelerate launch` / torchrun: the main process checks and prepares the run
     # directory, the others follow once it has (alone, this is a no-op)
     processes = PartialState(cpu=not torch.cuda.is_available())

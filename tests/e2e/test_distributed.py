@@ -20,13 +20,19 @@ DISTRIBUTED = (
 )
 
 
-def _launch(config, run, *extra, crash=None, spike=None):
+def launch_env(crash=None, spike=None) -> dict:
+    """The processes' environment: one thread each, and the fault hooks asked for."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("SDTUNE_CRASH_AT", None)
     if crash:
         env["SDTUNE_CRASH_AT"] = crash
     if spike:
         env["SDTUNE_SPIKE_AT"] = spike
+    return env
+
+
+def _launch(config, run, *extra, crash=None, spike=None):
+    env = launch_env(crash, spike)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--standalone", "-m", "sdtune", "train", str(config), "--output", str(run)]
     return subprocess.run(

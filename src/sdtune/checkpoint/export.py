@@ -9,18 +9,18 @@ from pathlib import Path
 
 import tomllib
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import sdtune
 from sdtune.checkpoint.convert import bundle_to_single_file
 from sdtune.checkpoint.state import (
     ARCH_KEY,
     CONFIG_KEY,
-    EMA_KEY,
-    MODEL_KEY,
     PROGRESS_KEY,
     architecture_record,
     check_architecture,
+    checkpoint_has_ema,
+    checkpoint_weights,
     find_checkpoint,
     frozen_fingerprint,
 )
@@ -83,11 +83,11 @@ def load_checkpoint_run(ckpt: Path, weights: str = "auto"):
         architecture_record(bundle, trainable, frozen, cfg.model.base),
         ckpt,
     )
-    has_ema = (ckpt / EMA_KEY).is_file()
+    has_ema = checkpoint_has_ema(ckpt)
     if weights == "ema" and not has_ema:
         raise CheckpointError(f"{ckpt}: has no EMA weights (train.ema was off); use --weights raw")
     use = "ema" if (weights == "ema" or (weights == "auto" and has_ema)) else "raw"
-    state = load_file(str(ckpt / (EMA_KEY if use == "ema" else MODEL_KEY)))
+    state = checkpoint_weights(ckpt, "ema" if use == "ema" else "model")  # sharded or not
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(state[name])

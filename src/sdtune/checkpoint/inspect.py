@@ -28,6 +28,12 @@ def _describe(path: Path, fast: bool) -> bool:
         print(
             f"  step {manifest['step']}, format {manifest['format_version']}, sdtune {manifest['sdtune_version']}"
         )
+        sharded = manifest.get("sharded")
+        if sharded:  # torch.distributed.checkpoint files: .metadata and one shard per process
+            print(
+                f"  sharded ({sharded.get('by')}) by {sharded.get('processes')} processes; "
+                "any number of processes resumes it, and sdtune export reads it whole"
+            )
         for name, info in sorted(manifest["files"].items()):
             print(f"  {name:<22} {info['size']:>14,} bytes  sha256 {info['sha256'][:16]}")
         progress = json.loads((path / PROGRESS_KEY).read_text())

@@ -77,18 +77,18 @@ def finish(run: Run, train_seconds: float) -> TrainResult:
     result = TrainResult(
         run.run_dir, state.step, train_seconds, run.last_loss, None, run.run_dir / "model"
     )
-    ema = run.objects.ema
+    save(run, must=True)  # the main process's (every process's shard, when sharded)
+    run.gather()  # sharded: the whole weights, for the main process to save and evaluate
     if run.main:
-        save(run, must=True)
-        with evaluation_weights(run.objects.optimizer):  # schedule-free: its averaged weights
-            with maybe_ema(ema):
-                _save_final_model(run.bundle, result.model_dir, ema, state.step, cfg)
+        with evaluation_weights(run.objects.optimizer), run.readable() as (bundle, ema):
+            with maybe_ema(ema):  # schedule-free: its averaged weights; EMA's if kept
+                _save_final_model(bundle, result.model_dir, ema, state.step, cfg)
             say(f"model saved to {result.model_dir}")
             if state.evaluations and state.evaluations[-1]["step"] == state.step:
                 row = state.evaluations[-1]  # evaluated at this step already (early stop)
             else:
                 row, grid = evaluate(
-                    cfg, run.bundle, run.data, ema, run.prompts, run.run_dir, state.step, run.device
+                    cfg, bundle, run.data, ema, run.prompts, run.run_dir, state.step, run.device
                 )
                 record_evaluation(run, row, grid, say)
             crash_point("end", state.step)
@@ -100,9 +100,7 @@ def finish(run: Run, train_seconds: float) -> TrainResult:
                 from sdtune.evaluate.judge import run_judge
 
                 with maybe_ema(ema):
-                    result.judged_accuracy = run_judge(
-                        run.bundle, cfg, run.run_dir, run.device, say
-                    )
+                    result.judged_accuracy = run_judge(bundle, cfg, run.run_dir, run.device, say)
             say(f"report: {write_report(run.run_dir)}")  # last: it holds every end-of-run number
     run.accelerator.end_training()
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ from sdtune.checkpoint.state import (
     architecture_record,
     clean_temporaries,
     frozen_fingerprint,
+    load_sharded_state,
     load_training_state,
+    sharded_info,
 )
+from sdtune.checkpoint.store import CheckpointError
 from sdtune.config import RunConfig, in_steps, to_dict, to_toml
 from sdtune.data import build_datasets
 from sdtune.data.dataset import apply_buckets, write_report
@@ -32,6 +36,7 @@ from sdtune.train.guard import StepGuard
 from sdtune.train.optim import build_lr_scheduler, build_optimizer, param_groups, skips_on_device
 from sdtune.train.parts import grid_prompts, truncate_metrics
 from sdtune.train.preserve import BasePrior, OutputPreservation
+from sdtune.train.shard import Gathered, check_launch, check_sharded, is_sharded, route_fsdp
 from sdtune.train.speed import check_speed_options, prepare_denoiser, set_tf32, training_forward
 from sdtune.train.step import BatchSource, StepContext, TrainingObjects
 
@@ -61,10 +66,37 @@ class Run:
     window_start: float = field(default_factory=time.monotonic)
     last_loss: float = float("nan")
     curriculum: Any = None
+    gathered: Gathered | None = None
+    """Sharded (FSDP): the whole model on the main process, for evaluation and the final model."""
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def sharded(self) -> bool:
+        return self.gathered is not None
+
+    @property
+    def ranks(self):
+        from sdtune.checkpoint.store import Ranks
+
+        return Ranks(self.accelerator.process_index, self.accelerator.num_processes)
+
+    def gather(self) -> None:
+        """Sharded: the whole trained weights into `gathered` (every process calls it)."""
+        if self.gathered is not None:
+            self.gathered.refresh()
+
+    @contextmanager
+    def readable(self):
+        """(bundle, EMA) as evaluation and the final model read them, on the main process: the
+        trained ones, or when sharded the gathered copy (after `gather`) on the device."""
+        if self.gathered is None:
+            yield self.bundle, self.objects.ema
+            return
+        with self.gathered.on(self.device) as bundle:
+            yield bundle, self.gathered.copy_ema
 
     @property
     def ckpt_root(self) -> Path:
@@ -76,7 +108,15 @@ class Run:
 
     def restore(self, path: Path) -> TrainingProgress:
         """The training objects as checkpoint `path` holds them; returns its progress."""
-        return load_training_state(path, self.objects, self.accelerator.process_index)
+        rank, saved = self.accelerator.process_index, sharded_info(path)
+        if saved is not None:  # any number of processes, sharded or not, reads it
+            return load_sharded_state(path, self.objects, self.bundle.denoiser, rank, self.sharded)
+        if self.sharded:
+            raise CheckpointError(
+                f"{path}: saved by an unsharded run; resume it without FSDP (the sharded run "
+                "reads only sharded checkpoints)"
+            )
+        return load_training_state(path, self.objects, rank)
 
 
 def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
@@ -96,6 +136,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
     if main:
         (run_dir / "config.toml").write_text(config_toml)
     bundle, trainable, architecture = _model(cfg, run_dir, main, say)
+    if is_sharded(accelerator):
+        check_sharded(cfg, trainable, denoiser_name(bundle))
     bundle.to(accelerator.device)
     data = _data(cfg, bundle, run_dir, accelerator, say)
     # epochs become steps now that the images are counted (config.toml keeps what was asked)
@@ -120,6 +162,14 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
         [],
         config_toml,
     )  # noqa: E501
+    if is_sharded(accelerator):
+        run.gathered = Gathered(
+            lambda: _model(cfg, run_dir, False, _silent)[0],
+            objects.trainable,
+            objects.ema,
+            cfg.train.ema_decay,
+            main,
+        )
     if resume_from is not None:
         run.state = run.restore(resume_from)
         say(f"resumed from {resume_from} (step {run.state.step}, epoch {run.state.position.epoch})")
@@ -152,6 +202,7 @@ def _accelerator(cfg: RunConfig, run_dir: Path):
 
     use_cuda = torch.cuda.is_available()
     trackers = _check_trackers(cfg.monitor.trackers)
+    check_launch()
     check_speed_options(cfg.train, use_cuda)
     if use_cuda:
         set_tf32(cfg.train.tf32)
@@ -166,9 +217,15 @@ def _accelerator(cfg: RunConfig, run_dir: Path):
         project_dir=str(run_dir),
         kwargs_handlers=[ddp],
     )
+    route_fsdp(accelerator)
     if trackers:
         accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
     return accelerator, accelerator.log if trackers else None
+
+
+def denoiser_name(bundle) -> str:
+    """The component name of the bundle's denoiser ("unet", "transformer")."""
+    return next(c for c, m in bundle.components().items() if m is bundle.denoiser)
 
 
 def _write_grid_prompts(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> None:
@@ -316,12 +373,16 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     )
     optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
-    ema = EMA(list(trainable.values()), cfg.train.ema_decay) if cfg.train.ema else None
     # only modules that train are wrapped (DDP refuses one without gradients)
     wrapped_names = [n for n in encoders if training_text[n]]
     prepared = accelerator.prepare(denoiser, *[encoders[n] for n in wrapped_names], optimizer)
     denoiser, optimizer = prepared[0], prepared[-1]
     encoders = {**encoders, **dict(zip(wrapped_names, prepared[1:-1]))}
+    if is_sharded(accelerator):  # FSDP put each process's shard in the parameters' place
+        name = denoiser_name(bundle)
+        sharded = {f"{name}.{n}": p for n, p in bundle.denoiser.named_parameters()}
+        trainable = {n: sharded[n] for n in trainable}
+    ema = EMA(list(trainable.values()), cfg.train.ema_decay) if cfg.train.ema else None
     objects = TrainingObjects(
         trainable, optimizer, lr_scheduler, ema, accelerator.scaler, architecture
     )

@@ -23,6 +23,7 @@ from sdtune.data.order import derive_seed, generator
 from sdtune.models.families import Conditioning
 from sdtune.train.optim import step_unless
 from sdtune.train.parts import batches
+from sdtune.train.shard import local, whole
 from sdtune.train.speed import attention_kernel
 
 # |update| / |weights| is measured on a copy of the weights taken before the step, of at most
@@ -281,6 +282,7 @@ def _update(ctx: StepContext, state, step_loss, step_kept, names, log_now: bool)
     else:
         accelerator.unscale_gradients()  # fp16: the norm in true units (else a no-op)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = whole(grad_norm)  # sharded: the norm of every process's gradients together
     if accelerator.num_processes > 1:  # every process decides on the same numbers
         step_loss = accelerator.reduce(step_loss, reduction="mean")
         if step_kept is not None:
@@ -316,7 +318,7 @@ def _ratio_stride(params: list[torch.nn.Parameter]) -> int:
 
 
 def _sampled(p: torch.Tensor, stride: int) -> torch.Tensor:
-    flat = p.detach().reshape(-1)
+    flat = local(p.detach()).reshape(-1)  # sharded: this process's shard
     return flat if stride == 1 else flat[::stride]
 
 
@@ -326,12 +328,18 @@ def ratio_sample(params: list[torch.nn.Parameter]) -> tuple[int, list[torch.Tens
     return stride, [_sampled(p, stride).clone() for p in params]
 
 
-def update_ratio(params: list[torch.nn.Parameter], before: tuple[int, list[torch.Tensor]]) -> float:
-    """|update| / |weights| over the sample `ratio_sample` took (all weights when they fit)."""
+def update_ratio(
+    params: list[torch.nn.Parameter], before: tuple[int, list[torch.Tensor]], sharded: bool = False
+) -> float:
+    """|update| / |weights| over the sample `ratio_sample` took (all weights when they fit);
+    `sharded`: over every process's shards (a collective)."""
     stride, old = before
     delta, norm = [], []
     for p, b in zip(params, old):  # one tensor's sample alive at a time (a channels-last
         now = _sampled(p, stride).float()  # weight is copied to be flattened)
         delta.append((now - b.float()).pow(2).sum())
         norm.append(now.pow(2).sum())
-    return float(torch.stack(delta).sum().sqrt() / torch.stack(norm).sum().sqrt().clamp(min=1e-12))
+    sums = torch.stack([torch.stack(delta).sum(), torch.stack(norm).sum()])
+    if sharded:
+        torch.distributed.all_reduce(sums)
+    return float(sums[0].sqrt() / sums[1].sqrt().clamp(min=1e-12))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sdtune.checkpoint.rotation import rotate
-from sdtune.checkpoint.state import find_checkpoint, save_training_state
+from sdtune.checkpoint.state import find_checkpoint, save_sharded_state, save_training_state
 from sdtune.errors import ConfigError, UserError
 from sdtune.evaluate.early_stop import early_stop_reason, overfitting
 from sdtune.files import NoSpaceError, free_bytes
@@ -82,14 +82,17 @@ def watch(run, result: StepResult, log_now: bool, stop) -> None:
     else:
         lr = run.objects.lr_scheduler.get_last_lr()[0]
         run.progress.update(state.step, run.last_loss, lr, 0.0, False)
-    if run.main and evaluate_now:
-        _evaluate(run)
-    if run.accelerator.num_processes > 1 and evaluate_now:  # every process stops together
-        from accelerate.utils import broadcast_object_list
+    if evaluate_now:
+        run.gather()  # sharded: the whole weights, for the main process to evaluate
+        new_best = _evaluate(run) if run.main else False
+        if run.accelerator.num_processes > 1:  # every process stops (and saves) together
+            from accelerate.utils import broadcast_object_list
 
-        flag = [state.stop_reason]
-        broadcast_object_list(flag)
-        state.stop_reason = flag[0]
+            flag = [state.stop_reason, new_best]
+            broadcast_object_list(flag)
+            state.stop_reason, new_best = flag
+        if new_best:
+            save(run)
     if state.stop_reason is not None:
         run.progress.write(f"early stop at step {state.step}: {state.stop_reason}")
         if run.log is not None:
@@ -137,7 +140,7 @@ def _log_row(run, result: StepResult, reports) -> None:
     elapsed = time.monotonic() - run.window_start
     ratio = float("nan")
     if result.ratio_before is not None and not reports[-1].bad:  # |update| / |weights|
-        ratio = update_ratio(objects.params, result.ratio_before)
+        ratio = update_ratio(objects.params, result.ratio_before, run.sharded)
     row = {
         "loss": state.window_loss / state.window_steps,
         "lr": objects.lr_scheduler.get_last_lr()[0],
@@ -168,34 +171,28 @@ def evaluate_before(run) -> None:
     wanted = cfg.evaluate.before_training
     if wanted is None:
         wanted = not cfg.model.base.startswith("preset:")
-    if not wanted or not run.main or run.state.step != 0:
+    if not wanted or run.state.step != 0:
         return
-    with evaluation_weights(run.objects.optimizer):
-        row, grid = evaluate(
-            cfg, run.bundle, run.data, run.objects.ema, run.prompts, run.run_dir, 0, run.device
-        )
+    run.gather()  # sharded: every process gives its shard
+    if not run.main:
+        return
+    with evaluation_weights(run.objects.optimizer), run.readable() as (bundle, ema):
+        row, grid = evaluate(cfg, bundle, run.data, ema, run.prompts, run.run_dir, 0, run.device)
     record_evaluation(run, row, grid, lambda text: run.progress.write(f"before training: {text}"))
     _check_metric_names(cfg, row)
 
 
-def _evaluate(run) -> None:
-    """Validation, samples (and metrics) now; a new best is saved at once; early stop."""
+def _evaluate(run) -> bool:
+    """Validation, samples (and metrics) now, and early stop; whether this evaluation is a
+    new best (saved at once, by the caller: when sharded every process saves)."""
     cfg, state = run.cfg, run.state
-    with evaluation_weights(run.objects.optimizer):
+    with evaluation_weights(run.objects.optimizer), run.readable() as (bundle, ema):
         row, grid = evaluate(
-            cfg,
-            run.bundle,
-            run.data,
-            run.objects.ema,
-            run.prompts,
-            run.run_dir,
-            state.step,
-            run.device,
+            cfg, bundle, run.data, ema, run.prompts, run.run_dir, state.step, run.device
         )
     record_evaluation(run, row, grid, run.progress.write)
     _check_metric_names(cfg, row)
-    if _is_new_best(cfg, state):
-        save(run)
+    new_best = _is_new_best(cfg, state)
     if overfitting(state.evaluations, cfg.evaluate.overfit_patience):
         warning = (
             f"validation loss rose for {cfg.evaluate.overfit_patience} evaluations in a "
@@ -205,6 +202,7 @@ def _evaluate(run) -> None:
         if run.log is not None:
             run.log.event(state.step, "overfitting", warning)
     state.stop_reason = early_stop_reason(state.evaluations, cfg.evaluate.early_stop)
+    return new_best
 
 
 def record_evaluation(run, row: dict, grid: Path, say) -> None:
@@ -309,12 +307,12 @@ def save(run, must: bool = False) -> None:
     save, as a disk that fills up during any save does; the checkpoints already written, and
     `latest`, stay as they were."""
     state, root = run.state, run.ckpt_root
-    if not run.main or run.last_saved == state.step:
-        return
+    if run.last_saved == state.step or not (run.main or run.sharded):
+        return  # sharded: every process writes its shard; else the main process writes all
     run.ctx.guard.store(state)
     if run.objects.ema is not None:
         state.ema_steps = run.objects.ema.optimization_step
-    previous = sorted(p for p in root.glob("step-*") if p.is_dir())
+    previous = sorted(p for p in root.glob("step-*") if p.is_dir()) if run.main else []
     if previous:
         needed = sum(f.stat().st_size for f in previous[-1].iterdir() if f.is_file())
     else:  # before the first checkpoint: weights, optimizer moments, EMA
@@ -335,6 +333,8 @@ def save(run, must: bool = False) -> None:
             f"then resume with: sdtune train CONFIG --output {run.run_dir} --resume"
         )
 
+    if run.sharded:  # the main process's disk check decides for every process
+        free, needed = run.ranks.broadcast((free, needed))
     if free < needed:
         if must:
             raise no_space("cannot save")
@@ -345,11 +345,19 @@ def save(run, must: bool = False) -> None:
         return
     started = time.monotonic()
     try:
-        path = save_training_state(
-            root, state, run.objects, run.config_toml, run.accelerator.process_index
-        )
+        if run.sharded:
+            path = save_sharded_state(
+                root, state, run.objects, run.config_toml, run.ranks, run.bundle.denoiser
+            )
+        else:
+            path = save_training_state(
+                root, state, run.objects, run.config_toml, run.accelerator.process_index
+            )
     except NoSpaceError:
         raise no_space("the disk filled up while saving") from None
+    if not run.main:
+        run.last_saved, run.last_save_time = state.step, time.monotonic()
+        return
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     run.say(
         f"checkpoint: saved {path.name} ({size / 2**20:.1f} MiB in "

@@ -1,0 +1,162 @@
+"""Sharded training: FSDP2 through Accelerate, when `accelerate launch` is given an FSDP config.
+
+Every process holds a shard of the denoiser's weights, gradients and optimizer state; a
+layer's whole weights exist only while it computes. What sdtune adds is what Accelerate leaves
+to the training script:
+- checkpoints written by every process together (checkpoint/state.py `save_sharded_state`):
+  each process's shard through torch.distributed.checkpoint, never gathered on one process,
+  under the store's manifest and `latest`;
+- EMA's average kept sharded like the weights it follows (each process averages its shard:
+  no process ever holds the whole average, and the update needs no communication);
+- `Gathered`: the whole model on the main process for what reads it there (evaluation, the
+  judge, the final model), its trained weights gathered from the shards when it is read;
+- the numbers the guard and the logs read (gradient norm, update ratio) made whole first.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from sdtune.errors import ConfigError, UserError
+
+SHARDED_OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+"""torch's own optimizers: their state is per-parameter tensors shaped like the parameter,
+which FSDP shards and torch.distributed.checkpoint saves and reshards."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
+def check_launch() -> None:
+    """Refuse, in one line, a launch sdtune cannot train as asked (before Accelerate starts)."""
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise UserError(
+            "accelerate launch: DeepSpeed is not supported by sdtune yet; shard with FSDP "
+            "instead (accelerate launch --config_file examples/accelerate/fsdp.yaml)"
+        )
+    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError(
+            "accelerate launch: sdtune shards with FSDP2: set fsdp_version: 2 in the FSDP "
+            "config (examples/accelerate/fsdp.yaml)"
+        )
+
+
+def route_fsdp(accelerator) -> None:
+    """Accelerate shards only on accelerators: given an FSDP config on CPU processes it runs
+    DDP without saying so. There sdtune asks for Accelerate's own FSDP2 preparation, which
+    torch's FSDP2 runs over gloo as well (how the CPU tests shard)."""
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    if (
+        not _flag("ACCELERATE_USE_FSDP")
+        or accelerator.distributed_type != DistributedType.MULTI_CPU
+    ):
+        return
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    # both shared states: a later AcceleratorState() copies the process state's over its own
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_sharded(cfg, trainable: dict, denoiser_name: str) -> None:
+    """What FSDP training takes, refused in one line otherwise."""
+    outside = sorted(n for n in trainable if not n.startswith(f"{denoiser_name}."))
+    if outside:
+        raise ConfigError(
+            f"FSDP: only the {denoiser_name} trains when sharded (Accelerate shards one model), "
+            f"but {outside[0]} would train too; leave the text encoders frozen "
+            "(lora.text_encoder = false, no textual-inversion token, model.trainable without "
+            "text_encoder*), or train without FSDP"
+        )
+    if cfg.train.optimizer not in SHARDED_OPTIMIZERS:
+        raise ConfigError(
+            f"train.optimizer: '{cfg.train.optimizer}' is not sharded by sdtune's FSDP "
+            f"checkpoints; use one of {', '.join(SHARDED_OPTIMIZERS)}"
+        )
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "train.mixed_precision: fp16 is not supported with FSDP (its loss scaler would "
+            "need a sharded one); use bf16"
+        )
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every process calls it), a tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor, a tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Gathered:
+    """The whole model on the main process, for evaluation, the judge and the final model:
+    an unsharded copy made as set-up made the trained one (`build`, on the host, with its own
+    random state), whose trainable weights and EMA average `refresh` gathers from every
+    process's shards. Reading it costs the main process the weights once more (2 or 4 bytes a
+    weight, against the 16 or more a trained weight takes); it waits on the host between
+    reads and visits the device only while it is read (`on`)."""
+
+    def __init__(self, build, trainable: dict, ema, decay: float, main: bool) -> None:
+        self.build, self.trainable, self.ema, self.decay, self.main = (
+            build, trainable, ema, decay, main
+        )  # fmt: skip
+        self.bundle = None
+        self.copy_ema = None
+        self._params: dict[str, torch.nn.Parameter] = {}
+
+    def refresh(self) -> None:
+        """Gather the trained weights (and EMA's) into the copy: every process calls it."""
+        from sdtune.train.ema import EMA
+
+        if self.main and self.bundle is None:
+            with torch.random.fork_rng(devices=[]):
+                self.bundle = self.build()
+            components = self.bundle.components().items()
+            named = {f"{c}.{n}": p for c, m in components for n, p in m.named_parameters()}
+            self._params = {n: named[n] for n in self.trainable}
+            if self.ema is not None:
+                self.copy_ema = EMA(list(self._params.values()), self.decay)
+        with torch.no_grad():
+            for i, (name, param) in enumerate(self.trainable.items()):
+                full = whole(param.detach())
+                if self.main:
+                    self._params[name].copy_(full.to("cpu"))
+                if self.ema is not None:
+                    shadow = whole(self.ema.shadow_params[i])
+                    if self.main:
+                        self.copy_ema.shadow_params[i].copy_(shadow.to("cpu"))
+
+    @contextmanager
+    def on(self, device: torch.device):
+        """The copy on `device` while it is read, back on the host after."""
+        moved = device.type != "cpu"
+        if moved:
+            self.bundle.to(device)
+            if self.copy_ema is not None:
+                self.copy_ema.shadow_params = [s.to(device) for s in self.copy_ema.shadow_params]
+        try:
+            yield self.bundle
+        finally:
+            if moved:
+                self.bundle.to("cpu")
+                if self.copy_ema is not None:
+                    shadows = self.copy_ema.shadow_params
+                    self.copy_ema.shadow_params = [s.to("cpu") for s in shadows]
+                torch.cuda.empty_cache()
