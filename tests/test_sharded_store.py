@@ -48,12 +48,17 @@ def _worker(rank: int, world: int, port: int, root: str, plan: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             path.write_text(f"rank {rank} step {step}\n")
 
+        def collective(folder: Path, state=state, step=step) -> None:
+            dcp.save(state, checkpoint_id=str(folder))
+            if plan == "collective" and step == 2 and rank == 0:  # as torch's writer reports it
+                raise RuntimeError("CheckpointException: [Errno 28] No space left on device")
+
         try:
             write_sharded_checkpoint(
                 Path(root),
                 step,
                 ranks,
-                lambda folder, state=state: dcp.save(state, checkpoint_id=str(folder)),
+                collective,
                 {f"own-{rank}.txt": own},
                 {"kind": "training", "sharded": {"processes": world, "by": "fsdp"}},
             )
@@ -99,8 +104,9 @@ def test_every_process_writes_its_shard_under_one_manifest(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_a_full_disk_on_one_process_keeps_the_previous_checkpoint(tmp_path):
-    _run(tmp_path, "full")
+@pytest.mark.parametrize("plan", ["full", "collective"])
+def test_a_full_disk_on_one_process_keeps_the_previous_checkpoint(tmp_path, plan):
+    _run(tmp_path, plan)
     # both processes learn of it: the one whose disk filled, and the other
     for rank in (0, 1):
         said = (tmp_path / f"error-{rank}-2.txt").read_text()

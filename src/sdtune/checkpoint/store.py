@@ -174,47 +174,64 @@ def write_sharded_checkpoint(
     before then leaves the temporary folder, which the next start removes: `latest` never
     names a checkpoint with a half-written shard."""
     final = root / step_dirname(step)
-    name = ranks.broadcast(f"{TMP_PREFIX}{step_dirname(step)}-{os.getpid()}")
-    tmp = root / name
-    error = None
-    if ranks.main:
+    tmp = root / ranks.broadcast(f"{TMP_PREFIX}{step_dirname(step)}-{os.getpid()}")
+
+    def together(phase: str, work) -> object:
+        """Run `work` here; every process learns whether any failed (and all raise alike)."""
+        result, error = None, None
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as exc:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - every process must hear of any failure
             error = exc
-    if ranks.broadcast(None if error is None else repr(error)) is not None:
-        raise (error if error is not None else CheckpointError(f"{root}: cannot create {name}"))
-    try:
-        collective(tmp)
-        for file_name, write in own.items():
-            write(tmp / file_name)
-    except Exception as exc:
-        error = exc
-    failures = ranks.gather(None if error is None else (disk_full(error, tmp), repr(error)))
-    failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
-    if failed:
-        if ranks.main:
+        said = ranks.gather(None if error is None else (disk_full(error, tmp), repr(error)))
+        failed = [(rank, f) for rank, f in enumerate(said) if f is not None]
+        if not failed:
+            return result
+        if ranks.main and phase != "publish":
             shutil.rmtree(tmp, ignore_errors=True)
-        if error is not None and not isinstance(error, OSError):
-            raise error
         if any(full for _, (full, _) in failed):
-            raise NoSpaceError(f"{root}: the disk filled up while writing {final.name}")
+            raise NoSpaceError(f"{root}: the disk filled up while writing {final.name}") from error
         rank, (_, what) = failed[0]
-        raise CheckpointError(f"{root}: process {rank} could not write {final.name}: {what}")
-    # every process's files are written: each fsyncs and hashes its share of them
-    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    files = {}
-    for file_name in names[ranks.rank :: ranks.world]:
-        path = tmp / file_name
-        fsync_path(path)
-        files[file_name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
-    listed = ranks.gather(files)
-    if ranks.main:
+        raise CheckpointError(
+            f"{root}: process {rank} could not {phase} {final.name}: {what[:200]}"
+        ) from error
+
+    def make() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+    def write() -> None:
+        collective(tmp)
+        for file_name, writer in own.items():
+            writer(tmp / file_name)
+
+    together("create the folder of", make if ranks.main else lambda: None)
+    together("write", write)
+    # every file is written: the main process lists them, each process fsyncs and hashes
+    # its share, and the manifest lists exactly what the main process saw
+    names = ranks.broadcast(
+        sorted(p.name for p in tmp.iterdir() if p.is_file()) if ranks.main else None
+    )
+
+    def hash_share() -> dict:
+        files = {}
+        for file_name in names[ranks.rank :: ranks.world]:
+            path = tmp / file_name
+            fsync_path(path)
+            files[file_name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+        return files
+
+    listed = ranks.gather(together("hash", hash_share))
+
+    def publish() -> None:
         files = {k: v for part in listed for k, v in sorted(part.items())}
+        if sorted(files) != names:
+            raise CheckpointError(f"{tmp}: hashed {len(files)} of {len(names)} files")
         _write_manifest(tmp, step, files, meta)
         _publish(tmp, final)
-    ranks.gather(None)  # no process goes on (or saves again) before `latest` has moved
+
+    # no process goes on (or saves again) before `latest` has moved
+    together("publish", publish if ranks.main else lambda: None)
     return final

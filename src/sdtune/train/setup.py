@@ -36,7 +36,14 @@ from sdtune.train.guard import StepGuard
 from sdtune.train.optim import build_lr_scheduler, build_optimizer, param_groups, skips_on_device
 from sdtune.train.parts import grid_prompts, truncate_metrics
 from sdtune.train.preserve import BasePrior, OutputPreservation
-from sdtune.train.shard import Gathered, check_launch, check_sharded, is_sharded, route_fsdp
+from sdtune.train.shard import (
+    Gathered,
+    check_launch,
+    check_sharded,
+    is_sharded,
+    route_fsdp,
+    same_start,
+)
 from sdtune.train.speed import check_speed_options, prepare_denoiser, set_tf32, training_forward
 from sdtune.train.step import BatchSource, StepContext, TrainingObjects
 
@@ -165,10 +172,11 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
     if is_sharded(accelerator):
         run.gathered = Gathered(
             lambda: _model(cfg, run_dir, False, _silent)[0],
+            bundle,
             objects.trainable,
             objects.ema,
             cfg.train.ema_decay,
-            main,
+            run.ranks,
         )
     if resume_from is not None:
         run.state = run.restore(resume_from)
@@ -373,6 +381,8 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     )
     optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    if is_sharded(accelerator):
+        same_start(trainable)
     # only modules that train are wrapped (DDP refuses one without gradients)
     wrapped_names = [n for n in encoders if training_text[n]]
     prepared = accelerator.prepare(denoiser, *[encoders[n] for n in wrapped_names], optimizer)

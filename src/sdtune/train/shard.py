@@ -84,11 +84,28 @@ def check_sharded(cfg, trainable: dict, denoiser_name: str) -> None:
             f"train.optimizer: '{cfg.train.optimizer}' is not sharded by sdtune's FSDP "
             f"checkpoints; use one of {', '.join(SHARDED_OPTIMIZERS)}"
         )
+    if cfg.dreambooth.instance_prompt and cfg.dreambooth.prior_target == "base":
+        raise ConfigError(
+            "dreambooth.prior_target: 'base' is not supported with FSDP (its extra forward runs "
+            "only on batches with class images, which the processes would not agree on); use "
+            "'noise', or train without FSDP"
+        )
     if cfg.train.mixed_precision == "fp16":
         raise ConfigError(
             "train.mixed_precision: fp16 is not supported with FSDP (its loss scaler would "
             "need a sharded one); use bf16"
         )
+
+
+def same_start(trainable: dict) -> None:
+    """Every process's trainable weights made the main process's, before FSDP shards each
+    process's own copy: what DDP does when it wraps (a LoRA's random start is drawn per
+    process). Every process calls it."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for param in trainable.values():
+            dist.broadcast(param.data, src=0)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -106,56 +123,74 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class Gathered:
-    """The whole model on the main process, for evaluation, the judge and the final model:
-    an unsharded copy made as set-up made the trained one (`build`, on the host, with its own
-    random state), whose trainable weights and EMA average `refresh` gathers from every
-    process's shards. Reading it costs the main process the weights once more (2 or 4 bytes a
-    weight, against the 16 or more a trained weight takes); it waits on the host between
-    reads and visits the device only while it is read (`on`)."""
+    """The whole model on the main process, for evaluation, the judge and the final model: the
+    trained bundle's own frozen components (not sharded) with an unsharded copy of its
+    denoiser, made as set-up made the trained one (`build`, on the host, with its own random
+    state), whose trainable weights and EMA average `refresh` gathers from every process's
+    shards. It costs the main process one more float32 copy of the denoiser, on the host
+    between reads and on the device while it is read (`on`)."""
 
-    def __init__(self, build, trainable: dict, ema, decay: float, main: bool) -> None:
-        self.build, self.trainable, self.ema, self.decay, self.main = (
-            build, trainable, ema, decay, main
+    def __init__(self, build, live, trainable: dict, ema, decay: float, ranks) -> None:
+        self.build, self.live, self.trainable, self.ema, self.decay, self.ranks = (
+            build, live, trainable, ema, decay, ranks
         )  # fmt: skip
         self.bundle = None
         self.copy_ema = None
         self._params: dict[str, torch.nn.Parameter] = {}
 
-    def refresh(self) -> None:
-        """Gather the trained weights (and EMA's) into the copy: every process calls it."""
+    def _make(self) -> None:
         from sdtune.train.ema import EMA
 
-        if self.main and self.bundle is None:
-            with torch.random.fork_rng(devices=[]):
-                self.bundle = self.build()
-            components = self.bundle.components().items()
-            named = {f"{c}.{n}": p for c, m in components for n, p in m.named_parameters()}
-            self._params = {n: named[n] for n in self.trainable}
-            if self.ema is not None:
-                self.copy_ema = EMA(list(self._params.values()), self.decay)
+        with torch.random.fork_rng(devices=[]):
+            built = self.build()
+        name = next(c for c, m in self.live.modules.items() if m is self.live.denoiser)
+        # the frozen components are the live ones: only the denoiser is sharded
+        built.modules = {
+            c: built.modules[c] if c == name else m for c, m in self.live.modules.items()
+        }
+        built.tokenizers = self.live.tokenizers
+        named = dict(built.denoiser.named_parameters())
+        self._params = {n: named[n.removeprefix(f"{name}.")] for n in self.trainable}
+        if self.ema is not None:
+            self.copy_ema = EMA(list(self._params.values()), self.decay)
+        self.bundle = built
+
+    def refresh(self) -> None:
+        """Gather the trained weights (and EMA's) into the copy: every process calls it."""
+        failed = None
+        if self.ranks.main and self.bundle is None:
+            try:
+                self._make()
+            except Exception as exc:  # noqa: BLE001 - the other processes must not wait on
+                failed = exc
+        said = self.ranks.broadcast(None if failed is None else repr(failed))
+        if said is not None:
+            if failed is not None:
+                raise failed
+            raise UserError(f"FSDP: the main process could not build the whole model: {said}")
         with torch.no_grad():
             for i, (name, param) in enumerate(self.trainable.items()):
                 full = whole(param.detach())
-                if self.main:
+                if self.ranks.main:
                     self._params[name].copy_(full.to("cpu"))
                 if self.ema is not None:
                     shadow = whole(self.ema.shadow_params[i])
-                    if self.main:
+                    if self.ranks.main:
                         self.copy_ema.shadow_params[i].copy_(shadow.to("cpu"))
 
     @contextmanager
     def on(self, device: torch.device):
-        """The copy on `device` while it is read, back on the host after."""
+        """The copy's denoiser on `device` while it is read, back on the host after."""
         moved = device.type != "cpu"
         if moved:
-            self.bundle.to(device)
+            self.bundle.denoiser.to(device)
             if self.copy_ema is not None:
                 self.copy_ema.shadow_params = [s.to(device) for s in self.copy_ema.shadow_params]
         try:
             yield self.bundle
         finally:
             if moved:
-                self.bundle.to("cpu")
+                self.bundle.denoiser.to("cpu")
                 if self.copy_ema is not None:
                     shadows = self.copy_ema.shadow_params
                     self.copy_ema.shadow_params = [s.to("cpu") for s in shadows]

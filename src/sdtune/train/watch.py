@@ -85,14 +85,18 @@ def watch(run, result: StepResult, log_now: bool, stop) -> None:
     if evaluate_now:
         run.gather()  # sharded: the whole weights, for the main process to evaluate
         new_best = _evaluate(run) if run.main else False
-        if run.accelerator.num_processes > 1:  # every process stops (and saves) together
-            from accelerate.utils import broadcast_object_list
-
-            flag = [state.stop_reason, new_best]
-            broadcast_object_list(flag)
-            state.stop_reason, new_best = flag
+        if run.sharded:  # every process writes its shard of the new best
+            new_best = run.ranks.broadcast(new_best)
         if new_best:
             save(run)
+        if run.main:
+            _after_evaluation(run)
+        if run.accelerator.num_processes > 1:  # every process stops together
+            from accelerate.utils import broadcast_object_list
+
+            flag = [state.stop_reason]
+            broadcast_object_list(flag)
+            state.stop_reason = flag[0]
     if state.stop_reason is not None:
         run.progress.write(f"early stop at step {state.step}: {state.stop_reason}")
         if run.log is not None:
@@ -183,8 +187,8 @@ def evaluate_before(run) -> None:
 
 
 def _evaluate(run) -> bool:
-    """Validation, samples (and metrics) now, and early stop; whether this evaluation is a
-    new best (saved at once, by the caller: when sharded every process saves)."""
+    """Validation, samples (and metrics) now; whether this evaluation is a new best (saved at
+    once by the caller, before `_after_evaluation`: when sharded every process saves)."""
     cfg, state = run.cfg, run.state
     with evaluation_weights(run.objects.optimizer), run.readable() as (bundle, ema):
         row, grid = evaluate(
@@ -192,7 +196,12 @@ def _evaluate(run) -> bool:
         )
     record_evaluation(run, row, grid, run.progress.write)
     _check_metric_names(cfg, row)
-    new_best = _is_new_best(cfg, state)
+    return _is_new_best(cfg, state)
+
+
+def _after_evaluation(run) -> None:
+    """After an evaluation (and the save of a new best): the overfitting warning, early stop."""
+    cfg, state = run.cfg, run.state
     if overfitting(state.evaluations, cfg.evaluate.overfit_patience):
         warning = (
             f"validation loss rose for {cfg.evaluate.overfit_patience} evaluations in a "
@@ -202,7 +211,6 @@ def _evaluate(run) -> bool:
         if run.log is not None:
             run.log.event(state.step, "overfitting", warning)
     state.stop_reason = early_stop_reason(state.evaluations, cfg.evaluate.early_stop)
-    return new_best
 
 
 def record_evaluation(run, row: dict, grid: Path, say) -> None:
@@ -320,9 +328,12 @@ def save(run, must: bool = False) -> None:
         copies = 3 + (run.objects.ema is not None) + is_schedule_free(run.objects.optimizer)
         needed = weights * copies + 2**20
     free = free_bytes(root)
+    last = previous[-1].name if previous else None
+    if run.sharded:  # the main process's disk check (and its view of the folder) for all
+        free, needed, last = run.ranks.broadcast((free, needed, last))
     kept = (
-        f"the last checkpoint, {previous[-1].name}, is intact"
-        if previous
+        f"the last checkpoint, {last}, is intact"
+        if last
         else "there is no checkpoint yet (--resume starts again from scratch)"
     )
 
@@ -333,8 +344,6 @@ def save(run, must: bool = False) -> None:
             f"then resume with: sdtune train CONFIG --output {run.run_dir} --resume"
         )
 
-    if run.sharded:  # the main process's disk check decides for every process
-        free, needed = run.ranks.broadcast((free, needed))
     if free < needed:
         if must:
             raise no_space("cannot save")
