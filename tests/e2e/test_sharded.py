@@ -81,7 +81,8 @@ def _assert_same(a, b):
 def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     config = root / "cfg.toml"
-    config.write_text(DISTRIBUTED)
+    # the base evaluated first too: the whole copy is gathered at step 0 as well
+    config.write_text(DISTRIBUTED.replace("[evaluate]\n", "[evaluate]\nbefore_training = true\n"))
     proc = _launch(config, root / "a", spike="8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return config, root / "a", proc
@@ -93,6 +94,7 @@ def test_fsdp_shards_and_guards_as_ddp_does(straight):
     assert "processes: 2; global batch 4 images per step" in proc.stdout
     # the guard decides on the whole gradient norm and rolls every process back together
     assert "diverged at step 8: rolled back to step-0000006" in proc.stdout
+    assert "before training: step 0: samples" in proc.stdout
     ckpt = run / "checkpoints" / "step-0000010"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["sharded"] == {"processes": 2, "by": "fsdp"}
