@@ -172,3 +172,31 @@ def test_plan_cli(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["plan", str(config), "--price", "3"]) == 2
     assert "--price: " in capsys.readouterr().err
+
+
+def test_fsdp_plan_splits_the_denoisers_state_per_process(tmp_path, capsys):
+    config = tmp_path / "cfg.toml"
+    config.write_text(
+        '[model]\nbase = "preset:tiny-sd"\n[data]\nresolution = 32\n[train]\nema = true\n'
+    )
+    cfg = load_config(config)
+    whole, sharded = make_plan(cfg, "h100"), make_plan(cfg, "h100", shards=4)
+    unet = 4 * 792_964  # preset:tiny-sd's UNet, float32
+    # the UNet's weights, optimizer state and EMA split four ways; the rest whole on each
+    assert whole.memory["weights"] - sharded.memory["weights"] == unet - unet // 4
+    assert sharded.memory["optimizer"] == whole.memory["optimizer"] // 4 == 2 * unet // 4
+    assert sharded.memory["ema"] == unet // 4
+    assert "autocast_copies" not in sharded.memory  # FSDP casts each block as it computes
+    assert 0 < sharded.memory["fsdp_whole_blocks"] < unet
+    # the gradients are kept as shards: less held at the peak of the step
+    assert sharded.memory["activations_and_gradients"] < whole.memory["activations_and_gradients"]
+    assert sharded.peak < whole.peak
+    assert main(["plan", str(config), "--gpu", "h100", "--fsdp", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "peak memory, per process (FSDP):" in text and "FSDP sharding the unet over 4" in text
+    with pytest.raises(SystemExit):  # one process shards nothing
+        main(["plan", str(config), "--fsdp", "1"])
+    assert "--fsdp: 1 is below the smallest allowed value, 2" in capsys.readouterr().err
+    config.write_text(config.read_text() + "[lora]\nenabled = true\ntext_encoder = true\n")
+    assert main(["plan", str(config), "--fsdp", "2"]) == 2
+    assert "FSDP: only the unet trains when sharded" in capsys.readouterr().err

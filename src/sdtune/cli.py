@@ -418,6 +418,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.memory,
         args.price,
         measured.step_seconds if measured is not None else None,
+        shards=args.fsdp or 1,
     )
     print(render(plan, cfg))
     if measured is not None:
@@ -782,6 +783,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time a few real steps on this machine (loads the weights)",
     )
     p.add_argument("--measure-steps", type=_number(int, 1), default=3, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--fsdp",
+        type=_number(int, 2),
+        default=None,
+        metavar="N",
+        help="the memory of one process when FSDP shards the denoiser over N processes",
+    )
     p.add_argument("--json", default=None, help="also write the plan to this JSON file")
     p.set_defaults(func=cmd_plan)
 

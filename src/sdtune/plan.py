@@ -94,6 +94,7 @@ class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
         self.live = self.peak = 0
         self.float_scale = float_scale
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._sharded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -119,6 +120,19 @@ class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
             self.live += extra
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, extra)
+
+    def shard_of(self, t: torch.Tensor, shards: int) -> None:
+        """Count `t` (a whole gradient) at 1/shards of what it is counted at: FSDP keeps
+        only this process's shard once the gradient is reduce-scattered."""
+        storage = t.untyped_storage()
+        counted = self._seen.get(storage)
+        if counted is None or shards <= 1 or storage in self._sharded:
+            return
+        self._sharded[storage] = True
+        drop = counted - counted // shards
+        self._seen[storage] = counted - drop
+        self.live -= drop
+        weakref.finalize(storage, self._free, -drop)  # the storage's own _free counts it whole
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_flatten
@@ -245,8 +259,26 @@ class Plan:
         return None if self.budget is None else self.peak <= self.budget * GiB
 
 
-def measure_memory(bundle, cfg, mixed: bool, gpu: bool) -> dict[str, int]:
-    """The memory breakdown of `cfg` on `bundle` (meta), in bytes."""
+def fsdp_unit_bytes(bundle, mixed: bool) -> int:
+    """The weights of the largest unit FSDP gathers whole, in the precision it computes in.
+    The units are the denoiser's blocks its model names unsplittable (as Accelerate's
+    TRANSFORMER_BASED_WRAP wraps them) and the root; each holds the weights that no unit
+    inside it holds."""
+    names = set(getattr(bundle.denoiser, "_no_split_modules", None) or [])
+    units = [bundle.denoiser] + [m for m in bundle.denoiser.modules() if type(m).__name__ in names]
+    owner: dict[int, int] = {}  # a weight belongs to the innermost unit holding it
+    for i, unit in enumerate(units):  # outer units come first in modules()
+        for param in unit.parameters():
+            owner[id(param)] = i
+    sizes = [0] * len(units)
+    for param in bundle.denoiser.parameters():
+        sizes[owner[id(param)]] += param.numel()
+    return (2 if mixed else 4) * max(sizes)
+
+
+def measure_memory(bundle, cfg, mixed: bool, gpu: bool, shards: int = 1) -> dict[str, int]:
+    """The memory breakdown of `cfg` on `bundle` (meta), in bytes; with `shards` > 1, of one
+    process when FSDP shards the denoiser over that many."""
     from sdtune.train.optim import param_groups
 
     params = {
@@ -255,29 +287,39 @@ def measure_memory(bundle, cfg, mixed: bool, gpu: bool) -> dict[str, int]:
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     groups = param_groups(trainable, cfg, bundle.arch)
     tensors = [p for g in groups for p in g["params"]]
-    weights = 4 * sum(p.numel() for p in params.values())
+    denoiser = 4 * sum(p.numel() for p in bundle.denoiser.parameters())
+    weights = 4 * sum(p.numel() for p in params.values()) - denoiser + -(-denoiser // shards)
     memory = {
         "weights": weights,
-        "optimizer": optimizer_state_bytes(cfg.train.optimizer, tensors, cfg.train.momentum),
-        "ema": 4 * sum(p.numel() for p in tensors) if cfg.train.ema else 0,
+        "optimizer": optimizer_state_bytes(cfg.train.optimizer, tensors, cfg.train.momentum)
+        // shards,
+        "ema": 4 * sum(p.numel() for p in tensors) // shards if cfg.train.ema else 0,
     }
-    if mixed:  # autocast keeps half copies of trainable weights it casts (matmul, conv)
+    if mixed and shards == 1:  # autocast keeps half copies of trainable weights it casts
         memory["autocast_copies"] = 2 * sum(p.numel() for p in tensors if p.dim() >= 2)
+    if shards > 1:  # a block's whole weights while it computes, and the next one prefetched
+        memory["fsdp_whole_blocks"] = 2 * fsdp_unit_bytes(bundle, mixed)
     if cfg.train.log_update_ratio:  # the sample of the weights before a logged step
         memory["update_ratio_sample"] = min(4 * sum(p.numel() for p in tensors), 64 * 2**20)
     return memory
 
 
-def step_activations(bundle, cfg, checkpointing: bool, mixed: bool, gpu: bool) -> int:
-    """Peak bytes of one step's activations and gradients, as the simulated step allocates."""
+def step_activations(
+    bundle, cfg, checkpointing: bool, mixed: bool, gpu: bool, shards: int = 1
+) -> int:
+    """Peak bytes of one step's activations and gradients, as the simulated step allocates
+    (with `shards` > 1, each weight's gradient kept as its shard once it is whole)."""
     train_text = any(p.requires_grad for e in bundle.text_encoders.values() for p in e.parameters())
     cached = (cfg.data.cache_latents, cfg.data.cache_text)
     tracker = LiveTensors(0.5 if mixed else 1.0)
     fused = cfg.train.attention != "math"  # CPU and GPU SDPA kernels keep no attention matrix
     params = [p for m in bundle.components().values() for p in m.parameters() if p.requires_grad]
-    hooks = [
-        p.register_post_accumulate_grad_hook(lambda p: tracker.full_size(p.grad)) for p in params
-    ]
+
+    def counted(p: torch.Tensor) -> None:
+        tracker.full_size(p.grad)
+        tracker.shard_of(p.grad, shards)
+
+    hooks = [p.register_post_accumulate_grad_hook(counted) for p in params]
     try:
         with fused_attention() if fused else nullcontext(), tracker:
             _step(bundle, cfg, cfg.train.batch_size, checkpointing, train_text, cached)
@@ -345,19 +387,28 @@ def make_plan(
     price: float | None = None,
     measured_step: float | None = None,
     variants: bool = True,
+    shards: int = 1,
 ) -> Plan:
-    """The plan of `cfg` (see the module docstring); `measured_step` in seconds when measured."""
+    """The plan of `cfg` (see the module docstring); `measured_step` in seconds when measured;
+    `shards` > 1: per process, with FSDP sharding the denoiser over that many processes."""
     key, budget, peak_tflops = _device(gpu, memory)
     on_gpu = bool(key)
     mixed = on_gpu and cfg.train.mixed_precision != "no"
     bundle, _ = shapes_bundle(cfg)
-    memory_parts = measure_memory(bundle, cfg, mixed, on_gpu)
-    used = step_activations(bundle, cfg, cfg.model.gradient_checkpointing, mixed, on_gpu)
-    other = (
-        step_activations(bundle, cfg, not cfg.model.gradient_checkpointing, mixed, on_gpu)
-        if variants
-        else None
-    )
+    if shards > 1:
+        from sdtune.train.setup import denoiser_name
+        from sdtune.train.shard import check_sharded
+
+        named = {
+            f"{c}.{n}": p for c, m in bundle.components().items() for n, p in m.named_parameters()
+        }
+        check_sharded(
+            cfg, {n: p for n, p in named.items() if p.requires_grad}, denoiser_name(bundle)
+        )
+    memory_parts = measure_memory(bundle, cfg, mixed, on_gpu, shards)
+    ckpt = cfg.model.gradient_checkpointing
+    used = step_activations(bundle, cfg, ckpt, mixed, on_gpu, shards)
+    other = step_activations(bundle, cfg, not ckpt, mixed, on_gpu, shards) if variants else None
     with_ckpt, without = (used, other) if cfg.model.gradient_checkpointing else (other, used)
     memory_parts["activations_and_gradients"] = used
     memory_parts["total"] = sum(memory_parts.values())
@@ -366,6 +417,13 @@ def make_plan(
         "memory: a simulation of one step's allocations on the meta device; the CUDA context "
         "(about 0.5 GiB), the allocator's cache and kernel workspaces come on top (+5 to 15%)",
     ]
+    if shards > 1:
+        notes.append(
+            f"memory: per process, FSDP sharding the {denoiser_name(bundle)} over {shards} "
+            "processes (weights, optimizer state, EMA and gradients split; the text encoders "
+            "and VAE whole on each); not yet checked against a sharded run on GPUs; "
+            "evaluation needs one more float32 copy of it on the main process's device"
+        )
     if mixed:
         notes.append(
             "memory: activations in half precision counted as 2 bytes a value (normalisations "
@@ -413,7 +471,7 @@ def make_plan(
         notes=notes,
     )
     if variants and plan.fits is False:
-        plan.suggestions = suggestions(cfg, gpu, memory, plan)
+        plan.suggestions = suggestions(cfg, gpu, memory, plan, shards)
     return plan
 
 
@@ -428,7 +486,7 @@ def _changed(cfg, sets: list[str]):
     return validate_config(data, "sdtune plan")
 
 
-def suggestions(cfg, gpu, memory, plan: Plan) -> list[str]:
+def suggestions(cfg, gpu, memory, plan: Plan, shards: int = 1) -> list[str]:
     """The cheapest changes that make the run fit, each with its predicted peak: one at a
     time, in order of what they cost the run (speed, then quality), then combined."""
     options = []
@@ -455,7 +513,7 @@ def suggestions(cfg, gpu, memory, plan: Plan) -> list[str]:
     for sets, why in options:
         try:
             changed = _changed(cfg, sets.split(","))
-            peak = make_plan(changed, gpu, memory, variants=False).peak
+            peak = make_plan(changed, gpu, memory, variants=False, shards=shards).peak
         except UserError:
             continue
         if peak <= plan.budget * GiB:
@@ -464,7 +522,8 @@ def suggestions(cfg, gpu, memory, plan: Plan) -> list[str]:
         for sets, _ in options:
             combined += sets.split(",")
             try:
-                peak = make_plan(_changed(cfg, combined), gpu, memory, variants=False).peak
+                changed = _changed(cfg, combined)
+                peak = make_plan(changed, gpu, memory, variants=False, shards=shards).peak
             except UserError:
                 continue
             if peak <= plan.budget * GiB:
@@ -495,7 +554,8 @@ def render(plan: Plan, cfg) -> str:
     lines.append(
         f"FLOPs per step: {plan.flops['per_step'] / 1e12:.3g} TFLOP ({plan.flops['per_image'] / 1e9:.3g} GFLOP an image)"
     )
-    lines.append("peak memory:")
+    sharded = any("FSDP sharding" in note for note in plan.notes)
+    lines.append("peak memory, per process (FSDP):" if sharded else "peak memory:")
     for name, value in plan.memory.items():
         if name != "total":
             lines.append(f"  {name.replace('_', ' '):<28} {_gib(value):>11}")
