@@ -249,6 +249,8 @@ class Plan:
     budget_source: str
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    shards: int = 1
+    """FSDP's processes the memory is per process of (1: unsharded)."""
 
     @property
     def peak(self) -> int:
@@ -396,14 +398,13 @@ def make_plan(
     mixed = on_gpu and cfg.train.mixed_precision != "no"
     bundle, _ = shapes_bundle(cfg)
     if shards > 1:
-        from sdtune.train.setup import denoiser_name
         from sdtune.train.shard import check_sharded
 
         named = {
             f"{c}.{n}": p for c, m in bundle.components().items() for n, p in m.named_parameters()
         }
         check_sharded(
-            cfg, {n: p for n, p in named.items() if p.requires_grad}, denoiser_name(bundle)
+            cfg, {n: p for n, p in named.items() if p.requires_grad}, bundle.arch.denoiser
         )
     memory_parts = measure_memory(bundle, cfg, mixed, on_gpu, shards)
     ckpt = cfg.model.gradient_checkpointing
@@ -419,7 +420,7 @@ def make_plan(
     ]
     if shards > 1:
         notes.append(
-            f"memory: per process, FSDP sharding the {denoiser_name(bundle)} over {shards} "
+            f"memory: per process, FSDP sharding the {bundle.arch.denoiser} over {shards} "
             "processes (weights, optimizer state, EMA and gradients split; the text encoders "
             "and VAE whole on each); not yet checked against a sharded run on GPUs; "
             "evaluation needs one more float32 copy of it on the main process's device"
@@ -469,6 +470,7 @@ def make_plan(
         budget,
         f"--gpu {gpu}" if gpu else ("--memory" if memory is not None else ""),
         notes=notes,
+        shards=shards,
     )
     if variants and plan.fits is False:
         plan.suggestions = suggestions(cfg, gpu, memory, plan, shards)
@@ -554,8 +556,7 @@ def render(plan: Plan, cfg) -> str:
     lines.append(
         f"FLOPs per step: {plan.flops['per_step'] / 1e12:.3g} TFLOP ({plan.flops['per_image'] / 1e9:.3g} GFLOP an image)"
     )
-    sharded = any("FSDP sharding" in note for note in plan.notes)
-    lines.append("peak memory, per process (FSDP):" if sharded else "peak memory:")
+    lines.append("peak memory, per process (FSDP):" if plan.shards > 1 else "peak memory:")
     for name, value in plan.memory.items():
         if name != "total":
             lines.append(f"  {name.replace('_', ' '):<28} {_gib(value):>11}")

@@ -267,11 +267,7 @@ def save_training_state(
         OPT_KEY: lambda path: torch.save(optimizer.state_dict(), path),
         LR_KEY: lambda path: torch.save(lr_scheduler.state_dict(), path),
         RNG_KEY.format(rank=rank): save_rng_state,
-        PROGRESS_KEY: lambda path: path.write_text(json.dumps(progress.to_dict(), indent=2) + "\n"),
-        CONFIG_KEY: lambda path: path.write_text(config_toml),
-        ARCH_KEY: lambda path: path.write_text(
-            json.dumps(architecture, indent=2, default=str) + "\n"
-        ),
+        **_record_writers(progress, architecture, config_toml),
     }
     if ema is not None:
         shadow = {n: s.detach().cpu().contiguous() for n, s in zip(trainable, ema.shadow_params)}
@@ -280,18 +276,35 @@ def save_training_state(
         writers[TRAIN_WEIGHTS_KEY] = lambda path: save_file(train_weights, str(path))
     if scaler is not None:
         writers[SCALER_KEY] = lambda path: torch.save(scaler.state_dict(), path)
+    hooked = _crash_hooked(progress.step)
+    writers = {name: hooked(w) for name, w in writers.items()}
+    return write_checkpoint(root, progress.step, writers, {"kind": "training"})
+
+
+def _record_writers(progress: TrainingProgress, architecture: dict, config_toml: str) -> dict:
+    """The writers of the run's record in a checkpoint: progress, config, architecture."""
+    return {
+        PROGRESS_KEY: lambda path: path.write_text(json.dumps(progress.to_dict(), indent=2) + "\n"),
+        CONFIG_KEY: lambda path: path.write_text(config_toml),
+        ARCH_KEY: lambda path: path.write_text(
+            json.dumps(architecture, indent=2, default=str) + "\n"
+        ),
+    }
+
+
+def _crash_hooked(step: int, rank: int | None = None):
+    """A writer wrapper that counts the files a save has written, for `crash_point`."""
     counter = {"n": 0}
 
     def hooked(write):
         def run(path: Path) -> None:
             write(path)
             counter["n"] += 1
-            crash_point("save", progress.step, counter["n"])
+            crash_point("save", step, counter["n"], rank)
 
         return run
 
-    writers = {name: hooked(w) for name, w in writers.items()}
-    return write_checkpoint(root, progress.step, writers, {"kind": "training"})
+    return hooked
 
 
 def _sharded_state(objects, model) -> dict:
@@ -318,26 +331,11 @@ def save_sharded_state(
     every process's RNG state."""
     import torch.distributed.checkpoint as dcp
 
-    counter = {"n": 0}
-
-    def hooked(write):
-        def run(path: Path) -> None:
-            write(path)
-            counter["n"] += 1
-            crash_point("save", progress.step, counter["n"], ranks.rank)
-
-        return run
-
+    hooked = _crash_hooked(progress.step, ranks.rank)
     own: dict = {}
     if ranks.main:
         own = {
-            PROGRESS_KEY: lambda path: path.write_text(
-                json.dumps(progress.to_dict(), indent=2) + "\n"
-            ),
-            CONFIG_KEY: lambda path: path.write_text(config_toml),
-            ARCH_KEY: lambda path: path.write_text(
-                json.dumps(objects.architecture, indent=2, default=str) + "\n"
-            ),
+            **_record_writers(progress, objects.architecture, config_toml),
             LR_KEY: lambda path: torch.save(objects.lr_scheduler.state_dict(), path),
         }
     own[RNG_KEY.format(rank=ranks.rank)] = save_rng_state

@@ -144,7 +144,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
         (run_dir / "config.toml").write_text(config_toml)
     bundle, trainable, architecture = _model(cfg, run_dir, main, say)
     if is_sharded(accelerator):
-        check_sharded(cfg, trainable, denoiser_name(bundle))
+        check_sharded(cfg, trainable, bundle.arch.denoiser)
     bundle.to(accelerator.device)
     data = _data(cfg, bundle, run_dir, accelerator, say)
     # epochs become steps now that the images are counted (config.toml keeps what was asked)
@@ -229,11 +229,6 @@ def _accelerator(cfg: RunConfig, run_dir: Path):
     if trackers:
         accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
     return accelerator, accelerator.log if trackers else None
-
-
-def denoiser_name(bundle) -> str:
-    """The component name of the bundle's denoiser ("unet", "transformer")."""
-    return next(c for c, m in bundle.components().items() if m is bundle.denoiser)
 
 
 def _write_grid_prompts(cfg: RunConfig, run_dir: Path, prompts: list[str]) -> None:
@@ -389,7 +384,7 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     denoiser, optimizer = prepared[0], prepared[-1]
     encoders = {**encoders, **dict(zip(wrapped_names, prepared[1:-1]))}
     if is_sharded(accelerator):  # FSDP put each process's shard in the parameters' place
-        name = denoiser_name(bundle)
+        name = bundle.arch.denoiser
         sharded = {f"{name}.{n}": p for n, p in bundle.denoiser.named_parameters()}
         trainable = {n: sharded[n] for n in trainable}
     ema = EMA(list(trainable.values()), cfg.train.ema_decay) if cfg.train.ema else None

@@ -143,7 +143,7 @@ class Gathered:
 
         with torch.random.fork_rng(devices=[]):
             built = self.build()
-        name = next(c for c, m in self.live.modules.items() if m is self.live.denoiser)
+        name = self.live.arch.denoiser
         # the frozen components are the live ones: only the denoiser is sharded
         built.modules = {
             c: built.modules[c] if c == name else m for c, m in self.live.modules.items()
