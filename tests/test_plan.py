@@ -9,6 +9,7 @@ import torch
 from sdtune.cli import main
 from sdtune.config import load_config
 from sdtune.plan import make_plan, measure, optimizer_state_bytes
+from tests.cores import cores
 
 # benchmarks/results: torch.cuda.max_memory_allocated of the two SD 1.5 recipes on one H100
 LORA_RECIPE_BYTES = 5_010_561_536  # 4.67 GiB: LoRA, bf16, checkpointing, cached latents/text
@@ -118,15 +119,22 @@ def test_cpu_memory_is_predicted_within_20_percent_of_real_steps(name, tiny_imag
 def test_measured_step_time_predicts_a_real_run_within_20_percent(tmp_path):
     """plan --measure's step time (a few steps, set up apart) against the steps of a real
     `sdtune train` of the same config (data loading, logging and all), run after it. Wall
-    clock on a shared machine: a second pair is measured when the first is off (another test
-    may have taken the cores for one of the two)."""
+    clock: the test has the cores to itself against the tests that start several processes
+    (tests.cores), and a second pair is measured when the first is off (a test on the other
+    core may have slowed one of the two; three pairs at most)."""
     sets = [*CPU_RUNS["checkpointed"], "data.val_fraction=0", "train.max_steps=14"]
     config = tmp_path / "cfg.toml"
     config.write_text("seed = 0\n")
     cfg = load_config(config, sets)
+    with cores():
+        ratios = _measured_and_real(cfg, config, sets, tmp_path)
+    assert abs(ratios[-1] - 1.0) <= 0.2, ratios
+
+
+def _measured_and_real(cfg, config, sets, tmp_path) -> list[float]:
     batch = cfg.train.batch_size
     ratios = []
-    for attempt in range(2):
+    for attempt in range(3):
         plan = make_plan(cfg, measured_step=measure(cfg, steps=5).step_seconds, variants=False)
         run = tmp_path / f"run-{attempt}"
         args = ["train", str(config), "--output", str(run)]
@@ -141,7 +149,7 @@ def test_measured_step_time_predicts_a_real_run_within_20_percent(tmp_path):
         assert plan.total_seconds == pytest.approx(plan.step_seconds * 14)
         if abs(ratios[-1] - 1.0) <= 0.2:
             break
-    assert abs(ratios[-1] - 1.0) <= 0.2, ratios
+    return ratios
 
 
 def test_optimizer_states_by_optimizer():

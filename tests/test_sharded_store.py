@@ -25,6 +25,7 @@ from sdtune.checkpoint.store import (
     verify_checkpoint,
     write_sharded_checkpoint,
 )
+from tests.cores import cores
 
 
 def _worker(rank: int, world: int, port: int, root: str, plan: str) -> None:
@@ -76,17 +77,18 @@ def _port() -> int:
 
 
 def _run(root: Path, plan: str) -> None:
-    context = mp.start_processes(
-        _worker, args=(2, _port(), str(root), plan), nprocs=2, join=False, start_method="spawn"
-    )
-    try:
-        while not context.join(timeout=60):
-            pass
-    except mp.ProcessExitedException:
-        # one process killed: the other waits at a collective until torch's store gives up
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    with cores():  # two processes
+        context = mp.start_processes(
+            _worker, args=(2, _port(), str(root), plan), nprocs=2, join=False, start_method="spawn"
+        )
+        try:
+            while not context.join(timeout=60):
+                pass
+        except mp.ProcessExitedException:
+            # one process killed: the other waits at a collective until torch's store gives up
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
 
 
 def test_every_process_writes_its_shard_under_one_manifest(tmp_path):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.cores import cores
 from tests.e2e.test_resume import CONFIG, _assert_identical, _final_state
 
 DISTRIBUTED = (
@@ -35,9 +36,10 @@ def _launch(config, run, *extra, crash=None, spike=None):
     env = launch_env(crash, spike)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--standalone", "-m", "sdtune", "train", str(config), "--output", str(run)]
-    return subprocess.run(
-        [*command, *extra], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+    with cores():  # two processes
+        return subprocess.run(
+            [*command, *extra], capture_output=True, text=True, env=env, timeout=600, check=False
+        )
 
 
 def test_two_processes_train_shard_roll_back_and_resume_exactly(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cores import cores
 from tests.e2e.test_distributed import DISTRIBUTED, launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +39,10 @@ def _launch(config, run, *extra, crash=None, spike=None, processes=2):
         command += ["--mixed_precision", "no", "--main_process_port", str(_free_port())]
         command += ["-m", "sdtune"]
     command += ["train", str(config), "--output", str(run)]
-    return subprocess.run(
-        [*command, *extra], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+    with cores():  # two processes
+        return subprocess.run(
+            [*command, *extra], capture_output=True, text=True, env=env, timeout=600, check=False
+        )
 
 
 def _checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
