@@ -60,9 +60,10 @@ endef
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST_JOBS = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
+# --durations: the slowest tests named in every run's log (CI's included), to keep it short
 test: $(VENV)/.installed-dev
 	$(CHROMIUM)
-	$(BIN)/python -m pytest -q $(PYTEST_JOBS)
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS) --durations=15
 
 # The newest releases the ranges admit, resolved anew on every call, in a venv of their own
 # (the lock's .venv is untouched).

@@ -26,3 +26,12 @@ def cores() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a multi-process run's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

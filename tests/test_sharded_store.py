@@ -25,7 +25,7 @@ from sdtune.checkpoint.store import (
     verify_checkpoint,
     write_sharded_checkpoint,
 )
-from tests.cores import cores
+from tests.cores import cores, free_port
 
 
 def _worker(rank: int, world: int, port: int, root: str, plan: str) -> None:
@@ -68,18 +68,14 @@ def _worker(rank: int, world: int, port: int, root: str, plan: str) -> None:
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(root: Path, plan: str) -> None:
     with cores():  # two processes
         context = mp.start_processes(
-            _worker, args=(2, _port(), str(root), plan), nprocs=2, join=False, start_method="spawn"
+            _worker,
+            args=(2, free_port(), str(root), plan),
+            nprocs=2,
+            join=False,
+            start_method="spawn",
         )
         try:
             while not context.join(timeout=60):

@@ -1,21 +1,14 @@
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.e2e.launcher import sdtune
 
 
 def run_cli(*args, cwd=None, check=True):
     """Run the real `sdtune` CLI in a subprocess; returns the CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdtune", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+    proc = sdtune(*args, env=env, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"sdtune {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

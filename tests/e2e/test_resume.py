@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.e2e.conftest import run_cli
+from tests.e2e.launcher import sdtune
 
 CONFIG = """
 seed = 1
@@ -40,14 +41,7 @@ def _train(config, run, *extra, crash=None, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if crash:
         env["SDTUNE_CRASH_AT"] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "sdtune", "train", str(config), "--output", str(run), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
+    return sdtune("train", config, "--output", run, *extra, env=env, timeout=600)
 
 
 def _final_state(run, step=6):

@@ -7,7 +7,6 @@ anywhere, during a save too, resumes to the same bits as one that was not killed
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import warnings
@@ -16,17 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cores import cores
+from tests.cores import cores, free_port
 from tests.e2e.test_distributed import DISTRIBUTED, launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(config, run, *extra, crash=None, spike=None, processes=2):
@@ -36,7 +29,7 @@ def _launch(config, run, *extra, crash=None, spike=None, processes=2):
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         command += [str(FSDP_CONFIG), "--num_processes", str(processes)]
-        command += ["--mixed_precision", "no", "--main_process_port", str(_free_port())]
+        command += ["--mixed_precision", "no", "--main_process_port", str(free_port())]
         command += ["-m", "sdtune"]
     command += ["train", str(config), "--output", str(run)]
     with cores():  # two processes
@@ -229,7 +222,7 @@ def test_fsdp_sigterm_saves_every_shard_and_keep_best_rotates(tmp_path):
     with out.open("w") as sink:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         command += [str(FSDP_CONFIG), "--num_processes", "2", "--mixed_precision", "no"]
-        command += ["--main_process_port", str(_free_port()), "-m", "sdtune", "train"]
+        command += ["--main_process_port", str(free_port()), "-m", "sdtune", "train"]
         command += [str(config), "--output", str(tmp_path / "run")]
         proc = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, env=launch_env(),
