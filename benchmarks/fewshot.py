@@ -157,8 +157,9 @@ def methods(base_model: Path) -> dict[str, dict]:
         {
             **preserve,
             "dreambooth": {"prior_loss_weight": 0.1, "class_guidance_scale": 3.0},
-            # half of each batch is class images: 600 steps give the nines lora's 400 or so
-            "train": {"max_steps": 600},
+            # half of each batch is class images: twice lora's batch gives the nines lora's
+            # ten per step (with half as many, the worst seed forgot 1.3 points, the threes)
+            "train": {"batch_size": 20},
         },
     )
     return {
@@ -178,12 +179,6 @@ def methods(base_model: Path) -> dict[str, dict]:
         # prior loss weighs little beside output preservation, and the class images are
         # sampled at guidance 3
         "dreambooth-lora": dreambooth_lora,
-        # the same, with the class images' target the frozen base's own prediction (and so
-        # at full weight): whether their loss taught the base's sampling flaws
-        "dreambooth-lora-base": _merge(
-            dreambooth_lora,
-            {"dreambooth": {"prior_loss_weight": 1.0, "prior_target": "base"}},
-        ),
         "dreambooth-full": _merge(
             common,
             {
@@ -336,6 +331,35 @@ def run(
     }
 
 
+def merge(recorded: dict, fresh: dict) -> dict:
+    """`recorded` with `fresh`'s rows in place of its rows of the same methods (new methods in
+    the order of `methods()`), each re-run row noting its command and date. The draws must be
+    the same (seeds, judge seed, images per digit, the base's judged accuracies): otherwise
+    the rows could not be compared, and this refuses in one line."""
+    for key in ("seeds", "judge_seed", "images_per_class"):
+        if recorded.get(key) != fresh.get(key):
+            raise SystemExit(
+                f"fewshot --merge: {key} {fresh.get(key)} differs from the recorded "
+                f"{recorded.get(key)}; re-run every method instead"
+            )
+    if recorded["base"]["per_class"] != fresh["base"]["per_class"]:
+        raise SystemExit(
+            "fewshot --merge: the base judges differently from the recorded one (a retrained "
+            "or changed base); re-run every method instead"
+        )
+    out = copy.deepcopy(recorded)
+    for row in fresh["rows"]:
+        row = {**row, "rerun": {"command": fresh["command"], "created": fresh["created"]}}
+        names = [r["method"] for r in out["rows"]]
+        if row["method"] in names:
+            out["rows"][names.index(row["method"])] = row
+        else:
+            out["rows"].append(row)
+    order = list(methods(Path("base")))
+    out["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else 99)
+    return out
+
+
 def markdown(result: dict) -> str:
     base = result["base"]
     others = np.mean(base["per_class"][:NINE])
@@ -369,6 +393,12 @@ def markdown(result: dict) -> str:
         )
     machine = result["machine"]
     seeds = ", ".join(map(str, result["seeds"]))
+    reruns = [
+        f"{r['method']} from `{r['rerun']['command']}` ({r['rerun']['created'][:10]})"
+        for r in result["rows"]
+        if "rerun" in r
+    ]
+    again = f" Re-run since, with the same base and draws: {'; '.join(reruns)}." if reruns else ""
     lines += [
         "",
         f"Each method fine-tuned with seeds {seeds}: the mean, in brackets the lowest and "
@@ -377,7 +407,7 @@ def markdown(result: dict) -> str:
         f"nine ≥ {TARGET_NINE:.2f} and forgetting ≤ {TARGET_FORGETTING:g} point, for "
         f"{' and '.join(TARGETED)} (in brackets for the other methods, which it is not set "
         f"for). `{result['command']}` on {machine['cpus']} CPU cores, torch "
-        f"{machine['torch']}, {result['created'][:10]}.",
+        f"{machine['torch']}, {result['created'][:10]}.{again}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -394,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (default all)")
     parser.add_argument("--fresh", action="store_true", help="pre-train the base again")
     parser.add_argument("--no-readme", action="store_true", help="leave the READMEs alone")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: replace those methods' rows in the recorded results (same base "
+        "judgement, seeds, judge seed and images per digit) and keep the others",
+    )
     args = parser.parse_args(argv)
     if args.fresh:
         import shutil
@@ -403,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     result["command"] = " ".join(["python -m benchmarks.fewshot", *words])
     out = Path(args.out)
+    merged = False
+    if args.only and args.merge:
+        recorded = json.loads(out.with_suffix(".json").read_text())
+        result = merge(recorded, result)  # raises SystemExit on a different draw
+        merged = True
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
@@ -412,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.seeds) < 5:
         print("fewshot: fewer than 5 seeds say little about the worst seed a user may get")
     default_draws = args.seeds == DEFAULT_SEEDS and args.judge_seed == 7
-    if not args.no_readme and not args.only and default_draws:
+    if not args.no_readme and (merged or not args.only) and default_draws:
         from benchmarks.report import replace_between
 
         for readme in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):

@@ -364,7 +364,6 @@ def test_fewshot_configs_validate_and_its_table_renders(tmp_path):
         "lora",
         "lora-plain",
         "dreambooth-lora",
-        "dreambooth-lora-base",
         "dreambooth-full",
         "textual-inversion",
         "lora-r8-constant",
@@ -481,3 +480,51 @@ def test_ensembles_reuse_takes_earlier_rows_and_trains_only_the_missing(tmp_path
     runs = second["settings"]["from scratch"]["runs"]
     assert runs[0] == first["settings"]["from scratch"]["runs"][0] and len(runs) == 2
     assert "--reuse" in ensembles.markdown(second)
+
+
+def test_fewshot_merge_replaces_the_rerun_rows_and_refuses_other_draws():
+    import pytest
+
+    from benchmarks import fewshot
+
+    def row(method, nine):
+        return {
+            "method": method, "steps": 400, "nine_accuracy": nine, "others_after": 0.99,
+            "forgetting_points": 0.5, "worst_nine_accuracy": nine, "meets_target": True,
+            "worst_forgetting_points": 0.5, "targeted": True, "train_seconds": 1.0,
+            "trainable_parameters": 9, "runs": [],
+        }  # fmt: skip
+
+    def result(rows, seeds=(1, 2, 3, 4, 5), per_class=None):
+        return {
+            "base": {"per_class": per_class or [1.0] * 9 + [0.0], "train_seconds": 1,
+                     "trainable_parameters": 9},
+            "rows": rows, "seeds": list(seeds), "images_per_class": 100, "judge_seed": 7,
+            "command": "python -m benchmarks.fewshot", "created": "2026-12-01T00:00:00",
+            "machine": {"cpus": 2, "torch": "2.x"},
+        }  # fmt: skip
+
+    recorded = result([row("full", 0.7), row("lora", 0.97), row("dreambooth-lora", 0.9)])
+    fresh = result([row("dreambooth-lora", 0.96), row("lora-plain", 0.8)])
+    fresh["command"] = "python -m benchmarks.fewshot --only dreambooth-lora --merge"
+    fresh["created"] = "2026-12-02T10:00:00"
+    merged = fewshot.merge(recorded, fresh)
+    # replaced in place, a new method put where methods() has it, the others kept
+    assert [r["method"] for r in merged["rows"]] == [
+        "full",
+        "lora",
+        "lora-plain",
+        "dreambooth-lora",
+    ]
+    assert [r["nine_accuracy"] for r in merged["rows"]] == [0.7, 0.97, 0.8, 0.96]
+    assert recorded["rows"][2]["nine_accuracy"] == 0.9  # the recorded result is not changed
+    table = fewshot.markdown(merged)
+    assert "Re-run since, with the same base and draws: lora-plain from" in table
+    assert (
+        "dreambooth-lora from `python -m benchmarks.fewshot --only dreambooth-lora --merge` (2026-12-02)"
+        in table
+    )
+    with pytest.raises(SystemExit, match="seeds"):
+        fewshot.merge(recorded, result([], seeds=(21, 22)))
+    with pytest.raises(SystemExit, match="base judges differently"):
+        fewshot.merge(recorded, result([], per_class=[0.9] * 10))

@@ -116,3 +116,22 @@ def test_the_base_states_are_taken_at_the_steps_precision():
         adapted = bundle.text_encoder(keep.ids)[0]
     # the adapted half reads the same states at init: the preservation loss starts at zero
     assert torch.equal(keep.base_states, adapted)
+
+
+def test_preservation_weighs_the_instance_images_alone_beside_dreambooths_class_images():
+    from sdtune.diffusion.targets import diffusion_loss
+    from sdtune.train.dreambooth import CLASS_PREFIX
+
+    names = ["a.png", f"{CLASS_PREFIX}c1.png", "b.png", f"{CLASS_PREFIX}c2.png"]
+    snr = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    weights = OutputPreservation.row_weights({"names": names}, snr, torch.device("cpu"))
+    # the class rows count for nothing; each instance row as in a batch of instances alone
+    assert torch.equal(weights, torch.tensor([1.0, 0.0, 2.0, 0.0]))
+    pred, target = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    only = diffusion_loss(pred[[0, 2]], target[[0, 2]], snr[[0, 2]])
+    assert torch.allclose(diffusion_loss(pred, target, weights), only)
+    mask = OutputPreservation.row_weights({"names": names}, None, torch.device("cpu"))
+    assert torch.equal(mask, torch.tensor([2.0, 0.0, 2.0, 0.0]))
+    # a batch of instance images alone keeps its weights as they are (the same object)
+    assert OutputPreservation.row_weights({"names": ["a", "b"]}, snr, "cpu") is snr
+    assert OutputPreservation.row_weights({"names": ["a", "b"]}, None, "cpu") is None

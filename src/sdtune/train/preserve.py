@@ -10,8 +10,9 @@ preservation" does the same) asks the frozen base itself: every step, each image
 also gets one of `lora.preserve_prompts`, the base (adapters switched off) predicts the noise
 of the batch's noisy latents under that prompt, and the adapted model is pulled towards that
 prediction, weighted by `lora.preserve_weight` and the same per-timestep weights as the
-instance loss. The base's weights never change (the adapters are all that trains), so its
-prediction is the exact target of "change nothing for these prompts".
+instance loss (with DreamBooth, on the instance images only: `row_weights`). The base's
+weights never change (the adapters are all that trains), so its prediction is the exact
+target of "change nothing for these prompts".
 
 The preservation inputs ride in the same UNet call as the instance batch (twice the batch):
 one forward and one backward per micro-batch, as DDP and torch.compile expect; the base's own
@@ -89,6 +90,24 @@ class OutputPreservation:
         """One preservation prompt per image of the batch (indices), drawn from `gen`."""
         pick = torch.randint(len(self.prompts), (n,), generator=gen, device=gen.device)
         return pick.to(self.ids.device)
+
+    @staticmethod
+    def row_weights(batch, weights: torch.Tensor | None, device) -> torch.Tensor | None:
+        """The preservation loss's per-image weights: the instance loss's (per timestep), on
+        the instance images only. With DreamBooth, half of a batch is class images, which
+        their prior loss already holds; preservation belongs where the adapters learn, on
+        the noisy instance images under the other prompts. Weighted so that each instance
+        image counts as it does in a batch of instance images alone (the loss is a mean over
+        the batch). Decided on the host from the batch's names: nothing is read back."""
+        from sdtune.train.dreambooth import CLASS_PREFIX
+
+        names = batch["names"]
+        instance = [not n.startswith(CLASS_PREFIX) for n in names]
+        if all(instance):
+            return weights
+        scale = len(names) / max(1, sum(instance))
+        mask = torch.tensor(instance, dtype=torch.float32).mul_(scale).to(device, non_blocking=True)
+        return mask if weights is None else weights * mask.to(weights.dtype)
 
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor, batch=None):
         """The base's prediction on `noisy` under the drawn prompts: what must not change."""

@@ -223,7 +223,7 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
     if pick is None:
         return loss_of(pred, target, weights, masks), None
     pred, pred_kept = pred.chunk(2)
-    kept_loss = loss_of(pred_kept, kept_target, noised.weights)
+    kept_loss = loss_of(pred_kept, kept_target, preserve.row_weights(batch, noised.weights, device))
     loss = loss_of(pred, target, weights, masks) + preserve.weight * kept_loss
     return loss, kept_loss.detach()
 
