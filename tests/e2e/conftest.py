@@ -6,7 +6,8 @@ from tests.e2e.launcher import sdtune
 
 
 def run_cli(*args, cwd=None, check=True):
-    """Run the real `sdtune` CLI in a subprocess; returns the CompletedProcess."""
+    """Run the real `sdtune` CLI in a process of its own (tests/e2e/launcher.py); returns the
+    CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = sdtune(*args, env=env, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:

@@ -61,6 +61,7 @@ def _serve() -> None:  # the zygote's loop: one request per line on stdin
                 os.environ.update(req["env"])
                 fd_in = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(fd_in, 0)
+                os.close(fd_in)
                 for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
                     f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     os.dup2(f, fd)

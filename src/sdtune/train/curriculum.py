@@ -25,7 +25,7 @@ import torch
 from sdtune.data.dataset import ImageTextDataset
 from sdtune.data.order import BucketIds, DataPosition, derive_seed, generator
 from sdtune.errors import ConfigError
-from sdtune.train.dreambooth import CLASS_PREFIX
+from sdtune.train.dreambooth import is_class_image
 
 SCORE_SEED = 20261201  # the fixed noise the easiest-first scores are measured with
 
@@ -49,7 +49,7 @@ class Curriculum:
                 unscored = [  # DreamBooth's class images have no score: left out
                     r
                     for r in self.train.records
-                    if r.difficulty is None and not r.name.startswith(CLASS_PREFIX)
+                    if r.difficulty is None and not is_class_image(r.name)
                 ]
                 if unscored:
                     raise ConfigError(

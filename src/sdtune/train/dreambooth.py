@@ -19,6 +19,12 @@ from sdtune.files import atomic_output, read_user_text
 
 CLASS_PREFIX = "class:"  # the names of class images (other code tells them apart by it)
 
+
+def is_class_image(name: str) -> bool:
+    """Whether a record (or a batch's row) of this name is a class image, not an instance."""
+    return name.startswith(CLASS_PREFIX)
+
+
 GEN_BATCH = 8
 
 

@@ -99,10 +99,10 @@ class OutputPreservation:
         the noisy instance images under the other prompts. Weighted so that each instance
         image counts as it does in a batch of instance images alone (the loss is a mean over
         the batch). Decided on the host from the batch's names: nothing is read back."""
-        from sdtune.train.dreambooth import CLASS_PREFIX
+        from sdtune.train.dreambooth import is_class_image
 
         names = batch["names"]
-        instance = [not n.startswith(CLASS_PREFIX) for n in names]
+        instance = [not is_class_image(n) for n in names]
         if all(instance):
             return weights
         scale = len(names) / max(1, sum(instance))
@@ -139,11 +139,11 @@ class BasePrior:
     @staticmethod
     def rows(batch, device) -> torch.Tensor:
         """Indices of the batch's class images (by their names)."""
-        from sdtune.train.dreambooth import CLASS_PREFIX
+        from sdtune.train.dreambooth import is_class_image
 
         names = batch["names"]
         return torch.tensor(
-            [i for i, n in enumerate(names) if n.startswith(CLASS_PREFIX)],
+            [i for i, n in enumerate(names) if is_class_image(n)],
             dtype=torch.long,
             device=device,
         )
