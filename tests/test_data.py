@@ -283,6 +283,28 @@ def test_shards_of_a_batch_are_the_global_batch_split_by_rank():
     assert shards[0][1] == shards[1][1] == after == DataPosition(1, 6)
 
 
+def test_paired_order_gives_every_batch_half_of_each_kind():
+    # 30 instance examples (0-29, DreamBooth's repeated instances) and 27 class images: every
+    # batch of 6 (and each process's 3 of a global 6) holds as many of one kind as the other
+    # while both kinds last, each kind in its own shuffle; the order is still (seed, epoch)'s
+    for epoch in range(3):
+        order = epoch_order(57, 4, epoch, paired=30)
+        assert sorted(order) == list(range(57)) and order == epoch_order(57, 4, epoch, paired=30)
+        kinds = [i < 30 for i in order]
+        assert all(kinds[j] != kinds[j + 1] for j in range(0, 54, 2))
+        assert order[54:] == tuple(i for i in order if i < 30)[27:]  # the instances left over
+    assert epoch_order(57, 4, 0, paired=30) != epoch_order(57, 4, 1, paired=30)
+    position = DataPosition()
+    for _ in range(9):
+        keys, after = next_batch(position, 6, 57, 4, paired=30)
+        assert sum(i < 30 for _, i in keys) == 3
+        for rank in range(2):
+            shard, _ = next_batch(position, 3, 57, 4, (rank, 2), paired=30)
+            assert shard == keys[3 * rank : 3 * rank + 3]
+        position = after
+    assert position == DataPosition(0, 54)
+
+
 def test_sixteen_bit_grey_is_scaled_and_transparency_is_flattened(tmp_path):
     import warnings
 

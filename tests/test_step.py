@@ -148,11 +148,14 @@ def test_dreambooth_prior_toward_the_base_is_zero_until_the_adapters_move(tmp_pa
         (tmp_path / target).mkdir()
         run = _run(tmp_path / target, *extra, f"dreambooth.prior_target={target}")
         ctx, state = run.ctx, run.state
-        keys, _ = next_batch(type(state.position)(), 8, len(run.data.train), run.cfg.seed)
-        batch = collate([run.data.train[k] for k in keys])
+        train = run.data.train
+        keys, _ = next_batch(
+            type(state.position)(), 8, len(train), run.cfg.seed, paired=train.paired
+        )
+        batch = collate([train[k] for k in keys])
         latents = batch["pixel_values"]  # pixel space
         rows = [i for i, n in enumerate(batch["names"]) if n.startswith("class:")]
-        assert 0 < len(rows) < 8
+        assert rows == [1, 3, 5, 7]  # paired: an instance image, then a class image, in turn
         noised = ctx.objective.draw(latents, generator(run.cfg.seed, "noise", 0, 0, 0))
         from sdtune.train.step import _conditioning
 

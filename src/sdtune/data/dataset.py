@@ -53,6 +53,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
         """Tag shuffling and dropout of the captions (training only: augment)."""
         self.bucket_ids: tuple[int, ...] | None = None
         """Each record's aspect-ratio bucket, where there are several (see set_buckets)."""
+        self.paired: int | None = None
+        """With DreamBooth, how many records (the first) are instance images: the rest are
+        class images, and each epoch's order deals one of each in turn (data.order)."""
 
     def set_buckets(self, sizes: list[tuple[int, int]] | None) -> None:
         """Train record i at sizes[i] (width, height); batches then keep to one size."""

@@ -147,6 +147,8 @@ def with_dreambooth(cfg: RunConfig, data, bundle, run_dir: Path, device, acceler
     )
     new_train = ImageTextDataset(records, train.spec, train.seed, train.caption_dropout, True)
     new_train.tags = train.tags
+    if classes:  # each batch half instance, half class images (DreamBooth's paired batches)
+        new_train.paired = len(records) - len(classes)
     val = data.val
     if val is not None:
         val_records = [replace(r, caption=db.instance_prompt) for r in val.records]

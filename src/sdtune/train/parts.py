@@ -36,7 +36,13 @@ def batches(
         position = start
         while True:
             batch_keys, position = next_batch(
-                position, batch_size, len(dataset), seed, shard, dataset.bucket_ids
+                position,
+                batch_size,
+                len(dataset),
+                seed,
+                shard,
+                dataset.bucket_ids,
+                dataset.paired,
             )
             yield batch_keys
 

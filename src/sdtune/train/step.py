@@ -120,7 +120,13 @@ class BatchSource:
         VAE's encoding draws them, whether cached or not."""
         train = self.train
         keys, position = next_batch(
-            position, self.micro, len(train), self.order_seed, self.shard, train.bucket_ids
+            position,
+            self.micro,
+            len(train),
+            self.order_seed,
+            self.shard,
+            train.bucket_ids,
+            train.paired,
         )
         if self.cached_latents:  # no image decoded: the same draws from gen as encode_images
             batch = cached_batch(self.cache, train, keys, gen, device)
