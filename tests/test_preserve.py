@@ -123,15 +123,28 @@ def test_preservation_weighs_the_instance_images_alone_beside_dreambooths_class_
     from sdtune.train.dreambooth import CLASS_PREFIX
 
     names = ["a.png", f"{CLASS_PREFIX}c1.png", "b.png", f"{CLASS_PREFIX}c2.png"]
+    rows = OutputPreservation.rows({"names": names}, torch.device("cpu"))
+    assert rows.tolist() == [0, 2]  # the class rows are left out
+    # the loss on those rows is the mean over the instance images: each counts as in a batch
+    # of instance images alone (the same as weighing all rows 0 for a class image, 4/2 else)
     snr = torch.tensor([0.5, 2.0, 1.0, 3.0])
-    weights = OutputPreservation.row_weights({"names": names}, snr, torch.device("cpu"))
-    # the class rows count for nothing; each instance row as in a batch of instances alone
-    assert torch.equal(weights, torch.tensor([1.0, 0.0, 2.0, 0.0]))
     pred, target = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
-    only = diffusion_loss(pred[[0, 2]], target[[0, 2]], snr[[0, 2]])
-    assert torch.allclose(diffusion_loss(pred, target, weights), only)
-    mask = OutputPreservation.row_weights({"names": names}, None, torch.device("cpu"))
-    assert torch.equal(mask, torch.tensor([2.0, 0.0, 2.0, 0.0]))
-    # a batch of instance images alone keeps its weights as they are (the same object)
-    assert OutputPreservation.row_weights({"names": ["a", "b"]}, snr, "cpu") is snr
-    assert OutputPreservation.row_weights({"names": ["a", "b"]}, None, "cpu") is None
+    masked = snr * torch.tensor([2.0, 0.0, 2.0, 0.0])
+    assert torch.allclose(
+        diffusion_loss(pred[rows], target[rows], snr[rows]), diffusion_loss(pred, target, masked)
+    )
+    # a batch of instance images alone: every row
+    assert OutputPreservation.rows({"names": ["a", "b"]}, "cpu") is None
+
+
+def test_the_bases_prediction_at_the_instance_rows_is_its_prediction_there():
+    bundle = build_preset("tiny-sd", 0)
+    add_lora(bundle, LoraConfig(enabled=True, rank=4))
+    cfg = load_config(None, ["lora.enabled=true", "lora.preserve_prompts=['a', 'b c']"])
+    keep = OutputPreservation(cfg, bundle, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 8, 8, generator=gen), torch.tensor([10, 500, 20, 900])
+    pick = keep.draw(4, gen)
+    rows = torch.tensor([1, 3])
+    whole = keep.target(x, t, pick)
+    torch.testing.assert_close(keep.target(x, t, pick, None, rows), whole[rows])

@@ -170,3 +170,96 @@ def test_dreambooth_prior_toward_the_base_is_zero_until_the_adapters_move(tmp_pa
             per[rows] = 0.0
         assert abs(report.loss - per.mean().item()) < 1e-6
     assert losses["noise"] > losses["base"]
+
+
+def test_dreambooth_with_preservation_keeps_the_instance_images_alone(tmp_path):
+    """DreamBooth's batch is half class images; output preservation is taken on its instance
+    rows only (the class rows are in neither the base's forward nor the preservation half),
+    as a mean over them: the step's loss written out with the adapters moved off zero."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sdtune.train.preserve import adapters_off
+
+    extra = [
+        "lora.enabled=true",
+        "lora.text_encoder=false",
+        "model.trainable=[]",
+        "lora.preserve_prompts=['a handwritten digit one', 'a handwritten digit two']",
+        "lora.preserve_weight=0.5",
+        "dreambooth.instance_prompt=a photo of sks digit",
+        'dreambooth.class_prompt=["a photo of a digit"]',
+        "dreambooth.num_class_images=4",
+        "dreambooth.class_sample_steps=1",
+        "dreambooth.prior_loss_weight=0.3",
+        "data.caption_dropout=0.0",
+        "train.batch_size=8",
+    ]
+    run = _run(tmp_path, *extra)
+    ctx, state, bundle, cfg = run.ctx, run.state, run.bundle, run.cfg
+    unet = bundle.unet
+    with torch.no_grad():  # adapters that have moved: the preservation loss is not zero
+        gen = torch.Generator().manual_seed(3)
+        for layer in unet.modules():
+            if isinstance(layer, BaseTunerLayer):
+                for w in layer.lora_B.values():
+                    w.weight.copy_(0.1 * torch.randn(w.weight.shape, generator=gen))
+    train = run.data.train
+    keys, _ = next_batch(type(state.position)(), 8, len(train), cfg.seed, paired=train.paired)
+    batch = collate([train[k] for k in keys])
+    rows = [i for i, n in enumerate(batch["names"]) if not n.startswith("class:")]
+    assert len(rows) == 4
+    x0 = batch["pixel_values"]
+    gen = generator(cfg.seed, "noise", 0, 0, 0)
+    noised = ctx.objective.draw(x0, gen)
+    pick = ctx.preserve.draw(8, gen)
+    ids = bundle.tokenizer(
+        batch["captions"], padding="max_length", max_length=12, truncation=True, return_tensors="pt"
+    ).input_ids
+    keep_ids = ctx.preserve.ids[pick[rows]]
+    with torch.no_grad():
+        hidden, kept_hidden = bundle.text_encoder(ids)[0], bundle.text_encoder(keep_ids)[0]
+        pred = unet(noised.noisy, noised.timesteps, encoder_hidden_states=hidden).sample
+        x, t = noised.noisy[rows], noised.timesteps[rows]
+        adapted = unet(x, t, encoder_hidden_states=kept_hidden).sample
+        with adapters_off(unet):
+            base = unet(x, t, encoder_hidden_states=kept_hidden).sample
+    weights = batch["weights"]
+    assert torch.equal(weights[rows], torch.ones(4)) and torch.allclose(
+        weights.sum(), torch.tensor(5.2)
+    )
+    per = (pred - noised.target).pow(2).flatten(1).mean(1)
+    kept = (adapted - base).pow(2).flatten(1).mean(1).mean()
+    loss = (per * weights).mean() + 0.5 * kept
+    assert kept > 1e-4
+    train_step(ctx, state, log_now=True)
+    (report,) = ctx.guard.reports(all_steps=True)
+    assert abs(report.loss - loss.item()) < 1e-6
+    assert abs(report.part - kept.item()) < 1e-6
+
+
+def test_dreambooth_preservation_on_a_micro_batch_of_class_images_alone_is_zero(tmp_path):
+    """Batches of one deal an instance image, then a class image: on the class image's step
+    there is nothing to preserve, and the preservation part is zero, not a mean of nothing."""
+    extra = [
+        "lora.enabled=true",
+        "lora.text_encoder=false",
+        "model.trainable=[]",
+        "lora.preserve_prompts=['a handwritten digit one']",
+        "dreambooth.instance_prompt=a photo of sks digit",
+        'dreambooth.class_prompt=["a photo of a digit"]',
+        "dreambooth.num_class_images=4",
+        "dreambooth.class_sample_steps=1",
+        "train.batch_size=1",
+    ]
+    run = _run(tmp_path, *extra)
+    train = run.data.train
+    position = type(run.state.position)()
+    kinds = []
+    for _ in range(2):
+        (key,), position = next_batch(position, 1, len(train), run.cfg.seed, paired=train.paired)
+        kinds.append(train[key]["name"].startswith("class:"))
+        train_step(run.ctx, run.state, log_now=True)
+    assert kinds == [False, True]
+    first, second = run.ctx.guard.reports(all_steps=True)
+    assert first.part > 0 and second.part == 0.0
+    assert torch.isfinite(torch.tensor(second.loss))

@@ -10,13 +10,14 @@ preservation" does the same) asks the frozen base itself: every step, each image
 also gets one of `lora.preserve_prompts`, the base (adapters switched off) predicts the noise
 of the batch's noisy latents under that prompt, and the adapted model is pulled towards that
 prediction, weighted by `lora.preserve_weight` and the same per-timestep weights as the
-instance loss (with DreamBooth, on the instance images only: `row_weights`). The base's
-weights never change (the adapters are all that trains), so its prediction is the exact
-target of "change nothing for these prompts".
+instance loss (with DreamBooth, on the instance images only: `rows`). The base's weights
+never change (the adapters are all that trains), so its prediction is the exact target of
+"change nothing for these prompts".
 
-The preservation inputs ride in the same UNet call as the instance batch (twice the batch):
-one forward and one backward per micro-batch, as DDP and torch.compile expect; the base's own
-prediction is one more forward without gradients. Prompts are drawn from the step's noise
+The preservation inputs ride in the same UNet call as the instance batch (twice the batch, or
+the batch and its instance images with DreamBooth): one forward and one backward per
+micro-batch, as DDP and torch.compile expect; the base's own prediction is one more forward
+without gradients. Prompts are drawn from the step's noise
 generator, so a resumed run draws the same ones.
 """
 
@@ -92,29 +93,37 @@ class OutputPreservation:
         return pick.to(self.ids.device)
 
     @staticmethod
-    def row_weights(batch, weights: torch.Tensor | None, device) -> torch.Tensor | None:
-        """The preservation loss's per-image weights: the instance loss's (per timestep), on
-        the instance images only. With DreamBooth, half of a batch is class images, which
-        their prior loss already holds; preservation belongs where the adapters learn, on
-        the noisy instance images under the other prompts. Weighted so that each instance
-        image counts as it does in a batch of instance images alone (the loss is a mean over
-        the batch). Decided on the host from the batch's names: nothing is read back."""
+    def rows(batch, device) -> torch.Tensor | None:
+        """The batch's rows that preservation is taken on: None for all of them, or, with
+        DreamBooth, the instance images' indices. Half of a DreamBooth batch is class images,
+        which their prior loss already holds. Preservation belongs where the adapters learn,
+        on the noisy instance images under the other prompts, and it is a mean over those
+        rows: each instance image counts as in a batch of instance images alone. The class
+        rows are left out of the base's forward and of the denoiser's preservation half, so
+        they cost nothing. Decided on the host from the batch's names: nothing is read back."""
         from sdtune.train.dreambooth import is_class_image
 
-        names = batch["names"]
-        instance = [not is_class_image(n) for n in names]
-        if all(instance):
-            return weights
-        scale = len(names) / max(1, sum(instance))
-        mask = torch.tensor(instance, dtype=torch.float32).mul_(scale).to(device, non_blocking=True)
-        return mask if weights is None else weights * mask.to(weights.dtype)
+        instance = [i for i, n in enumerate(batch["names"]) if not is_class_image(n)]
+        if len(instance) == len(batch["names"]):
+            return None
+        return torch.tensor(instance, dtype=torch.long).to(device, non_blocking=True)
 
-    def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, pick: torch.Tensor, batch=None):
-        """The base's prediction on `noisy` under the drawn prompts: what must not change."""
+    def target(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        pick: torch.Tensor,
+        batch=None,
+        rows: torch.Tensor | None = None,
+    ):
+        """The base's prediction on `noisy` under the drawn prompts: what must not change; at
+        `rows` of the batch only, when given (see `rows`)."""
         bundle = self.bundle
         arch = bundle.arch
         with torch.no_grad(), _bypassed(self._layers), evaluating(bundle.denoiser):  # the base
             cond = arch.condition(bundle, self.base[pick], {"latents": noisy, **(batch or {})})
+            if rows is not None:
+                noisy, timesteps, cond = noisy[rows], timesteps[rows], cond[rows]
             return arch.predict(bundle, noisy, timesteps, cond)
 
 

@@ -203,17 +203,24 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
     noised = ctx.objective.draw(latents, gen)
     pick = preserve.draw(latents.shape[0], gen) if preserve is not None else None
     attention = ctx.cfg.train
-    kept_target = None
+    kept_target = rows = None
+    nothing_kept = False
     if pick is not None:  # the base's predictions to keep (lora.preserve_*)
+        rows = preserve.rows(batch, device)  # with DreamBooth: the instance images alone
+        nothing_kept = rows is not None and rows.numel() == 0  # class images alone
+        if nothing_kept:
+            pick = None
+    if pick is not None:
         with attention_kernel(attention):
-            kept_target = preserve.target(noised.noisy, noised.timesteps, pick, batch)
-    cond = _conditioning(ctx, batch, pick, train_text_now)
+            kept_target = preserve.target(noised.noisy, noised.timesteps, pick, batch, rows)
+    cond = _conditioning(ctx, batch, pick, train_text_now, rows)
     target = noised.target
     if ctx.prior is not None:  # the class images' target: the base's own prediction
         target = _base_prior_target(ctx, batch, noised, cond)
     inputs, t_in = noised.noisy, noised.timesteps
-    if pick is not None:  # one denoiser call: instance half, preservation half
-        inputs, t_in = torch.cat([inputs, inputs]), torch.cat([t_in, t_in])
+    if pick is not None:  # one denoiser call: the batch, then the preservation rows
+        kept_in, kept_t = (inputs, t_in) if rows is None else (inputs[rows], t_in[rows])
+        inputs, t_in = torch.cat([inputs, kept_in]), torch.cat([t_in, kept_t])
     with attention_kernel(attention):
         pred = arch.predict(bundle, inputs, t_in, cond, denoiser=ctx.denoiser)
     # per-image weights: DreamBooth's prior-loss weight, else ones (exact)
@@ -227,9 +234,14 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
         )
     loss_of = ctx.objective.loss  # diffusion.loss: MSE, Huber or pseudo-Huber
     if pick is None:
-        return loss_of(pred, target, weights, masks), None
-    pred, pred_kept = pred.chunk(2)
-    kept_loss = loss_of(pred_kept, kept_target, preserve.row_weights(batch, noised.weights, device))
+        kept = torch.zeros((), device=device) if nothing_kept else None
+        return loss_of(pred, target, weights, masks), kept
+    n = latents.shape[0]
+    pred, pred_kept = pred[:n], pred[n:]
+    kept_weights = noised.weights
+    if kept_weights is not None and rows is not None:
+        kept_weights = kept_weights[rows]
+    kept_loss = loss_of(pred_kept, kept_target, kept_weights)
     loss = loss_of(pred, target, weights, masks) + preserve.weight * kept_loss
     return loss, kept_loss.detach()
 
@@ -250,10 +262,11 @@ def _base_prior_target(ctx: StepContext, batch, noised, cond) -> torch.Tensor:
     return target
 
 
-def _conditioning(ctx: StepContext, batch, pick, train_text_now: bool) -> Conditioning:
-    """The batch's conditioning (and, with preservation, the preserved prompts' after it): the
-    text encoders' own where they read the preserved prompts (their adapters change them, in
-    the same call as the captions), else the base's, computed once."""
+def _conditioning(ctx: StepContext, batch, pick, train_text_now: bool, rows=None) -> Conditioning:
+    """The batch's conditioning (and, with preservation, the preserved prompts' after it, at
+    `rows` of the batch when given): the text encoders' own where they read the preserved
+    prompts (their adapters change them, in the same call as the captions), else the base's,
+    computed once."""
     bundle, arch, device, preserve = (
         ctx.bundle,
         ctx.bundle.arch,
@@ -274,7 +287,8 @@ def _conditioning(ctx: StepContext, batch, pick, train_text_now: bool) -> Condit
     if pick is None:
         return cond
     kept = text[n:] if read_kept else preserve.base[pick].to(device=device, dtype=text.hidden.dtype)
-    return Conditioning.cat([cond, arch.condition(bundle, kept, batch)])
+    kept = arch.condition(bundle, kept, batch)
+    return Conditioning.cat([cond, kept if rows is None else kept[rows]])
 
 
 def _update(ctx: StepContext, state, step_loss, step_kept, names, log_now: bool) -> StepResult:
