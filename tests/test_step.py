@@ -231,10 +231,15 @@ def test_dreambooth_with_preservation_keeps_the_instance_images_alone(tmp_path):
     kept = (adapted - base).pow(2).flatten(1).mean(1).mean()
     loss = (per * weights).mean() + 0.5 * kept
     assert kept > 1e-4
+    calls = []  # the batch size of each UNet call in the step
+    hook = unet.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
     train_step(ctx, state, log_now=True)
+    hook.remove()
     (report,) = ctx.guard.reports(all_steps=True)
     assert abs(report.loss - loss.item()) < 1e-6
     assert abs(report.part - kept.item()) < 1e-6
+    # the base's forward on the 4 instance rows, then one call: the batch and those 4 rows
+    assert sorted(calls) == [4, 12]
 
 
 def test_dreambooth_preservation_on_a_micro_batch_of_class_images_alone_is_zero(tmp_path):

@@ -203,14 +203,13 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
     noised = ctx.objective.draw(latents, gen)
     pick = preserve.draw(latents.shape[0], gen) if preserve is not None else None
     attention = ctx.cfg.train
-    kept_target = rows = None
-    nothing_kept = False
+    # with DreamBooth, preservation is taken on the instance images alone
+    rows = preserve.rows(batch, device) if pick is not None else None
+    nothing_kept = rows is not None and rows.numel() == 0  # class images alone
+    if nothing_kept:
+        pick = None
+    kept_target = None
     if pick is not None:  # the base's predictions to keep (lora.preserve_*)
-        rows = preserve.rows(batch, device)  # with DreamBooth: the instance images alone
-        nothing_kept = rows is not None and rows.numel() == 0  # class images alone
-        if nothing_kept:
-            pick = None
-    if pick is not None:
         with attention_kernel(attention):
             kept_target = preserve.target(noised.noisy, noised.timesteps, pick, batch, rows)
     cond = _conditioning(ctx, batch, pick, train_text_now, rows)
@@ -240,7 +239,7 @@ def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: boo
     pred, pred_kept = pred[:n], pred[n:]
     kept_weights = noised.weights
     if kept_weights is not None and rows is not None:
-        kept_weights = kept_weights[rows]
+        kept_weights = kept_weights[rows]  # the instance rows' per-timestep weights
     kept_loss = loss_of(pred_kept, kept_target, kept_weights)
     loss = loss_of(pred, target, weights, masks) + preserve.weight * kept_loss
     return loss, kept_loss.detach()
