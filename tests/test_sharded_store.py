@@ -50,6 +50,10 @@ def _worker(rank: int, world: int, port: int, root: str, plan: str) -> None:
             path.write_text(f"rank {rank} step {step}\n")
 
         def collective(folder: Path, state=state, step=step) -> None:
+            if plan == "folder":  # as DeepSpeed writes: its own folder, a partition per process
+                (folder / "deepspeed").mkdir(exist_ok=True)
+                torch.save(state["model"]["w"].to_local(), folder / "deepspeed" / f"part-{rank}.pt")
+                return
             dcp.save(state, checkpoint_id=str(folder))
             if plan == "collective" and step == 2 and rank == 0:  # as torch's writer reports it
                 raise RuntimeError("CheckpointException: [Errno 28] No space left on device")
@@ -139,3 +143,36 @@ def test_a_corrupt_shard_is_refused_and_the_previous_checkpoint_used(tmp_path):
     assert any("falling back to step-0000001" in s for s in said)
     manifest = json.loads((tmp_path / "step-0000001" / "manifest.json").read_text())
     assert manifest["step"] == 1
+
+
+def test_a_folder_of_partitions_is_in_the_manifest_and_verified(tmp_path):
+    _run(tmp_path, "folder")
+    assert not list(tmp_path.glob("error-*"))
+    ckpt = tmp_path / "step-0000002"
+    manifest = verify_checkpoint(ckpt)
+    assert {"deepspeed/part-0.pt", "deepspeed/part-1.pt", "own-0.txt", "own-1.txt"} == set(
+        manifest["files"]
+    )
+    rows = [torch.load(ckpt / "deepspeed" / f"part-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(torch.cat(rows), torch.arange(16.0).reshape(8, 2) * 2)
+    part = ckpt / "deepspeed" / "part-1.pt"
+    data = bytearray(part.read_bytes())
+    data[-3] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="deepspeed/part-1.pt: sha256 does not match"):
+        verify_checkpoint(ckpt)
+    (ckpt / "deepspeed" / "part-0.pt").unlink()
+    with pytest.raises(CheckpointError, match="part-0.pt: missing"):
+        verify_checkpoint(ckpt, fast=True)
+    said = []
+    assert find_checkpoint(tmp_path, said.append) == tmp_path / "step-0000001"
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a//b", "a/./b", "a/../../b", "", "a\\b"])
+def test_a_manifest_naming_a_path_outside_the_checkpoint_is_malformed(tmp_path, name):
+    ckpt = tmp_path / "step-0000001"
+    ckpt.mkdir()
+    manifest = {"files": {name: {"size": 1, "sha256": "0" * 64}}, "step": 1}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="malformed manifest"):
+        verify_checkpoint(ckpt)

@@ -96,6 +96,13 @@ def _publish(tmp: Path, final: Path) -> None:
     fsync_path(root)
 
 
+def _inside(name: str) -> bool:
+    """Whether a manifest's file name stays inside the checkpoint: a file, or a file in a
+    folder of it (DeepSpeed writes its own folder), never a path out of it."""
+    parts = name.split("/")
+    return bool(name) and all(part not in ("", ".", "..") and "\\" not in part for part in parts)
+
+
 def verify_checkpoint(path: Path, fast: bool = False) -> dict:
     """Check every file against the manifest (size, and sha256 unless `fast`); return the manifest."""
     manifest_path = path / MANIFEST
@@ -108,7 +115,7 @@ def verify_checkpoint(path: Path, fast: bool = False) -> dict:
             isinstance(info, dict)
             and isinstance(info.get("size"), int)
             and isinstance(info.get("sha256"), str)
-            and Path(name).name == name
+            and _inside(name)
             for name, info in files.items()
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
@@ -212,7 +219,9 @@ def write_sharded_checkpoint(
     # every file is written: the main process lists them, each process fsyncs and hashes
     # its share, and the manifest lists exactly what the main process saw
     names = ranks.broadcast(
-        sorted(p.name for p in tmp.iterdir() if p.is_file()) if ranks.main else None
+        sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        if ranks.main
+        else None
     )
 
     def hash_share() -> dict:
@@ -229,6 +238,8 @@ def write_sharded_checkpoint(
         files = {k: v for part in listed for k, v in sorted(part.items())}
         if sorted(files) != names:
             raise CheckpointError(f"{tmp}: hashed {len(files)} of {len(names)} files")
+        for folder in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+            fsync_path(folder)  # a folder's entries (DeepSpeed's) are as durable as the files
         _write_manifest(tmp, step, files, meta)
         _publish(tmp, final)
 
