@@ -68,6 +68,22 @@ def test_non_finite_gradient_is_bad_and_reports_are_one_step_late():
     assert guard.reports(all_steps=True) == []
 
 
+def test_gradients_found_not_finite_after_the_check_make_the_step_bad():
+    """DeepSpeed's order: the guard checks the loss before the update; when the engine then
+    finds the gradients not finite, the step is bad and its loss leaves the window again."""
+    guard = StepGuard(2.0, 3, "cpu")
+    guard.load(TrainingProgress(recent_losses=[0.5, 0.6]))
+    skip = guard.check(torch.tensor(0.55, dtype=torch.float64))
+    assert float(skip) == 0.0
+    guard.not_finite()
+    guard.push(3, ["c.png"])
+    (report,) = guard.reports(all_steps=True)
+    assert (report.bad, report.finite, report.spike) == (True, False, False)
+    stored = TrainingProgress()
+    guard.store(stored)
+    assert stored.recent_losses == [0.5, 0.6]
+
+
 def test_window_round_trip_is_exact():
     progress = TrainingProgress(recent_losses=[0.1, 0.2, 0.30000001])
     guard = StepGuard(2.0, 4, "cpu")

@@ -22,13 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp.yaml"
 
 
-def _launch(config, run, *extra, crash=None, spike=None, processes=2):
+def accelerate_train(launch_config, config, run, *extra, crash=None, spike=None, processes=2):
+    """`accelerate launch --config_file LAUNCH_CONFIG -m sdtune train CONFIG` on CPU processes
+    as the example configs say, or with `processes=1` a plain process without Accelerate."""
     env = launch_env(crash, spike)
     if processes == 1:  # a plain, unsharded process
         command = [sys.executable, "-m", "sdtune"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        command += [str(FSDP_CONFIG), "--num_processes", str(processes)]
+        command += [str(launch_config), "--num_processes", str(processes)]
         command += ["--mixed_precision", "no", "--main_process_port", str(free_port())]
         command += ["-m", "sdtune"]
     command += ["train", str(config), "--output", str(run)]
@@ -36,6 +38,37 @@ def _launch(config, run, *extra, crash=None, spike=None, processes=2):
         return subprocess.run(
             [*command, *extra], capture_output=True, text=True, env=env, timeout=600, check=False
         )
+
+
+def _launch(config, run, *extra, crash=None, spike=None, processes=2):
+    return accelerate_train(
+        FSDP_CONFIG, config, run, *extra, crash=crash, spike=spike, processes=processes
+    )
+
+
+def sdtune_cli(*args):
+    """A quick sdtune command (inspect, export) in a plain subprocess."""
+    command = [sys.executable, "-m", "sdtune", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def assert_export_is_the_final_model(run: Path, out: Path) -> None:
+    """`sdtune export` of the run's last checkpoint gives the final model's UNet (EMA's)."""
+    proc = sdtune_cli(
+        "export", run / "checkpoints" / "step-0000010", "--format", "diffusers", "--out", out
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    final = UNet2DConditionModel.from_pretrained(run / "model" / "unet").state_dict()
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # both EMA's, whole
 
 
 def _checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -117,22 +150,27 @@ def test_fsdp_shards_and_guards_as_ddp_does(straight):
     assert json.loads((run / "run_summary.json").read_text())["steps"] == 10
 
 
-def test_fsdp_killed_in_a_step_and_in_a_save_resumes_exactly(straight, tmp_path):
-    config, reference, _ = straight
-    run = tmp_path / "b"
+def killed_in_a_save_and_in_a_step_then_resumed(launch, config, run: Path) -> None:
+    """Process 1 dies in the save of step 6 (after its files, before the manifest), the
+    resumed run is killed in step 7, and the next resume finishes (from step-0000006)."""
     # process 1 dies after writing its files of the save of step 6, before the manifest
-    killed = _launch(config, run, crash="save:6:2:1", spike="8")
+    killed = launch(config, run, crash="save:6:2:1", spike="8")
     assert killed.returncode != 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
-    killed = _launch(config, run, "--resume", "latest", crash="step:7", spike="8")
+    killed = launch(config, run, "--resume", "latest", crash="step:7", spike="8")
     assert killed.returncode != 0
     assert "left by an interrupted save" in killed.stdout
     assert "resumed from" in killed.stdout and "step-0000003" in killed.stdout
-    resumed = _launch(config, run, "--resume", "latest", spike="8")
+    resumed = launch(config, run, "--resume", "latest", spike="8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step-0000006" in resumed.stdout
-    _assert_same(_state(reference, 10), _state(run, 10))
+
+
+def test_fsdp_killed_in_a_step_and_in_a_save_resumes_exactly(straight, tmp_path):
+    config, reference, _ = straight
+    killed_in_a_save_and_in_a_step_then_resumed(_launch, config, tmp_path / "b")
+    _assert_same(_state(reference, 10), _state(tmp_path / "b", 10))
 
 
 def test_fsdp_corrupt_shard_falls_back_and_one_process_resumes(straight, tmp_path):
@@ -141,23 +179,10 @@ def test_fsdp_corrupt_shard_falls_back_and_one_process_resumes(straight, tmp_pat
 
     run = tmp_path / "c"
     shutil.copytree(reference, run)
-    shard = run / "checkpoints" / "step-0000010" / "__1_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    shard.write_bytes(bytes(data))
-    inspect = subprocess.run(
-        [sys.executable, "-m", "sdtune", "inspect", str(run / "checkpoints" / "step-0000010")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    flip_a_byte(run / "checkpoints" / "step-0000010" / "__1_0.distcp")
+    inspect = sdtune_cli("inspect", run / "checkpoints" / "step-0000010")
     assert inspect.returncode != 0 and "__1_0.distcp: sha256 does not match" in inspect.stdout
-    intact = subprocess.run(
-        [sys.executable, "-m", "sdtune", "inspect", str(run / "checkpoints" / "step-0000009")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    intact = sdtune_cli("inspect", run / "checkpoints" / "step-0000009")
     assert intact.returncode == 0 and "sharded (fsdp) by 2 processes" in intact.stdout
     # another number of processes (one, unsharded): the shards are read whole
     resumed = _launch(config, run, "--resume", "latest", "--set", "train.max_steps=11", processes=1)
@@ -171,41 +196,37 @@ def test_fsdp_corrupt_shard_falls_back_and_one_process_resumes(straight, tmp_pat
 
 def test_fsdp_export_reads_a_sharded_checkpoint(straight, tmp_path):
     _, run, _ = straight
-    out = tmp_path / "export"
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdtune", "export", str(run / "checkpoints" / "step-0000010")]
-        + ["--format", "diffusers", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from diffusers import UNet2DConditionModel
+    assert_export_is_the_final_model(run, tmp_path / "export")
 
-    exported = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
-    final = UNet2DConditionModel.from_pretrained(run / "model" / "unet").state_dict()
-    assert all(torch.equal(exported[k], final[k]) for k in final)  # both EMA's, whole
+
+def lora_resumes_exactly_and_refuses_a_text_encoder(launch, same, tmp_path, by: str):
+    """A LoRA run killed in a step resumes to the bits of one that was not (`same` compares
+    two runs' step 10); a text-encoder LoRA is refused in one line naming the backend `by`."""
+    config = tmp_path / "cfg.toml"
+    config.write_text(DISTRIBUTED + "[lora]\nenabled = true\nrank = 4\n")
+    straight = launch(config, tmp_path / "a", spike="8")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = launch(config, tmp_path / "b", crash="step:5", spike="8")
+    assert killed.returncode == -signal.SIGKILL or killed.returncode != 0
+    resumed = launch(config, tmp_path / "b", "--resume", "latest", spike="8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "model" / "pytorch_lora_weights.safetensors").is_file()
+
+    config.write_text(DISTRIBUTED + "[lora]\nenabled = true\nrank = 4\ntext_encoder = true\n")
+    refused = launch(config, tmp_path / "te")
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    assert f"sdtune: error: {by}: only the unet trains when sharded" in said
+    assert "sdtune/train" not in said  # no traceback from sdtune (the launcher prints its own)
 
 
 @pytest.mark.slow
 def test_fsdp_lora_resumes_exactly_and_refuses_a_text_encoder(tmp_path):
-    config = tmp_path / "cfg.toml"
-    config.write_text(DISTRIBUTED + "[lora]\nenabled = true\nrank = 4\n")
-    straight = _launch(config, tmp_path / "a", spike="8")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _launch(config, tmp_path / "b", crash="step:5", spike="8")
-    assert killed.returncode == -signal.SIGKILL or killed.returncode != 0
-    resumed = _launch(config, tmp_path / "b", "--resume", "latest", spike="8")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same(_state(tmp_path / "a", 10), _state(tmp_path / "b", 10))
-    assert (tmp_path / "a" / "model" / "pytorch_lora_weights.safetensors").is_file()
+    def same(a, b):
+        _assert_same(_state(a, 10), _state(b, 10))
 
-    config.write_text(DISTRIBUTED + "[lora]\nenabled = true\nrank = 4\ntext_encoder = true\n")
-    refused = _launch(config, tmp_path / "te")
-    assert refused.returncode != 0
-    said = refused.stdout + refused.stderr
-    assert "sdtune: error: FSDP: only the unet trains when sharded" in said
-    assert "sdtune/train" not in said  # no traceback from sdtune (the launcher prints its own)
+    lora_resumes_exactly_and_refuses_a_text_encoder(_launch, same, tmp_path, "FSDP")
 
 
 @pytest.mark.slow

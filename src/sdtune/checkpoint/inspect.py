@@ -29,7 +29,12 @@ def _describe(path: Path, fast: bool) -> bool:
             f"  step {manifest['step']}, format {manifest['format_version']}, sdtune {manifest['sdtune_version']}"
         )
         sharded = manifest.get("sharded")
-        if sharded:  # torch.distributed.checkpoint files: .metadata and one shard per process
+        if sharded and sharded.get("by") == "deepspeed":  # an optimizer partition per process
+            print(
+                f"  sharded (deepspeed) by {sharded.get('processes')} processes; DeepSpeed on "
+                f"{sharded.get('processes')} processes resumes it, and sdtune export reads it"
+            )
+        elif sharded:  # torch.distributed.checkpoint files: .metadata and one shard per process
             print(
                 f"  sharded ({sharded.get('by')}) by {sharded.get('processes')} processes; "
                 "any number of processes resumes it, and sdtune export reads it whole"

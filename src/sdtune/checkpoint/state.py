@@ -48,7 +48,11 @@ OLD_RNG_KEY = "rng-{rank}.pt"  # before 0.1.1: pickled, read only through torch'
 SHARDED_META = "sharded"
 """The manifest's record of a sharded checkpoint ({"processes": N, "by": "fsdp"}): its
 weights, EMA and optimizer state are torch.distributed.checkpoint files (`.metadata` and a
-`__R_0.distcp` per process) in place of model/ema.safetensors and optimizer.pt."""
+`__R_0.distcp` per process) in place of model/ema.safetensors and optimizer.pt. By
+"deepspeed": model/ema.safetensors as one process writes them, and DeepSpeed's own folder
+(`DEEPSPEED_TAG`) in place of optimizer.pt, with each process's optimizer partition."""
+DEEPSPEED_TAG = "deepspeed"
+"""The folder in a checkpoint that DeepSpeed's `save_checkpoint` writes (its "tag")."""
 
 
 @dataclass
@@ -346,6 +350,81 @@ def save_sharded_state(
     return write_sharded_checkpoint(root, progress.step, ranks, collective, own, meta)
 
 
+def save_deepspeed_state(
+    root: Path, progress: TrainingProgress, objects, config_toml: str, ranks: Ranks, engine
+) -> Path:
+    """Checkpoint `progress.step` of a DeepSpeed ZeRO-2 run, written by every process together
+    (store.write_sharded_checkpoint): DeepSpeed's `save_checkpoint` (a collective: each
+    process's optimizer partition, with its float32 master weights, and the trained weights
+    it tracks; frozen weights left out); the main process's trainable weights, EMA, progress,
+    config, architecture and schedule as one process writes them (every process holds them
+    whole under ZeRO-2), so exports read the checkpoint without DeepSpeed; every process's
+    RNG state."""
+    hooked = _crash_hooked(progress.step, ranks.rank)
+    own: dict = {}
+    if ranks.main:
+        trainable = objects.trainable
+        weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
+        own = {
+            **_record_writers(progress, objects.architecture, config_toml),
+            MODEL_KEY: lambda path: save_file(weights, str(path)),
+            LR_KEY: lambda path: torch.save(objects.lr_scheduler.state_dict(), path),
+        }
+        if objects.ema is not None:
+            shadow = {
+                n: s.detach().cpu().contiguous()
+                for n, s in zip(trainable, objects.ema.shadow_params)
+            }
+            own[EMA_KEY] = lambda path: save_file(shadow, str(path))
+    own[RNG_KEY.format(rank=ranks.rank)] = save_rng_state
+
+    def collective(folder: Path) -> None:
+        engine.save_checkpoint(
+            str(folder), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
+
+    meta = {"kind": "training", SHARDED_META: {"processes": ranks.world, "by": "deepspeed"}}
+    own = {name: hooked(w) for name, w in own.items()}
+    return write_sharded_checkpoint(root, progress.step, ranks, hooked(collective), own, meta)
+
+
+def load_deepspeed_state(path: Path, objects, engine, ranks: Ranks) -> TrainingProgress:
+    """Restore what `save_deepspeed_state` wrote, on as many processes as wrote it (each
+    process reads its own optimizer partition; every process calls it)."""
+    check_architecture(json.loads((path / ARCH_KEY).read_text()), objects.architecture, path)
+    if objects.ema is not None and not (path / EMA_KEY).is_file():
+        raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.load's weights_only
+        loaded, _ = engine.load_checkpoint(
+            str(path),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,  # the frozen weights were left out
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # sdtune's schedule, below
+        )
+    if loaded is None:
+        raise CheckpointError(f"{path}: DeepSpeed could not read its folder {DEEPSPEED_TAG}/")
+    objects.lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))
+    progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
+    if objects.ema is not None:
+        shadow = load_file(str(path / EMA_KEY))
+        with torch.no_grad():
+            for name, s in zip(objects.trainable, objects.ema.shadow_params):
+                s.copy_(shadow[name].to(s.device, s.dtype))
+        objects.ema.optimization_step = progress.ema_steps
+    rng_file = path / RNG_KEY.format(rank=ranks.rank)
+    if rng_file.is_file():
+        set_rng_state(load_rng_state(rng_file))
+    return progress
+
+
+def _by_torch_dcp(path: Path) -> bool:
+    """Whether checkpoint `path`'s weights are torch.distributed.checkpoint files (FSDP)."""
+    info = sharded_info(path)
+    return info is not None and info.get("by") != "deepspeed"
+
+
 def sharded_info(path: Path) -> dict | None:
     """The manifest's sharding record of checkpoint `path`, or None (one process wrote it)."""
     try:
@@ -411,13 +490,13 @@ def sharded_weights(path: Path, which: str = "model") -> dict[str, torch.Tensor]
 def checkpoint_weights(path: Path, which: str = "model") -> dict[str, torch.Tensor]:
     """The trainable weights ("model") or EMA's ("ema") a verified checkpoint holds, whether
     one process or several (sharded) wrote it."""
-    if sharded_info(path) is not None:
+    if _by_torch_dcp(path):
         return sharded_weights(path, which)
     return load_file(str(path / (EMA_KEY if which == "ema" else MODEL_KEY)))
 
 
 def checkpoint_has_ema(path: Path) -> bool:
-    return _has_ema(path) if sharded_info(path) is not None else (path / EMA_KEY).is_file()
+    return _has_ema(path) if _by_torch_dcp(path) else (path / EMA_KEY).is_file()
 
 
 def load_training_state(path: Path, objects, rank: int = 0) -> TrainingProgress:

@@ -91,6 +91,7 @@ class StepGuard:
             full = self._count >= self.window
             spike = finite & full & (loss64 > self.factor * median)
         applied = finite & ~spike
+        self._before = (self._recent, self._count)  # for `not_finite`
         # only applied steps' losses enter the window (a spike must not raise its own bar)
         shifted = torch.cat([self._recent[1:], loss64.reshape(1)])
         self._recent = torch.where(applied, shifted, self._recent)
@@ -98,6 +99,13 @@ class StepGuard:
         flags = [finite.to(torch.float64), spike.to(torch.float64)]
         self._last = torch.stack([loss64, *flags, part64])
         return (~applied).to(torch.float32)
+
+    def not_finite(self) -> None:
+        """The step just checked turned out to have non-finite gradients (found by DeepSpeed,
+        which discarded its update): a bad step, whose loss leaves the window again."""
+        self._recent, self._count = self._before
+        self._last = self._last.clone()
+        self._last[1] = 0.0
 
     def push(self, step: int, names: list[str]) -> None:
         """Start copying the last checked step's flags to the host, without waiting."""

@@ -17,6 +17,7 @@ from sdtune.checkpoint.state import (
     architecture_record,
     clean_temporaries,
     frozen_fingerprint,
+    load_deepspeed_state,
     load_sharded_state,
     load_training_state,
     sharded_info,
@@ -38,9 +39,13 @@ from sdtune.train.parts import grid_prompts, truncate_metrics
 from sdtune.train.preserve import BasePrior, OutputPreservation
 from sdtune.train.shard import (
     Gathered,
+    autocast,
     check_launch,
     check_sharded,
+    deepspeed_engine,
+    is_deepspeed,
     is_sharded,
+    route_deepspeed,
     route_fsdp,
     same_start,
 )
@@ -85,6 +90,16 @@ class Run:
         return self.gathered is not None
 
     @property
+    def deepspeed(self) -> bool:
+        return self.ctx.engine is not None
+
+    @property
+    def saves_together(self) -> bool:
+        """Whether every process writes its part of a checkpoint (FSDP, DeepSpeed), not the
+        main process alone."""
+        return self.sharded or self.deepspeed
+
+    @property
     def ranks(self):
         from sdtune.checkpoint.store import Ranks
 
@@ -116,6 +131,8 @@ class Run:
     def restore(self, path: Path) -> TrainingProgress:
         """The training objects as checkpoint `path` holds them; returns its progress."""
         rank, saved = self.accelerator.process_index, sharded_info(path)
+        if self.deepspeed or (saved or {}).get("by") == "deepspeed":
+            return self._restore_deepspeed(path, saved)
         if saved is not None:  # any number of processes, sharded or not, reads it
             return load_sharded_state(path, self.objects, self.bundle.denoiser, rank, self.sharded)
         if self.sharded:
@@ -124,6 +141,23 @@ class Run:
                 "reads only sharded checkpoints)"
             )
         return load_training_state(path, self.objects, rank)
+
+    def _restore_deepspeed(self, path: Path, saved: dict | None) -> TrainingProgress:
+        """A DeepSpeed checkpoint resumes under DeepSpeed on as many processes as wrote it
+        (each reads its own optimizer partition); DeepSpeed resumes only from its own."""
+        world = self.accelerator.num_processes
+        if saved is None or saved.get("by") != "deepspeed":
+            raise CheckpointError(
+                f"{path}: not saved by a DeepSpeed run; resume it as it was trained (DeepSpeed "
+                "reads only its own checkpoints)"
+            )
+        if not self.deepspeed or saved.get("processes") != world:
+            raise CheckpointError(
+                f"{path}: saved by DeepSpeed on {saved.get('processes')} processes, each with "
+                f"its part of the optimizer state; resume it with the same DeepSpeed launch "
+                f"and --num_processes {saved.get('processes')}"
+            )
+        return load_deepspeed_state(path, self.objects, self.ctx.engine, self.ranks)
 
 
 def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
@@ -143,8 +177,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
     if main:
         (run_dir / "config.toml").write_text(config_toml)
     bundle, trainable, architecture = _model(cfg, run_dir, main, say)
-    if is_sharded(accelerator):
-        check_sharded(cfg, trainable, bundle.arch.denoiser)
+    if is_sharded(accelerator) or is_deepspeed(accelerator):
+        by = "FSDP" if is_sharded(accelerator) else "DeepSpeed"
+        check_sharded(cfg, trainable, bundle.arch.denoiser, by)
     bundle.to(accelerator.device)
     data = _data(cfg, bundle, run_dir, accelerator, say)
     # epochs become steps now that the images are counted (config.toml keeps what was asked)
@@ -226,6 +261,7 @@ def _accelerator(cfg: RunConfig, run_dir: Path):
         kwargs_handlers=[ddp],
     )
     route_fsdp(accelerator)
+    route_deepspeed(accelerator, cfg)
     if trackers:
         accelerator.init_trackers(cfg.monitor.project, config=_flat(to_dict(cfg)))
     return accelerator, accelerator.log if trackers else None
@@ -355,12 +391,14 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
         denoiser.enable_gradient_checkpointing()
     prepare_denoiser(denoiser, cfg.train)
     precision = accelerator.mixed_precision
+    if is_deepspeed(accelerator):  # Accelerate's says "no": sdtune's autocast runs under it
+        precision = cfg.train.mixed_precision if device.type == "cuda" else "no"
     cache = None  # latents / text states computed once, on disk (data.cache_*)
     if cfg.data.cache_latents or cfg.data.cache_text:
         cache = _build_cache(cfg, data.train, bundle, precision, accelerator, say)
     preserve = None  # LoRA output preservation (lora.preserve_prompts)
     if cfg.lora.preserve_prompts:
-        preserve = OutputPreservation(cfg, bundle, device, accelerator.autocast)
+        preserve = OutputPreservation(cfg, bundle, device, autocast(accelerator, cfg))
         report_long_prompts(bundle, preserve.prompts, say, "lora.preserve_prompts", "prompt")
         say(
             f"lora: output preservation on {len(preserve.prompts)} prompt(s), weight {preserve.weight:g}"
@@ -376,7 +414,7 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
     )
     optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
-    if is_sharded(accelerator):
+    if is_sharded(accelerator) or is_deepspeed(accelerator):
         same_start(trainable)
     # only modules that train are wrapped (DDP refuses one without gradients)
     wrapped_names = [n for n in encoders if training_text[n]]
@@ -412,6 +450,8 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
         device_skip=skips_on_device(optimizer) and accelerator.scaler is None,
         preserve=preserve,
         prior=prior,
+        autocast=autocast(accelerator, cfg),
+        engine=deepspeed_engine(accelerator),
     )
     return objects, ctx
 

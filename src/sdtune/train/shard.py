@@ -1,4 +1,14 @@
-"""Sharded training: FSDP2 through Accelerate, when `accelerate launch` is given an FSDP config.
+"""Sharded training through Accelerate: FSDP2 when `accelerate launch` is given an FSDP config,
+DeepSpeed ZeRO stage 2 when it is given a DeepSpeed one.
+
+DeepSpeed ZeRO-2 shards the gradients and the optimizer state, not the weights: every process
+holds the whole denoiser, so evaluation, EMA and the final model read it as DDP's are read.
+What sdtune does for it is `route_deepspeed` (the engine set up from sdtune's config, on CPU
+processes too), the step's own calls of the engine (train/step.py: the guard decides before the
+update), and checkpoints of every process's optimizer partition (checkpoint/state.py
+`save_deepspeed_state`).
+
+FSDP:
 
 Every process holds a shard of the denoiser's weights, gradients and optimizer state; a
 layer's whole weights exist only while it computes. What sdtune adds is what Accelerate leaves
@@ -15,8 +25,10 @@ to the training script:
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -31,17 +43,34 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("true", "1", "yes")
 
 
+DEEPSPEED_STAGES = (2,)
+"""The ZeRO stages sdtune trains with: 2 (gradients and optimizer state sharded). Stage 3
+also shards the weights, which evaluation, EMA and the checkpoints do not read yet: FSDP
+shards the weights (examples/accelerate/fsdp.yaml)."""
+
+
 def check_launch() -> None:
     """Refuse, in one line, a launch sdtune cannot train as asked (before Accelerate starts)."""
     if _flag("ACCELERATE_USE_DEEPSPEED"):
-        raise UserError(
-            "accelerate launch: DeepSpeed is not supported by sdtune yet; shard with FSDP "
-            "instead (accelerate launch --config_file examples/accelerate/fsdp.yaml)"
-        )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(
+                "accelerate launch: DeepSpeed is asked for but not installed (pip install "
+                "deepspeed), or shard with FSDP (examples/accelerate/fsdp.yaml)"
+            )
+        _check_stage(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
     if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError(
             "accelerate launch: sdtune shards with FSDP2: set fsdp_version: 2 in the FSDP "
             "config (examples/accelerate/fsdp.yaml)"
+        )
+
+
+def _check_stage(stage) -> None:
+    if stage is not None and str(stage) not in {str(s) for s in DEEPSPEED_STAGES}:
+        raise UserError(
+            f"accelerate launch: DeepSpeed ZeRO stage {stage} is not supported by sdtune yet; "
+            "use zero_stage: 2 (examples/accelerate/deepspeed.yaml), or FSDP to shard the "
+            "weights too (examples/accelerate/fsdp.yaml)"
         )
 
 
@@ -69,30 +98,101 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_sharded(cfg, trainable: dict, denoiser_name: str) -> None:
-    """What FSDP training takes, refused in one line otherwise."""
+def route_deepspeed(accelerator, cfg) -> None:
+    """DeepSpeed's engine set up from sdtune's config, when the launch asks for DeepSpeed.
+
+    On CPU processes Accelerate runs DDP instead (as it does for FSDP): sdtune sets its state
+    to DeepSpeed there, which ZeRO-2 runs over gloo (how the CPU tests shard). The micro-batch,
+    accumulation, global batch and clipping are filled in from sdtune's `train.*`, over any
+    value the DeepSpeed config gives. Precision stays sdtune's too: float32 weights and master weights, with
+    `train.mixed_precision = bf16` an autocast around the forward (`autocast`), as without
+    DeepSpeed; DeepSpeed's own bf16 (weights stored in bf16) is turned off."""
+    from accelerate import DeepSpeedPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    if not _flag("ACCELERATE_USE_DEEPSPEED"):
+        return
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.deepspeed_plugins = plugin
+        # both shared states: a later AcceleratorState() copies the process state's over its own
+        PartialState().distributed_type = DistributedType.DEEPSPEED
+        accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    _check_stage(plugin.zero_stage)
+    config = plugin.deepspeed_config
+    t = cfg.train
+    ours = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * accelerator.num_processes,
+        "gradient_clipping": 0.0 if t.max_grad_norm is None else float(t.max_grad_norm),
+    }
+    config.update(ours)  # sdtune's config decides these, whatever the DeepSpeed config says
+    for half in ("fp16", "bf16"):
+        config[half] = {"enabled": False}
+    config.setdefault("zero_allow_untested_optimizer", True)  # torch's own optimizers
+    config.setdefault("steps_per_print", 2**31 - 1)  # sdtune logs; DeepSpeed stays quiet
+    accelerator.gradient_accumulation_steps = t.grad_accum
+    # sdtune says every skipped step itself; DeepSpeed's own line would call a loss spike the
+    # guard discarded "non-finite gradients"
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def deepspeed_engine(accelerator):
+    """The DeepSpeed engine `prepare` made, or None when not under DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.deepspeed_engine_wrapped.engine
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def autocast(accelerator, cfg):
+    """The forward's autocast: Accelerate's, or under DeepSpeed (whose Accelerate state turns
+    autocast off) torch's with `train.mixed_precision` on a GPU."""
+    if not is_deepspeed(accelerator):
+        return accelerator.autocast
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    if mixed is None or accelerator.device.type != "cuda":
+        return nullcontext
+    return lambda: torch.autocast("cuda", dtype=mixed)
+
+
+def check_sharded(cfg, trainable: dict, denoiser_name: str, by: str = "FSDP") -> None:
+    """What sharded training (`by`: FSDP or DeepSpeed) takes, refused in one line otherwise."""
     outside = sorted(n for n in trainable if not n.startswith(f"{denoiser_name}."))
     if outside:
         raise ConfigError(
-            f"FSDP: only the {denoiser_name} trains when sharded (Accelerate shards one model), "
+            f"{by}: only the {denoiser_name} trains when sharded (Accelerate shards one model), "
             f"but {outside[0]} would train too; leave the text encoders frozen "
             "(lora.text_encoder = false, no textual-inversion token, model.trainable without "
-            "text_encoder*), or train without FSDP"
+            f"text_encoder*), or train without {by}"
         )
     if cfg.train.optimizer not in SHARDED_OPTIMIZERS:
         raise ConfigError(
-            f"train.optimizer: '{cfg.train.optimizer}' is not sharded by sdtune's FSDP "
+            f"train.optimizer: '{cfg.train.optimizer}' is not sharded by sdtune's {by} "
             f"checkpoints; use one of {', '.join(SHARDED_OPTIMIZERS)}"
         )
     if cfg.dreambooth.instance_prompt and cfg.dreambooth.prior_target == "base":
         raise ConfigError(
-            "dreambooth.prior_target: 'base' is not supported with FSDP (its extra forward runs "
+            f"dreambooth.prior_target: 'base' is not supported with {by} (its extra forward runs "
             "only on batches with class images, which the processes would not agree on); use "
-            "'noise', or train without FSDP"
+            f"'noise', or train without {by}"
         )
     if cfg.train.mixed_precision == "fp16":
         raise ConfigError(
-            "train.mixed_precision: fp16 is not supported with FSDP (its loss scaler would "
+            f"train.mixed_precision: fp16 is not supported with {by} (its loss scaler would "
             "need a sharded one); use bf16"
         )
 

@@ -156,6 +156,8 @@ class StepContext:
     preserve: Any = None  # OutputPreservation (lora.preserve_prompts), or None
     prior: Any = None  # BasePrior (dreambooth.prior_target = 'base'), or None
     hooks: FaultHooks = field(default_factory=FaultHooks)
+    autocast: Any = nullcontext  # the forward's autocast (Accelerate's, or shard.autocast)
+    engine: Any = None  # the DeepSpeed engine, which takes the backward and the update
 
 
 @dataclass
@@ -177,19 +179,42 @@ def train_step(ctx: StepContext, state, log_now: bool) -> StepResult:
     te_steps = cfg.train.text_encoder_steps
     train_text_now = ctx.train_text and (te_steps is None or step < te_steps)
     names: list[str] = []
+    engine, skip = ctx.engine, None
     for m in range(accum):
         gen = generator(cfg.seed, "noise", step, m, rank, device=device)
         batch, latents, state.position = ctx.source.take(state.position, gen, ctx.bundle, device)
         names += batch["names"]
         sync = m == accum - 1
-        with nullcontext() if sync else accelerator.no_sync(ctx.denoiser), accelerator.autocast():
+        with nullcontext() if sync else accelerator.no_sync(ctx.denoiser), ctx.autocast():
             loss, kept = _micro_batch_loss(ctx, batch, latents, gen, train_text_now)
             loss = ctx.hooks.apply(loss, step + 1, state.rollbacks)
-        accelerator.backward(loss / accum)
         step_loss += loss.detach() / accum
         if kept is not None:
             step_kept += kept / accum
+        if engine is None:
+            accelerator.backward(loss / accum)
+            continue
+        engine.set_gradient_accumulation_boundary(sync)
+        if sync:  # the guard decides before the last backward: the engine updates at once
+            step_loss, step_kept = _mean_over_processes(accelerator, step_loss, step_kept)
+            skip = ctx.guard.check(step_loss, None, step_kept)
+            # a bad step's gradients made NaN: DeepSpeed discards a step whose gradients are
+            # not finite (optimizer state and weights untouched), decided on the device
+            loss = loss * torch.where(skip > 0, float("nan"), 1.0).to(loss.dtype)
+        engine.backward(loss / accum, scale_wrt_gas=False)
+    if engine is not None:
+        return _update_deepspeed(ctx, state, skip, names, log_now)
     return _update(ctx, state, step_loss, step_kept, names, log_now)
+
+
+def _mean_over_processes(accelerator, step_loss, step_kept):
+    """The step's loss (and preservation part) averaged over the processes: every process
+    decides on the same numbers."""
+    if accelerator.num_processes > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+        if step_kept is not None:
+            step_kept = accelerator.reduce(step_kept, reduction="mean")
+    return step_loss, step_kept
 
 
 def _micro_batch_loss(ctx: StepContext, batch, latents, gen, train_text_now: bool):
@@ -292,8 +317,6 @@ def _conditioning(ctx: StepContext, batch, pick, train_text_now: bool, rows=None
 
 def _update(ctx: StepContext, state, step_loss, step_kept, names, log_now: bool) -> StepResult:
     """Clip, let the guard decide on the device, update, EMA, LR schedule, count the step."""
-    from sdtune.checkpoint.state import crash_point
-
     accelerator, objects, cfg = ctx.accelerator, ctx.objects, ctx.cfg
     params = objects.params
     if cfg.train.max_grad_norm is not None:
@@ -302,10 +325,7 @@ def _update(ctx: StepContext, state, step_loss, step_kept, names, log_now: bool)
         accelerator.unscale_gradients()  # fp16: the norm in true units (else a no-op)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     grad_norm = whole(grad_norm)  # sharded: the norm of every process's gradients together
-    if accelerator.num_processes > 1:  # every process decides on the same numbers
-        step_loss = accelerator.reduce(step_loss, reduction="mean")
-        if step_kept is not None:
-            step_kept = accelerator.reduce(step_kept, reduction="mean")
+    step_loss, step_kept = _mean_over_processes(accelerator, step_loss, step_kept)
     before = ratio_sample(params) if log_now and cfg.train.log_update_ratio else None
     optimizer, guard = objects.optimizer, ctx.guard
     if accelerator.scaler is None:
@@ -321,14 +341,42 @@ def _update(ctx: StepContext, state, step_loss, step_kept, names, log_now: bool)
         else:
             accelerator.scaler.update()  # its bookkeeping, without the step
         skip = torch.maximum(skip, (~torch.isfinite(grad_norm)).float())
+    optimizer.zero_grad(set_to_none=True)
+    return _finish_step(ctx, state, skip, grad_norm, names, before)
+
+
+def _finish_step(ctx: StepContext, state, skip, grad_norm, names, before) -> StepResult:
+    """After the update (or its skip): EMA, the LR schedule, the step counted and reported."""
+    from sdtune.checkpoint.state import crash_point
+
+    objects = ctx.objects
     if objects.ema is not None:
         objects.ema.step(skip)  # left as it was where the update was skipped
     objects.lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    guard.push(state.step, names)
+    ctx.guard.push(state.step, names)
     crash_point("step", state.step)
     return StepResult(grad_norm, names, before)
+
+
+def _update_deepspeed(ctx: StepContext, state, skip, names, log_now: bool) -> StepResult:
+    """DeepSpeed's update: the engine clips (`gradient_clipping`, from train.max_grad_norm)
+    and steps, or discards a step the guard made NaN; a step whose gradients were not finite
+    though its loss was is discarded by DeepSpeed and counted bad here. Reads the host: the
+    engine's norm is a number on the host, and DeepSpeed syncs in its step anyway."""
+    cfg, engine = ctx.cfg, ctx.engine
+    params = ctx.objects.params
+    before = ratio_sample(params) if log_now and cfg.train.log_update_ratio else None
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = float("nan") if norm is None else float(norm)
+    guarded = bool(skip)
+    if not engine.was_step_applied() and not guarded:
+        ctx.guard.not_finite()  # finite loss, gradients that were not
+    applied = engine.was_step_applied()
+    grad_norm = torch.tensor(norm if applied else float("nan"), device=ctx.accelerator.device)
+    skip = torch.tensor(0.0 if applied else 1.0, device=ctx.accelerator.device)
+    return _finish_step(ctx, state, skip, grad_norm, names, before)
 
 
 def _ratio_stride(params: list[torch.nn.Parameter]) -> int:

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 from sdtune.checkpoint.rotation import rotate
-from sdtune.checkpoint.state import find_checkpoint, save_sharded_state, save_training_state
+from sdtune.checkpoint.state import (
+    find_checkpoint,
+    save_deepspeed_state,
+    save_sharded_state,
+    save_training_state,
+)
 from sdtune.errors import ConfigError, UserError
 from sdtune.evaluate.early_stop import early_stop_reason, overfitting
 from sdtune.files import NoSpaceError, free_bytes
@@ -85,7 +90,7 @@ def watch(run, result: StepResult, log_now: bool, stop) -> None:
     if evaluate_now:
         run.gather()  # sharded: the whole weights, for the main process to evaluate
         new_best = _evaluate(run) if run.main else False
-        if run.sharded:  # every process writes its shard of the new best
+        if run.saves_together:  # every process writes its part of the new best
             new_best = run.ranks.broadcast(new_best)
         if new_best:
             save(run)
@@ -315,21 +320,21 @@ def save(run, must: bool = False) -> None:
     save, as a disk that fills up during any save does; the checkpoints already written, and
     `latest`, stay as they were."""
     state, root = run.state, run.ckpt_root
-    if run.last_saved == state.step or not (run.main or run.sharded):
-        return  # sharded: every process writes its shard; else the main process writes all
+    if run.last_saved == state.step or not (run.main or run.saves_together):
+        return  # sharded: every process writes its part; else the main process writes all
     run.ctx.guard.store(state)
     if run.objects.ema is not None:
         state.ema_steps = run.objects.ema.optimization_step
     previous = sorted(p for p in root.glob("step-*") if p.is_dir()) if run.main else []
     if previous:
-        needed = sum(f.stat().st_size for f in previous[-1].iterdir() if f.is_file())
+        needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
     else:  # before the first checkpoint: weights, optimizer moments, EMA
         weights = sum(p.numel() * p.element_size() for p in run.objects.params)
         copies = 3 + (run.objects.ema is not None) + is_schedule_free(run.objects.optimizer)
         needed = weights * copies + 2**20
     free = free_bytes(root)
     last = previous[-1].name if previous else None
-    if run.sharded:  # the main process's disk check (and its view of the folder) for all
+    if run.saves_together:  # the main process's disk check (and its view of the folder) for all
         free, needed, last = run.ranks.broadcast((free, needed, last))
     kept = (
         f"the last checkpoint, {last}, is intact"
@@ -354,7 +359,11 @@ def save(run, must: bool = False) -> None:
         return
     started = time.monotonic()
     try:
-        if run.sharded:
+        if run.deepspeed:
+            path = save_deepspeed_state(
+                root, state, run.objects, run.config_toml, run.ranks, run.ctx.engine
+            )
+        elif run.sharded:
             path = save_sharded_state(
                 root, state, run.objects, run.config_toml, run.ranks, run.bundle.denoiser
             )
@@ -367,7 +376,7 @@ def save(run, must: bool = False) -> None:
     if not run.main:
         run.last_saved, run.last_save_time = state.step, time.monotonic()
         return
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     run.say(
         f"checkpoint: saved {path.name} ({size / 2**20:.1f} MiB in "
         f"{time.monotonic() - started:.1f} s)"
