@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -379,13 +380,46 @@ def save_deepspeed_state(
     own[RNG_KEY.format(rank=ranks.rank)] = save_rng_state
 
     def collective(folder: Path) -> None:
-        engine.save_checkpoint(
-            str(folder), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
-        )
+        with _failures_held(engine.checkpoint_engine) as failed:
+            engine.save_checkpoint(
+                str(folder), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
+            )
+        if failed:
+            raise failed[0]
 
     meta = {"kind": "training", SHARDED_META: {"processes": ranks.world, "by": "deepspeed"}}
     own = {name: hooked(w) for name, w in own.items()}
     return write_sharded_checkpoint(root, progress.step, ranks, hooked(collective), own, meta)
+
+
+@contextmanager
+def _failures_held(checkpoint_engine):
+    """DeepSpeed's `save_checkpoint` waits for every process at barriers between its writes:
+    a process whose write raised (a full disk) would leave the others waiting there. So its
+    writes' failures are held (yielded list) until `save_checkpoint` has returned on every
+    process, and raised then, where the store's phases tell every process about them."""
+    failed: list[Exception] = []
+    originals = {name: getattr(checkpoint_engine, name) for name in ("save", "makedirs")}
+
+    def held(write):
+        def run(*args, **kwargs):
+            if failed:
+                return None  # the checkpoint is lost already: write nothing more
+            try:
+                return write(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - raised after the barriers
+                failed.append(exc)
+                return None
+
+        return run
+
+    for name, write in originals.items():
+        setattr(checkpoint_engine, name, held(write))
+    try:
+        yield failed
+    finally:
+        for name, write in originals.items():
+            setattr(checkpoint_engine, name, write)
 
 
 def load_deepspeed_state(path: Path, objects, engine, ranks: Ranks) -> TrainingProgress:

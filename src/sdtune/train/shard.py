@@ -135,6 +135,16 @@ def route_deepspeed(accelerator, cfg) -> None:
     config.update(ours)  # sdtune's config decides these, whatever the DeepSpeed config says
     for half in ("fp16", "bf16"):
         config[half] = {"enabled": False}
+    if accelerator.device.type == "cuda" and t.mixed_precision == "bf16":
+        # DeepSpeed runs the forward in its own autocast setting (off unless configured, which
+        # would turn sdtune's off): bf16 compute, every gradient reduced in float32
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
+    # the guard's NaN-made bad step is discarded where DeepSpeed sees a non-finite norm
+    config.setdefault("zero_optimization", {})["compute_grad_norm"] = True
     config.setdefault("zero_allow_untested_optimizer", True)  # torch's own optimizers
     config.setdefault("steps_per_print", 2**31 - 1)  # sdtune logs; DeepSpeed stays quiet
     accelerator.gradient_accumulation_steps = t.grad_accum

@@ -331,6 +331,7 @@ def save(run, must: bool = False) -> None:
     else:  # before the first checkpoint: weights, optimizer moments, EMA
         weights = sum(p.numel() * p.element_size() for p in run.objects.params)
         copies = 3 + (run.objects.ema is not None) + is_schedule_free(run.objects.optimizer)
+        copies += 2 * run.deepspeed  # its own copy of the weights, and the float32 masters
         needed = weights * copies + 2**20
     free = free_bytes(root)
     last = previous[-1].name if previous else None
