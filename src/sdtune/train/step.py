@@ -370,10 +370,9 @@ def _update_deepspeed(ctx: StepContext, state, skip, names, log_now: bool) -> St
     engine.step()
     norm = engine.get_global_grad_norm()
     norm = float("nan") if norm is None else float(norm)
-    guarded = bool(skip)
-    if not engine.was_step_applied() and not guarded:
-        ctx.guard.not_finite()  # finite loss, gradients that were not
     applied = engine.was_step_applied()
+    if not applied and not bool(skip):
+        ctx.guard.not_finite()  # finite loss, gradients that were not
     grad_norm = torch.tensor(norm if applied else float("nan"), device=ctx.accelerator.device)
     skip = torch.tensor(0.0 if applied else 1.0, device=ctx.accelerator.device)
     return _finish_step(ctx, state, skip, grad_norm, names, before)
