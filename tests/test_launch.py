@@ -18,9 +18,8 @@ def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch)
         check_launch()
 
 
-@pytest.mark.parametrize("stage", ["0", "1", "3"])
-def test_zero_stages_other_than_2_are_refused(monkeypatch, stage):
-    real = importlib.util.find_spec  # installed or not: the stage is refused first
+def _deepspeed_launch(monkeypatch, stage: str) -> None:
+    real = importlib.util.find_spec  # installed or not: the launch is checked the same
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
@@ -28,8 +27,59 @@ def test_zero_stages_other_than_2_are_refused(monkeypatch, stage):
     )
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+
+
+@pytest.mark.parametrize("stage", ["0", "1"])
+def test_zero_stages_other_than_2_and_3_are_refused(monkeypatch, stage):
+    _deepspeed_launch(monkeypatch, stage)
     with pytest.raises(UserError, match=f"ZeRO stage {stage} is not supported.*zero_stage: 2"):
         check_launch()
+
+
+@pytest.mark.parametrize("what", ["OPTIMIZER", "PARAM"])
+def test_deepspeed_offload_is_refused_in_one_line(monkeypatch, what):
+    _deepspeed_launch(monkeypatch, "3")
+    check_launch()  # ZeRO-3 itself is taken
+    monkeypatch.setenv(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "cpu")
+    with pytest.raises(UserError, match=f"offload_{what.lower()}_device: cpu is not supported"):
+        check_launch()
+
+
+def test_zero3_parts_split_and_gather_back_to_the_whole_weight():
+    """ZeRO-3's layout as sdtune reads it (a weight flattened, padded, cut into one equal
+    partition per process): each process's part of a whole value, gathered, is that value.
+    Here with one process and the other process's partition laid out by hand."""
+    import torch
+    import torch.distributed as dist
+
+    from sdtune.train.shard import Zero3Parts
+
+    weight = torch.arange(7.0).reshape(7, 1)
+
+    class Param:  # what DeepSpeed puts on a partitioned weight, for process 1 of 2
+        ds_numel, ds_shape, ds_process_group = 7, (7, 1), None
+
+    param = Param()
+    param.ds_tensor = torch.tensor([4.0, 5.0, 6.0, float("nan")])  # padded with garbage
+    param.ds_tensor.ds_numel = 4
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(dist, "get_rank", lambda group=None: 1)
+    monkey.setattr(dist, "get_world_size", lambda group=None: 2)
+
+    def all_gather(parts, part, group=None):  # process 0 holds 0..3
+        parts[0].copy_(torch.arange(4.0))
+        parts[1].copy_(part)
+
+    monkey.setattr(dist, "all_gather", all_gather)
+    try:
+        assert torch.equal(Zero3Parts.part(param), torch.tensor([4.0, 5.0, 6.0]))  # no padding
+        assert torch.equal(Zero3Parts.split(param, weight), torch.tensor([4.0, 5.0, 6.0]))
+        assert torch.equal(Zero3Parts.whole(param, Zero3Parts.part(param)), weight)
+        param.ds_numel, param.ds_shape = 3, (3,)  # a weight shorter than one partition:
+        assert Zero3Parts.part(param).numel() == 0  # process 1 holds only padding
+        assert Zero3Parts.split(param, torch.zeros(3)).numel() == 0
+    finally:
+        monkey.undo()
 
 
 def test_fsdp1_is_refused(monkeypatch):

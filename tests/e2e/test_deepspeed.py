@@ -1,11 +1,13 @@
-"""DeepSpeed ZeRO stage 2 through Accelerate on two CPU processes (gloo), started as the README
-says: `accelerate launch --config_file examples/accelerate/deepspeed.yaml -m sdtune train
-CONFIG`. Each process holds the whole UNet and its part of the gradients and of the optimizer
-state (with the float32 master weights); checkpoints are written by both (DeepSpeed's own
-folder, each process's optimizer partition) under the store's manifest, and a run killed
-anywhere, during a save too, resumes to the same bits as one that was not killed."""
+"""DeepSpeed ZeRO stages 2 and 3 through Accelerate on two CPU processes (gloo), started as
+the README says: `accelerate launch --config_file examples/accelerate/deepspeed.yaml (or
+deepspeed_zero3.yaml) -m sdtune train CONFIG`. Under ZeRO-2 each process holds the whole UNet
+and its part of the gradients and of the optimizer state (with the float32 master weights);
+under ZeRO-3 its part of the weights too, and of EMA's average. Checkpoints are written by
+both (DeepSpeed's own folder, each process's optimizer partition) under the store's manifest,
+and a run killed anywhere, during a save too, resumes to the same bits as one that was not."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,14 +27,20 @@ from tests.e2e.test_sharded import (
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED_CONFIG = ROOT / "examples" / "accelerate" / "deepspeed.yaml"
+LAUNCH = {
+    2: ROOT / "examples" / "accelerate" / "deepspeed.yaml",
+    3: ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml",
+}
 CONFIG = DISTRIBUTED
 
 
-def _launch(config, run, *extra, crash=None, spike=None, processes=2):
-    return accelerate_train(
-        DEEPSPEED_CONFIG, config, run, *extra, crash=crash, spike=spike, processes=processes
-    )
+def launcher(stage: int):
+    def launch(config, run, *extra, crash=None, spike=None, processes=2):
+        return accelerate_train(
+            LAUNCH[stage], config, run, *extra, crash=crash, spike=spike, processes=processes
+        )
+
+    return launch
 
 
 def _state(run: Path, step: int):
@@ -71,26 +79,35 @@ def _assert_same(a, b):
     assert ra == rb, "metrics.jsonl differs (duplicated, missing or different rows)"
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspeed")
+def _straight(tmp_path_factory, stage: int):
+    root = tmp_path_factory.mktemp(f"zero{stage}")
     config = root / "cfg.toml"
     config.write_text(CONFIG)
-    proc = _launch(config, root / "a", spike="8")
+    proc = launcher(stage)(config, root / "a", spike="8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return config, root / "a", proc
 
 
-def test_deepspeed_trains_guards_and_saves_every_partition(straight):
-    config, run, proc = straight
-    assert proc.stdout.count("trained to step 10") == 1  # one voice
-    assert "processes: 2; global batch 4 images per step" in proc.stdout
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    return _straight(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    return _straight(tmp_path_factory, 3)
+
+
+def _assert_trained_guarded_and_saved(run: Path, said: str, stage: int) -> None:
+    assert said.count("trained to step 10") == 1  # one voice
+    assert "processes: 2; global batch 4 images per step" in said
     # the guard decides before the update; DeepSpeed discards it; every process rolls back
-    assert "step 8: loss spike" in proc.stdout and "update skipped" in proc.stdout
-    assert "diverged at step 8: rolled back to step-0000006" in proc.stdout
+    assert "step 8: loss spike" in said and "update skipped" in said
+    assert "diverged at step 8: rolled back to step-0000006" in said
+    assert "OVERFLOW" not in said  # sdtune says the skipped step, DeepSpeed stays quiet
     ckpt = run / "checkpoints" / "step-0000010"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert manifest["sharded"] == {"processes": 2, "by": "deepspeed"}
+    assert manifest["sharded"] == {"processes": 2, "by": "deepspeed", "zero_stage": stage}
     names = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
     # each process wrote its optimizer partition and RNG; all of them are in the manifest
     assert {
@@ -102,26 +119,61 @@ def test_deepspeed_trains_guards_and_saves_every_partition(straight):
         "rng-1.safetensors",
     } <= names
     assert set(manifest["files"]) == names - {"manifest.json"}
-    # the final model is the EMA's weights, as without DeepSpeed
+    # the final model is the EMA's weights, whole, as without DeepSpeed
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(run / "model" / "unet")
     ema = load_file(str(ckpt / "ema.safetensors"))
     saved = {f"unet.{n}": p for n, p in unet.state_dict().items()}
     assert ema and all(torch.equal(saved[k], ema[k]) for k in ema)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert weights.keys() == ema.keys()
+    assert all(weights[k].shape == saved[k].shape for k in weights)
     assert json.loads((run / "run_summary.json").read_text())["steps"] == 10
 
 
-def test_deepspeed_killed_in_a_step_and_in_a_save_resumes_exactly(straight, tmp_path):
-    config, reference, _ = straight
-    killed_in_a_save_and_in_a_step_then_resumed(_launch, config, tmp_path / "b")
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_trains_guards_and_saves_every_partition(zero2):
+    _, run, proc = zero2
+    _assert_trained_guarded_and_saved(run, proc.stdout + proc.stderr, 2)
+
+
+def test_zero3_partitions_the_weights_and_trains_as_zero2_does(zero3, zero2):
+    """ZeRO-3 keeps a partition of each weight (and of EMA's average) per process; gathered,
+    its run is ZeRO-2's: the same losses, norms and validation, weights within float32
+    reduction noise (the two reduce the gradients in other orders)."""
+    _, run, proc = zero3
+    _assert_trained_guarded_and_saved(run, proc.stdout + proc.stderr, 3)
+    for a, b in zip(_rows(run), _rows(zero2[1]), strict=True):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "val_loss_ema"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    for which in ("model", "ema"):
+        three, two = (
+            load_file(str(r / "checkpoints" / "step-0000010" / f"{which}.safetensors"))
+            for r in (run, zero2[1])
+        )
+        assert max((three[k] - two[k]).abs().max().item() for k in two) < 1e-3
+
+
+def test_zero3_killed_in_a_step_and_in_a_save_resumes_exactly(zero3, tmp_path):
+    config, reference, _ = zero3
+    killed_in_a_save_and_in_a_step_then_resumed(launcher(3), config, tmp_path / "b")
     _assert_same(_state(reference, 10), _state(tmp_path / "b", 10))
 
 
-def test_deepspeed_corrupt_partition_falls_back_and_other_counts_are_refused(straight, tmp_path):
-    config, reference, _ = straight
-    import shutil
+@pytest.mark.slow
+def test_zero2_killed_in_a_step_and_in_a_save_resumes_exactly(zero2, tmp_path):
+    config, reference, _ = zero2
+    killed_in_a_save_and_in_a_step_then_resumed(launcher(2), config, tmp_path / "b")
+    _assert_same(_state(reference, 10), _state(tmp_path / "b", 10))
 
+
+def test_deepspeed_corrupt_partition_falls_back_and_other_launches_are_refused(zero2, tmp_path):
+    config, reference, _ = zero2
     run = tmp_path / "c"
     shutil.copytree(reference, run)
     part = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -129,49 +181,54 @@ def test_deepspeed_corrupt_partition_falls_back_and_other_counts_are_refused(str
     inspect = sdtune_cli("inspect", run / "checkpoints" / "step-0000010")
     assert inspect.returncode != 0 and f"{part}: sha256 does not match" in inspect.stdout
     intact = sdtune_cli("inspect", run / "checkpoints" / "step-0000009")
-    assert intact.returncode == 0 and "sharded (deepspeed) by 2 processes" in intact.stdout
+    assert intact.returncode == 0
+    assert "sharded (deepspeed ZeRO-2) by 2 processes" in intact.stdout
+    more = ("--resume", "latest", "--set", "train.max_steps=11")
     # each process holds its own optimizer partition: one process without DeepSpeed cannot
-    one = _launch(config, run, "--resume", "latest", "--set", "train.max_steps=11", processes=1)
+    one = launcher(2)(config, run, *more, processes=1)
     assert one.returncode == 2
     said = one.stdout + one.stderr
     assert "saved by DeepSpeed on 2 processes" in said and "--num_processes 2" in said
     assert "Traceback" not in said
-    resumed = _launch(config, run, "--resume", "latest", "--set", "train.max_steps=11")
+    # ZeRO-3 partitions the optimizer state otherwise
+    other = launcher(3)(config, run, *more)
+    assert other.returncode != 0
+    said = other.stdout + other.stderr
+    assert "saved by DeepSpeed ZeRO stage 2" in said and "resume it with zero_stage: 2" in said
+    assert "sdtune/train" not in said  # no traceback from sdtune (the launcher prints its own)
+    resumed = launcher(2)(config, run, *more)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "refusing step-0000010" in resumed.stdout
     assert "falling back to step-0000009" in resumed.stdout
     assert "trained to step 11" in resumed.stdout
     manifest = json.loads((run / "checkpoints" / "step-0000011" / "manifest.json").read_text())
-    assert manifest["sharded"] == {"processes": 2, "by": "deepspeed"}
+    assert manifest["sharded"] == {"processes": 2, "by": "deepspeed", "zero_stage": 2}
 
 
-def test_deepspeed_export_reads_its_checkpoint(straight, tmp_path):
-    _, run, _ = straight
+def test_zero3_export_reads_its_gathered_checkpoint(zero3, tmp_path):
+    _, run, _ = zero3
     assert_export_is_the_final_model(run, tmp_path / "export")
 
 
 @pytest.mark.slow
-def test_deepspeed_lora_resumes_exactly_and_refuses_a_text_encoder(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_lora_resumes_exactly_and_refuses_a_text_encoder(tmp_path, stage):
     def same(a, b):
         _assert_same(_state(a, 10), _state(b, 10))
 
-    lora_resumes_exactly_and_refuses_a_text_encoder(_launch, same, tmp_path, "DeepSpeed")
+    lora_resumes_exactly_and_refuses_a_text_encoder(launcher(stage), same, tmp_path, "DeepSpeed")
 
 
 @pytest.mark.slow
-def test_deepspeed_trains_as_ddp_does(straight, tmp_path):
+def test_deepspeed_trains_as_ddp_does(zero2, tmp_path):
     """The same run under DDP (torchrun): the same losses and gradient norms, weights within
     float32 reduction noise (the two sum the processes' gradients in other orders)."""
     from tests.e2e.test_distributed import _launch as ddp_launch
 
-    config, run, _ = straight
+    config, run, _ = zero2
     ddp = ddp_launch(config, tmp_path / "ddp", spike="8")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    rows = {}
-    for name, where in (("ds", run), ("ddp", tmp_path / "ddp")):
-        lines = (where / "metrics.jsonl").read_text().splitlines()
-        rows[name] = [json.loads(line) for line in lines]
-    for a, b in zip(rows["ds"], rows["ddp"], strict=True):
+    for a, b in zip(_rows(run), _rows(tmp_path / "ddp"), strict=True):
         for key in ("loss", "grad_norm", "lr", "val_loss"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4), key

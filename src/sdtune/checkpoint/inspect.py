@@ -30,9 +30,10 @@ def _describe(path: Path, fast: bool) -> bool:
         )
         sharded = manifest.get("sharded")
         if sharded and sharded.get("by") == "deepspeed":  # an optimizer partition per process
+            n, stage = sharded.get("processes"), sharded.get("zero_stage", 2)
             print(
-                f"  sharded (deepspeed) by {sharded.get('processes')} processes; DeepSpeed on "
-                f"{sharded.get('processes')} processes resumes it, and sdtune export reads it"
+                f"  sharded (deepspeed ZeRO-{stage}) by {n} processes; DeepSpeed ZeRO-{stage} "
+                f"on {n} processes resumes it, and sdtune export reads it"
             )
         elif sharded:  # torch.distributed.checkpoint files: .metadata and one shard per process
             print(

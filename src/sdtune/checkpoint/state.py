@@ -352,30 +352,33 @@ def save_sharded_state(
 
 
 def save_deepspeed_state(
-    root: Path, progress: TrainingProgress, objects, config_toml: str, ranks: Ranks, engine
+    root: Path,
+    progress: TrainingProgress,
+    objects,
+    config_toml: str,
+    ranks: Ranks,
+    engine,
+    parts=None,
 ) -> Path:
-    """Checkpoint `progress.step` of a DeepSpeed ZeRO-2 run, written by every process together
+    """Checkpoint `progress.step` of a DeepSpeed run, written by every process together
     (store.write_sharded_checkpoint): DeepSpeed's `save_checkpoint` (a collective: each
     process's optimizer partition, with its float32 master weights, and the trained weights
     it tracks; frozen weights left out); the main process's trainable weights, EMA, progress,
-    config, architecture and schedule as one process writes them (every process holds them
-    whole under ZeRO-2), so exports read the checkpoint without DeepSpeed; every process's
-    RNG state."""
+    config, architecture and schedule as one process writes them, so exports read the
+    checkpoint without DeepSpeed; every process's RNG state. Under ZeRO-2 every process holds
+    the weights whole; under ZeRO-3 (`parts`: train/shard.py `Zero3Parts`) each holds a
+    partition, and every process gathers them into the main process's files, one tensor at a
+    time."""
     hooked = _crash_hooked(progress.step, ranks.rank)
+    weights, shadow = _whole_weights(objects, parts, ranks.main)
     own: dict = {}
     if ranks.main:
-        trainable = objects.trainable
-        weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
         own = {
             **_record_writers(progress, objects.architecture, config_toml),
             MODEL_KEY: lambda path: save_file(weights, str(path)),
             LR_KEY: lambda path: torch.save(objects.lr_scheduler.state_dict(), path),
         }
-        if objects.ema is not None:
-            shadow = {
-                n: s.detach().cpu().contiguous()
-                for n, s in zip(trainable, objects.ema.shadow_params)
-            }
+        if shadow is not None:
             own[EMA_KEY] = lambda path: save_file(shadow, str(path))
     own[RNG_KEY.format(rank=ranks.rank)] = save_rng_state
 
@@ -387,9 +390,31 @@ def save_deepspeed_state(
         if failed:
             raise failed[0]
 
-    meta = {"kind": "training", SHARDED_META: {"processes": ranks.world, "by": "deepspeed"}}
+    stage = 3 if parts is not None else 2
+    record = {"processes": ranks.world, "by": "deepspeed", "zero_stage": stage}
+    meta = {"kind": "training", SHARDED_META: record}
     own = {name: hooked(w) for name, w in own.items()}
     return write_sharded_checkpoint(root, progress.step, ranks, hooked(collective), own, meta)
+
+
+def _whole_weights(objects, parts, main: bool):
+    """The trainable weights and EMA's average whole on the host of the main process (None
+    elsewhere); ZeRO-3 (`parts`): gathered from every process's partitions (a collective)."""
+    ema = objects.ema
+    weights: dict = {}
+    shadow: dict | None = {} if ema is not None else None
+    for i, (name, param) in enumerate(objects.trainable.items()):
+        if parts is None:
+            value = param.detach()
+            average = ema.shadow_params[i] if ema is not None else None
+        else:
+            value = parts.whole(param, parts.part(param).detach())
+            average = parts.whole(param, ema.shadow_params[i]) if ema is not None else None
+        if main:
+            weights[name] = value.cpu().contiguous()
+            if shadow is not None:
+                shadow[name] = average.detach().cpu().contiguous()
+    return weights, shadow
 
 
 @contextmanager
@@ -422,9 +447,10 @@ def _failures_held(checkpoint_engine):
             setattr(checkpoint_engine, name, write)
 
 
-def load_deepspeed_state(path: Path, objects, engine, ranks: Ranks) -> TrainingProgress:
+def load_deepspeed_state(path: Path, objects, engine, ranks: Ranks, parts=None) -> TrainingProgress:
     """Restore what `save_deepspeed_state` wrote, on as many processes as wrote it (each
-    process reads its own optimizer partition; every process calls it)."""
+    process reads its own optimizer partition, and under ZeRO-3, `parts`, its partition of
+    EMA's average; every process calls it)."""
     check_architecture(json.loads((path / ARCH_KEY).read_text()), objects.architecture, path)
     if objects.ema is not None and not (path / EMA_KEY).is_file():
         raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
@@ -441,16 +467,33 @@ def load_deepspeed_state(path: Path, objects, engine, ranks: Ranks) -> TrainingP
         raise CheckpointError(f"{path}: DeepSpeed could not read its folder {DEEPSPEED_TAG}/")
     objects.lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))
     progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
-    if objects.ema is not None:
-        shadow = load_file(str(path / EMA_KEY))
-        with torch.no_grad():
-            for name, s in zip(objects.trainable, objects.ema.shadow_params):
-                s.copy_(shadow[name].to(s.device, s.dtype))
-        objects.ema.optimization_step = progress.ema_steps
-    rng_file = path / RNG_KEY.format(rank=ranks.rank)
+    _load_ema(path, objects, progress, parts)
+    _load_rng(path, ranks.rank)
+    return progress
+
+
+def _load_ema(path: Path, objects, progress: TrainingProgress, parts=None) -> None:
+    """EMA's average from the checkpoint's whole tensors, into each average kept (ZeRO-3,
+    `parts`: into this process's partition of it)."""
+    ema = objects.ema
+    if ema is None:
+        return
+    shadow = load_file(str(path / EMA_KEY))
+    with torch.no_grad():
+        for (name, param), s in zip(objects.trainable.items(), ema.shadow_params):
+            value = shadow[name] if parts is None else parts.split(param, shadow[name])
+            s.copy_(value.to(s.device, s.dtype))
+    ema.optimization_step = progress.ema_steps
+
+
+def _load_rng(path: Path, rank: int) -> None:
+    """This process's random state as the checkpoint saved it (a process the checkpoint's run
+    did not have keeps its own)."""
+    rng_file, old_rng_file = path / RNG_KEY.format(rank=rank), path / OLD_RNG_KEY.format(rank=rank)
     if rng_file.is_file():
         set_rng_state(load_rng_state(rng_file))
-    return progress
+    elif old_rng_file.is_file():
+        set_rng_state(_load_old_rng_state(old_rng_file))
 
 
 def _by_torch_dcp(path: Path) -> bool:
@@ -486,9 +529,7 @@ def load_sharded_state(path: Path, objects, model, rank: int, sharded: bool) -> 
     progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
     if objects.ema is not None:
         objects.ema.optimization_step = progress.ema_steps
-    rng_file = path / RNG_KEY.format(rank=rank)
-    if rng_file.is_file():  # a process the checkpoint's run did not have starts as set up
-        set_rng_state(load_rng_state(rng_file))
+    _load_rng(path, rank)
     return progress
 
 
@@ -556,21 +597,12 @@ def load_training_state(path: Path, objects, rank: int = 0) -> TrainingProgress:
     optimizer.load_state_dict(torch.load(path / OPT_KEY, weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))
     progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
-    if ema is not None:
-        if not (path / EMA_KEY).is_file():
-            raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
-        shadow = load_file(str(path / EMA_KEY))
-        with torch.no_grad():
-            for name, s in zip(trainable, ema.shadow_params):
-                s.copy_(shadow[name].to(s.device, s.dtype))
-        ema.optimization_step = progress.ema_steps
+    if ema is not None and not (path / EMA_KEY).is_file():
+        raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
+    _load_ema(path, objects, progress)
     if scaler is not None and (path / SCALER_KEY).is_file():
         scaler.load_state_dict(torch.load(path / SCALER_KEY, weights_only=True))
-    rng_file, old_rng_file = path / RNG_KEY.format(rank=rank), path / OLD_RNG_KEY.format(rank=rank)
-    if rng_file.is_file():
-        set_rng_state(load_rng_state(rng_file))
-    elif old_rng_file.is_file():
-        set_rng_state(_load_old_rng_state(old_rng_file))
+    _load_rng(path, rank)
     return progress
 
 

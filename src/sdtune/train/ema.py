@@ -14,12 +14,20 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 
+def _itself(p: torch.Tensor) -> torch.Tensor:
+    return p
+
+
 class EMA:
-    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+    """The average of `params`, or with `part` of the part of each that this process holds
+    (DeepSpeed ZeRO-3's partitions, read anew at each update: train/shard.py `Zero3Parts`)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, part=None) -> None:
         self.params = list(params)
         self.decay = decay
-        self.shadow_params = [p.detach().clone() for p in self.params]
-        device = self.params[0].device if self.params else torch.device("cpu")
+        self.part = part or _itself
+        self.shadow_params = [self.part(p).detach().clone() for p in self.params]
+        device = self.shadow_params[0].device if self.params else torch.device("cpu")
         self._updates = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
@@ -40,7 +48,7 @@ class EMA:
         k = self._updates - 1
         decay = torch.where(k <= 0, 0.0, torch.clamp((1 + k) / (10 + k), max=self.decay))
         weight = ((1 - decay) * applied).to(self.shadow_params[0].dtype)
-        diffs = torch._foreach_sub(self.shadow_params, [p.detach() for p in self.params])
+        diffs = torch._foreach_sub(self.shadow_params, [self.part(p).detach() for p in self.params])
         torch._foreach_mul_(diffs, weight)
         torch._foreach_sub_(self.shadow_params, diffs)
 
@@ -48,15 +56,15 @@ class EMA:
     def swapped_in(self):
         """The EMA weights in place of the trained ones, for evaluation; restored after."""
         with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
+            saved = [self.part(p).detach().clone() for p in self.params]
             for p, s in zip(self.params, self.shadow_params):
-                p.copy_(s)
+                self.part(p).copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
-                    p.copy_(s)
+                    self.part(p).copy_(s)
 
 
 def maybe_ema(ema: EMA | None):

@@ -39,6 +39,7 @@ from sdtune.train.parts import grid_prompts, truncate_metrics
 from sdtune.train.preserve import BasePrior, OutputPreservation
 from sdtune.train.shard import (
     Gathered,
+    Zero3Parts,
     autocast,
     check_launch,
     check_sharded,
@@ -48,6 +49,7 @@ from sdtune.train.shard import (
     route_deepspeed,
     route_fsdp,
     same_start,
+    zero_stage,
 )
 from sdtune.train.speed import check_speed_options, prepare_denoiser, set_tf32, training_forward
 from sdtune.train.step import BatchSource, StepContext, TrainingObjects
@@ -79,7 +81,8 @@ class Run:
     last_loss: float = float("nan")
     curriculum: Any = None
     gathered: Gathered | None = None
-    """Sharded (FSDP): the whole model on the main process, for evaluation and the final model."""
+    """Weights sharded (FSDP, DeepSpeed ZeRO-3): the whole model on the main process, for
+    evaluation and the final model."""
 
     @property
     def main(self) -> bool:
@@ -92,6 +95,10 @@ class Run:
     @property
     def deepspeed(self) -> bool:
         return self.ctx.engine is not None
+
+    @property
+    def zero_stage(self) -> int | None:
+        return zero_stage(self.accelerator)
 
     @property
     def saves_together(self) -> bool:
@@ -157,7 +164,19 @@ class Run:
                 f"its part of the optimizer state; resume it with the same DeepSpeed launch "
                 f"and --num_processes {saved.get('processes')}"
             )
-        return load_deepspeed_state(path, self.objects, self.ctx.engine, self.ranks)
+        stage = saved.get("zero_stage", 2)  # the first DeepSpeed checkpoints: ZeRO-2 only
+        if stage != self.zero_stage:
+            raise CheckpointError(
+                f"{path}: saved by DeepSpeed ZeRO stage {stage}, which partitions the state "
+                f"otherwise than stage {self.zero_stage}; resume it with zero_stage: {stage}"
+            )
+        return load_deepspeed_state(path, self.objects, self.ctx.engine, self.ranks, self.parts)
+
+    @property
+    def parts(self):
+        """ZeRO-3: how a process's partition of a weight and the whole one relate (None when
+        every process holds the weights whole)."""
+        return Zero3Parts if self.zero_stage == 3 else None
 
 
 def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
@@ -204,7 +223,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
         [],
         config_toml,
     )  # noqa: E501
-    if is_sharded(accelerator):
+    if is_sharded(accelerator) or run.zero_stage == 3:
         run.gathered = Gathered(
             lambda: _model(cfg, run_dir, False, _silent)[0],
             bundle,
@@ -212,6 +231,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
             objects.ema,
             cfg.train.ema_decay,
             run.ranks,
+            zero3=run.zero_stage == 3,
         )
     if resume_from is not None:
         run.state = run.restore(resume_from)
@@ -425,7 +445,9 @@ def _training(cfg: RunConfig, bundle, data, trainable, architecture, accelerator
         name = bundle.arch.denoiser
         sharded = {f"{name}.{n}": p for n, p in bundle.denoiser.named_parameters()}
         trainable = {n: sharded[n] for n in trainable}
-    ema = EMA(list(trainable.values()), cfg.train.ema_decay) if cfg.train.ema else None
+    # ZeRO-3 (like FSDP) keeps each process's part of the weights: EMA averages that part
+    part = Zero3Parts.part if zero_stage(accelerator) == 3 else None
+    ema = EMA(list(trainable.values()), cfg.train.ema_decay, part) if cfg.train.ema else None
     objects = TrainingObjects(
         trainable, optimizer, lr_scheduler, ema, accelerator.scaler, architecture
     )

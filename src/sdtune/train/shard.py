@@ -1,5 +1,5 @@
 """Sharded training through Accelerate: FSDP2 when `accelerate launch` is given an FSDP config,
-DeepSpeed ZeRO stage 2 when it is given a DeepSpeed one.
+DeepSpeed ZeRO stage 2 or 3 when it is given a DeepSpeed one.
 
 DeepSpeed ZeRO-2 shards the gradients and the optimizer state, not the weights: every process
 holds the whole denoiser, so evaluation, EMA and the final model read it as DDP's are read.
@@ -7,6 +7,12 @@ What sdtune does for it is `route_deepspeed` (the engine set up from sdtune's co
 processes too), the step's own calls of the engine (train/step.py: the guard decides before the
 update), and checkpoints of every process's optimizer partition (checkpoint/state.py
 `save_deepspeed_state`).
+
+DeepSpeed ZeRO-3 shards the weights too: each process keeps a flat partition of every weight
+(`param.ds_tensor`) and the engine's hooks gather a layer's whole weights while it computes.
+sdtune adds what it adds for FSDP: EMA's average kept per partition (`Zero3Parts`), `Gathered`
+for what the main process reads whole, and the checkpoint's weights and EMA gathered into the
+usual files, one tensor at a time.
 
 FSDP:
 
@@ -43,10 +49,9 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("true", "1", "yes")
 
 
-DEEPSPEED_STAGES = (2,)
-"""The ZeRO stages sdtune trains with: 2 (gradients and optimizer state sharded). Stage 3
-also shards the weights, which evaluation, EMA and the checkpoints do not read yet: FSDP
-shards the weights (examples/accelerate/fsdp.yaml)."""
+DEEPSPEED_STAGES = (2, 3)
+"""The ZeRO stages sdtune trains with: 2 (gradients and optimizer state sharded) and 3 (the
+weights too). Stages 0 and 1 save little over DDP for a denoiser: torchrun runs DDP."""
 
 
 def check_launch() -> None:
@@ -58,6 +63,10 @@ def check_launch() -> None:
                 "deepspeed), or shard with FSDP (examples/accelerate/fsdp.yaml)"
             )
         _check_stage(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
+        for what in ("OPTIMIZER", "PARAM"):
+            _check_offload(
+                what.lower(), os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE")
+            )
     if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError(
             "accelerate launch: sdtune shards with FSDP2: set fsdp_version: 2 in the FSDP "
@@ -68,9 +77,18 @@ def check_launch() -> None:
 def _check_stage(stage) -> None:
     if stage is not None and str(stage) not in {str(s) for s in DEEPSPEED_STAGES}:
         raise UserError(
-            f"accelerate launch: DeepSpeed ZeRO stage {stage} is not supported by sdtune yet; "
-            "use zero_stage: 2 (examples/accelerate/deepspeed.yaml), or FSDP to shard the "
-            "weights too (examples/accelerate/fsdp.yaml)"
+            f"accelerate launch: DeepSpeed ZeRO stage {stage} is not supported by sdtune; use "
+            "zero_stage: 2 (examples/accelerate/deepspeed.yaml) or 3 (deepspeed_zero3.yaml), "
+            "or plain DDP (torchrun)"
+        )
+
+
+def _check_offload(what: str, device) -> None:
+    if device not in (None, "none"):
+        raise UserError(
+            f"accelerate launch: DeepSpeed's offload_{what}_device: {device} is not supported "
+            f"by sdtune yet; set offload_{what}_device: none (examples/accelerate/"
+            "deepspeed_zero3.yaml), or shard over more processes"
         )
 
 
@@ -125,6 +143,11 @@ def route_deepspeed(accelerator, cfg) -> None:
     plugin = accelerator.state.deepspeed_plugin
     _check_stage(plugin.zero_stage)
     config = plugin.deepspeed_config
+    zero = config.setdefault("zero_optimization", {})
+    for what in ("optimizer", "param"):
+        _check_offload(what, (zero.get(f"offload_{what}") or {}).get("device"))
+    if plugin.zero_stage == 3:
+        _route_zero3(plugin, zero, cfg)
     t = cfg.train
     ours = {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -144,13 +167,102 @@ def route_deepspeed(accelerator, cfg) -> None:
             "lower_precision_safe_modules": [],
         }
     # the guard's NaN-made bad step is discarded where DeepSpeed sees a non-finite norm
-    config.setdefault("zero_optimization", {})["compute_grad_norm"] = True
+    zero["compute_grad_norm"] = True
     config.setdefault("zero_allow_untested_optimizer", True)  # torch's own optimizers
     config.setdefault("steps_per_print", 2**31 - 1)  # sdtune logs; DeepSpeed stays quiet
     accelerator.gradient_accumulation_steps = t.grad_accum
+    if accelerator.device.type == "cpu":
+        _without_shm_op()
     # sdtune says every skipped step itself; DeepSpeed's own line would call a loss spike the
     # guard discarded "non-finite gradients"
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    from deepspeed.utils import logger as deepspeed_logger  # made (at INFO) on first import
+
+    deepspeed_logger.setLevel(logging.ERROR)
+
+
+def _without_shm_op() -> None:
+    """On CPU processes DeepSpeed would compile its shared-memory all-reduce (a C++ build,
+    about 30 s and a compiler, at the first launch on a machine); gloo's all-reduce serves."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
+def _route_zero3(plugin, zero: dict, cfg) -> None:
+    """ZeRO-3 partitions the denoiser when it is prepared, nothing else: the frozen text
+    encoders and VAE stay whole on every process (their forward runs outside the engine)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    if cfg.train.compile:
+        raise ConfigError(
+            "train.compile: torch.compile of the UNet is not supported with DeepSpeed ZeRO-3 "
+            "(its hooks gather each layer's weights); set train.compile = false, or use ZeRO-2"
+        )
+    # Accelerate's ZeRO-3 set-up makes transformers build every model it loads already
+    # partitioned (zero.Init), text encoders included, which no engine would then gather
+    plugin.zero3_init_flag = False
+    plugin.dschf = None
+    unset_hf_deepspeed_config()
+    # sizes Accelerate fills in from a transformer's hidden size, which a UNet has not:
+    # DeepSpeed's own defaults instead
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold"):  # fmt: skip
+        if zero.get(key) == "auto":
+            del zero[key]
+    # sdtune gathers the weights into its own checkpoint files (Zero3Parts)
+    zero["stage3_gather_16bit_weights_on_model_save"] = False
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage DeepSpeed trains with, or None when not under DeepSpeed."""
+    if not is_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+class Zero3Parts:
+    """What ZeRO-3 keeps of each weight on this process, and the whole value of one.
+
+    DeepSpeed keeps every weight flattened, padded to a multiple of the process count and cut
+    into equal partitions, the k-th on process k (`param.ds_tensor`). `part` is this process's
+    partition without the padding (a view, read anew each time: DeepSpeed moves the partitions
+    into its flat buffers); `whole` gathers such a part of the weight, or of a tensor kept like
+    it (EMA's average), into the weight's shape (a collective); `split` takes this process's
+    part of a whole value (resuming EMA)."""
+
+    @staticmethod
+    def _layout(param) -> tuple[int, int, int]:
+        import torch.distributed as dist
+
+        group = param.ds_process_group
+        size = param.ds_tensor.ds_numel  # the partition's length, padding included
+        start = size * dist.get_rank(group=group)
+        return start, size, max(0, min(size, param.ds_numel - start))
+
+    @classmethod
+    def part(cls, param) -> torch.Tensor:
+        _, _, valid = cls._layout(param)
+        return param.ds_tensor.narrow(0, 0, valid)
+
+    @classmethod
+    def whole(cls, param, part: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        _, size, valid = cls._layout(param)
+        padded = part.new_zeros(size)
+        padded[:valid] = part.reshape(-1)
+        parts = [
+            torch.empty_like(padded) for _ in range(dist.get_world_size(param.ds_process_group))
+        ]
+        dist.all_gather(parts, padded, group=param.ds_process_group)
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+
+    @classmethod
+    def split(cls, param, value: torch.Tensor) -> torch.Tensor:
+        start, _, valid = cls._layout(param)
+        return value.reshape(-1).narrow(0, start, valid) if valid else value.reshape(-1)[:0]
 
 
 def deepspeed_engine(accelerator):
@@ -226,10 +338,18 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor, a tensor as it is."""
+    """This process's shard of a DTensor (FSDP) or its partition of a ZeRO-3 weight, a tensor
+    as it is."""
     from torch.distributed.tensor import DTensor
 
+    if getattr(t, "ds_tensor", None) is not None:
+        return Zero3Parts.part(t)
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_numel(t: torch.Tensor) -> int:
+    """The whole weight's size, whatever part of it this process holds."""
+    return getattr(t, "ds_numel", None) or t.numel()
 
 
 class Gathered:
@@ -240,10 +360,17 @@ class Gathered:
     shards. It costs the main process one more float32 copy of the denoiser, on the host
     between reads and on the device while it is read (`on`)."""
 
-    def __init__(self, build, live, trainable: dict, ema, decay: float, ranks) -> None:
+    def __init__(self, build, live, trainable: dict, ema, decay: float, ranks, zero3=False) -> None:
         self.build, self.live, self.trainable, self.ema, self.decay, self.ranks = (
             build, live, trainable, ema, decay, ranks
         )  # fmt: skip
+        # the whole value of a weight's shard, or of EMA's kept like it (collectives)
+        if zero3:
+            self.whole = Zero3Parts.whole
+            self.whole_weight = lambda param: Zero3Parts.whole(param, Zero3Parts.part(param))
+        else:
+            self.whole = lambda param, shard: whole(shard)
+            self.whole_weight = lambda param: whole(param.detach())
         self.bundle = None
         self.copy_ema = None
         self._params: dict[str, torch.nn.Parameter] = {}
@@ -277,14 +404,14 @@ class Gathered:
         if said is not None:
             if failed is not None:
                 raise failed
-            raise UserError(f"FSDP: the main process could not build the whole model: {said}")
+            raise UserError(f"sharded: the main process could not build the whole model: {said}")
         with torch.no_grad():
             for i, (name, param) in enumerate(self.trainable.items()):
-                full = whole(param.detach())
+                full = self.whole_weight(param)
                 if self.ranks.main:
                     self._params[name].copy_(full.to("cpu"))
                 if self.ema is not None:
-                    shadow = whole(self.ema.shadow_params[i])
+                    shadow = self.whole(param, self.ema.shadow_params[i])
                     if self.ranks.main:
                         self.copy_ema.shadow_params[i].copy_(shadow.to("cpu"))
 

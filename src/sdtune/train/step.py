@@ -23,7 +23,7 @@ from sdtune.data.order import derive_seed, generator
 from sdtune.models.families import Conditioning
 from sdtune.train.optim import step_unless
 from sdtune.train.parts import batches
-from sdtune.train.shard import local, whole
+from sdtune.train.shard import local, whole, whole_numel
 from sdtune.train.speed import attention_kernel
 
 # |update| / |weights| is measured on a copy of the weights taken before the step, of at most
@@ -379,12 +379,12 @@ def _update_deepspeed(ctx: StepContext, state, skip, names, log_now: bool) -> St
 
 
 def _ratio_stride(params: list[torch.nn.Parameter]) -> int:
-    total = sum(p.numel() * p.element_size() for p in params)
+    total = sum(whole_numel(p) * p.element_size() for p in params)
     return max(1, -(-total // UPDATE_RATIO_SAMPLE_BYTES))
 
 
 def _sampled(p: torch.Tensor, stride: int) -> torch.Tensor:
-    flat = local(p.detach()).reshape(-1)  # sharded: this process's shard
+    flat = local(p).detach().reshape(-1)  # sharded: this process's shard
     return flat if stride == 1 else flat[::stride]
 
 

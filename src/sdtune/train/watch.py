@@ -362,7 +362,7 @@ def save(run, must: bool = False) -> None:
     try:
         if run.deepspeed:
             path = save_deepspeed_state(
-                root, state, run.objects, run.config_toml, run.ranks, run.ctx.engine
+                root, state, run.objects, run.config_toml, run.ranks, run.ctx.engine, run.parts
             )
         elif run.sharded:
             path = save_sharded_state(
