@@ -118,3 +118,32 @@ def test_a_deepspeed_write_that_fails_is_held_until_the_save_returns():
     assert writes.done == [("dir", "d"), ("file", "a")]
     writes.save({}, "c")  # restored after the save
     assert writes.done[-1] == ("file", "c")
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "processes", "stage", "saved", "said"),
+    [
+        (False, 1, None, {"by": "deepspeed", "processes": 2}, "--num_processes 2"),
+        (True, 4, 2, {"by": "deepspeed", "processes": 2}, "--num_processes 2"),
+        (True, 2, 2, {"by": "fsdp", "processes": 2}, "not saved by a DeepSpeed run"),
+        (True, 2, 3, {"by": "deepspeed", "processes": 2}, "resume it with zero_stage: 2"),
+        (True, 2, 2, {"by": "deepspeed", "processes": 2, "zero_stage": 3}, "zero_stage: 3"),
+    ],
+)
+def test_a_deepspeed_checkpoint_resumes_only_as_it_was_trained(
+    deepspeed, processes, stage, saved, said
+):
+    """Each process holds its own partition of the optimizer state (ZeRO-3: of the weights
+    too), laid out by the stage: another launch is refused in one line naming the one to use."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from sdtune.checkpoint.store import CheckpointError
+    from sdtune.train.setup import Run
+
+    run = SimpleNamespace(
+        accelerator=SimpleNamespace(num_processes=processes), deepspeed=deepspeed, zero_stage=stage
+    )
+    with pytest.raises(CheckpointError, match=said) as refused:
+        Run._restore_deepspeed(run, Path("step-0000010"), saved)
+    assert "\n" not in str(refused.value)

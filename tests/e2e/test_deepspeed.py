@@ -118,6 +118,10 @@ def _assert_trained_guarded_and_saved(run: Path, said: str, stage: int) -> None:
         "rng-0.safetensors",
         "rng-1.safetensors",
     } <= names
+    if stage == 3:  # DeepSpeed's file of each process's partitioned module (ZeRO-3's alone)
+        assert {f"deepspeed/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)} <= names
+    else:
+        assert "deepspeed/mp_rank_00_model_states.pt" in names
     assert set(manifest["files"]) == names - {"manifest.json"}
     # the final model is the EMA's weights, whole, as without DeepSpeed
     from diffusers import UNet2DConditionModel
@@ -172,8 +176,8 @@ def test_zero2_killed_in_a_step_and_in_a_save_resumes_exactly(zero2, tmp_path):
     _assert_same(_state(reference, 10), _state(tmp_path / "b", 10))
 
 
-def test_deepspeed_corrupt_partition_falls_back_and_other_launches_are_refused(zero2, tmp_path):
-    config, reference, _ = zero2
+def test_deepspeed_corrupt_partition_is_named_by_inspect(zero2, tmp_path):
+    _, reference, _ = zero2
     run = tmp_path / "c"
     shutil.copytree(reference, run)
     part = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -183,6 +187,19 @@ def test_deepspeed_corrupt_partition_falls_back_and_other_launches_are_refused(z
     intact = sdtune_cli("inspect", run / "checkpoints" / "step-0000009")
     assert intact.returncode == 0
     assert "sharded (deepspeed ZeRO-2) by 2 processes" in intact.stdout
+
+
+@pytest.mark.slow
+def test_deepspeed_corrupt_partition_falls_back_and_other_launches_are_refused(zero2, tmp_path):
+    """The launches tests/test_launch.py refuses on a stand-in run, refused by the real CLI
+    (one process without DeepSpeed, ZeRO-3 on a ZeRO-2 checkpoint); then the previous
+    checkpoint resumes where the newest has a corrupt partition."""
+    config, reference, _ = zero2
+    run = tmp_path / "c"
+    shutil.copytree(reference, run)
+    flip_a_byte(
+        run / "checkpoints" / "step-0000010" / "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    )
     more = ("--resume", "latest", "--set", "train.max_steps=11")
     # each process holds its own optimizer partition: one process without DeepSpeed cannot
     one = launcher(2)(config, run, *more, processes=1)
@@ -205,9 +222,9 @@ def test_deepspeed_corrupt_partition_falls_back_and_other_launches_are_refused(z
     assert manifest["sharded"] == {"processes": 2, "by": "deepspeed", "zero_stage": 2}
 
 
-def test_zero3_export_reads_its_gathered_checkpoint(zero3, tmp_path):
-    _, run, _ = zero3
-    assert_export_is_the_final_model(run, tmp_path / "export")
+def test_deepspeed_export_reads_its_checkpoint(zero2, zero3, tmp_path):
+    for stage, (_, run, _) in ((2, zero2), (3, zero3)):
+        assert_export_is_the_final_model(run, tmp_path / f"export-{stage}")
 
 
 @pytest.mark.slow

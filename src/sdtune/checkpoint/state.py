@@ -370,12 +370,18 @@ def save_deepspeed_state(
     partition, and every process gathers them into the main process's files, one tensor at a
     time."""
     hooked = _crash_hooked(progress.step, ranks.rank)
-    weights, shadow = _whole_weights(objects, parts, ranks.main)
+    weights, shadow, failed = _whole_weights(objects, parts, ranks.main)
+
+    def write_weights(path: Path) -> None:
+        if failed is not None:  # raised in the store's phase, which tells every process
+            raise failed
+        save_file(weights, str(path))
+
     own: dict = {}
     if ranks.main:
         own = {
             **_record_writers(progress, objects.architecture, config_toml),
-            MODEL_KEY: lambda path: save_file(weights, str(path)),
+            MODEL_KEY: write_weights,
             LR_KEY: lambda path: torch.save(objects.lr_scheduler.state_dict(), path),
         }
         if shadow is not None:
@@ -398,11 +404,14 @@ def save_deepspeed_state(
 
 
 def _whole_weights(objects, parts, main: bool):
-    """The trainable weights and EMA's average whole on the host of the main process (None
-    elsewhere); ZeRO-3 (`parts`): gathered from every process's partitions (a collective)."""
+    """The trainable weights and EMA's average whole on the host of the main process (empty
+    elsewhere), and what failed keeping them there; ZeRO-3 (`parts`): gathered from every
+    process's partitions (a collective every process goes through to the end, whatever
+    failed on the main process: it raises in the store's phase, not here)."""
     ema = objects.ema
     weights: dict = {}
     shadow: dict | None = {} if ema is not None else None
+    failed = None
     for i, (name, param) in enumerate(objects.trainable.items()):
         if parts is None:
             value = param.detach()
@@ -410,11 +419,15 @@ def _whole_weights(objects, parts, main: bool):
         else:
             value = parts.whole(param, parts.part(param).detach())
             average = parts.whole(param, ema.shadow_params[i]) if ema is not None else None
-        if main:
+        if not main or failed is not None:
+            continue
+        try:  # the host's memory may run out
             weights[name] = value.cpu().contiguous()
             if shadow is not None:
                 shadow[name] = average.detach().cpu().contiguous()
-    return weights, shadow
+        except Exception as exc:  # noqa: BLE001 - the other processes must not wait on it
+            failed = exc
+    return weights, shadow, failed
 
 
 @contextmanager

@@ -55,6 +55,8 @@ class EMA:
     @contextmanager
     def swapped_in(self):
         """The EMA weights in place of the trained ones, for evaluation; restored after."""
+        if self.part is not _itself:  # a partition's weights are DeepSpeed's to change
+            raise RuntimeError("EMA of partitions: evaluate the gathered copy (shard.Gathered)")
         with torch.no_grad():
             saved = [self.part(p).detach().clone() for p in self.params]
             for p, s in zip(self.params, self.shadow_params):

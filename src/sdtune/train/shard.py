@@ -197,8 +197,9 @@ def _route_zero3(plugin, zero: dict, cfg) -> None:
 
     if cfg.train.compile:
         raise ConfigError(
-            "train.compile: torch.compile of the UNet is not supported with DeepSpeed ZeRO-3 "
-            "(its hooks gather each layer's weights); set train.compile = false, or use ZeRO-2"
+            "train.compile: torch.compile of the denoiser is not supported with DeepSpeed "
+            "ZeRO-3 (its hooks gather each layer's weights); set train.compile = false, or use "
+            "ZeRO-2"
         )
     # Accelerate's ZeRO-3 set-up makes transformers build every model it loads already
     # partitioned (zero.Init), text encoders included, which no engine would then gather
@@ -213,6 +214,9 @@ def _route_zero3(plugin, zero: dict, cfg) -> None:
             del zero[key]
     # sdtune gathers the weights into its own checkpoint files (Zero3Parts)
     zero["stage3_gather_16bit_weights_on_model_save"] = False
+    # else ZeRO-3 replaces torch's F.linear for the whole process, the whole text encoders,
+    # VAE and evaluation copy included
+    zero["memory_efficient_linear"] = False
 
 
 def zero_stage(accelerator) -> int | None:

@@ -26,6 +26,7 @@ from sdtune.files import NoSpaceError, free_bytes
 from sdtune.monitor.report import write_report
 from sdtune.train.optim import effective_lr, evaluation_weights, is_schedule_free
 from sdtune.train.parts import EXIT_INTERRUPTED, EXIT_NO_SPACE, evaluate
+from sdtune.train.shard import whole_numel
 from sdtune.train.step import StepResult, update_ratio
 
 
@@ -329,7 +330,7 @@ def save(run, must: bool = False) -> None:
     if previous:
         needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
     else:  # before the first checkpoint: weights, optimizer moments, EMA
-        weights = sum(p.numel() * p.element_size() for p in run.objects.params)
+        weights = sum(whole_numel(p) * p.element_size() for p in run.objects.params)
         copies = 3 + (run.objects.ema is not None) + is_schedule_free(run.objects.optimizer)
         copies += 2 * run.deepspeed  # its own copy of the weights, and the float32 masters
         needed = weights * copies + 2**20
