@@ -840,6 +840,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _quiet_libraries() -> None:
     """Keep the libraries' info chatter and progress bars out of sdtune's own output."""
     import warnings
@@ -858,6 +864,10 @@ def _quiet_libraries() -> None:
     # bitsandbytes (peft imports it when installed) warns at import on some CPUs about a 4-bit
     # kernel sdtune never uses
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # DeepSpeed, when installed, is imported by every transformers save_pretrained (to unwrap
+    # its engine) and warns then that, finding no GPU, it runs on the CPU
+    if "DS_ACCELERATOR" not in os.environ and not _has_gpu():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     # their errors too: sdtune says what failed in its own one line
     dlog.set_verbosity(dlog.CRITICAL)
     dlog.disable_progress_bar()

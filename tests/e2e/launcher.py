@@ -43,10 +43,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _serve() -> None:  # the zygote's loop: one request per line on stdin
     import importlib
+    import importlib.util
     import runpy
 
     for name in PRELOAD:
         importlib.import_module(name)
+    if importlib.util.find_spec("deepspeed") is not None and not Path("/dev/nvidiactl").exists():
+        # installed (the dev extra), DeepSpeed is imported by every transformers save_pretrained
+        # (a run's final model): once here, not in every run. Told the CPU, as sdtune's CLI
+        # tells it without a GPU, it runs no torch operation and says nothing on this pipe.
+        # (Where a GPU may be, its detection would start CUDA, which a fork cannot inherit.)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        importlib.import_module("deepspeed")
     out = sys.stdout
     out.write("ready\n")
     out.flush()

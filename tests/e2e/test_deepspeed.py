@@ -105,6 +105,9 @@ def _assert_trained_guarded_and_saved(run: Path, said: str, stage: int) -> None:
     assert "step 8: loss spike" in said and "update skipped" in said
     assert "diverged at step 8: rolled back to step-0000006" in said
     assert "OVERFLOW" not in said  # sdtune says the skipped step, DeepSpeed stays quiet
+    # told the CPU by sdtune, DeepSpeed does not guess aloud in its processes (`accelerate
+    # launch` itself imports DeepSpeed before any sdtune process starts, and says it once)
+    assert said.count("Setting accelerator to CPU") <= 1
     ckpt = run / "checkpoints" / "step-0000010"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["sharded"] == {"processes": 2, "by": "deepspeed", "zero_stage": stage}
