@@ -147,3 +147,13 @@ def test_a_deepspeed_checkpoint_resumes_only_as_it_was_trained(
     with pytest.raises(CheckpointError, match=said) as refused:
         Run._restore_deepspeed(run, Path("step-0000010"), saved)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("section", ["optimizer", "scheduler"])
+def test_a_deepspeed_config_with_its_own_optimizer_is_one_line(section):
+    from sdtune.train.shard import check_deepspeed_config
+
+    check_deepspeed_config({"zero_optimization": {"stage": 3}})
+    with pytest.raises(UserError, match=f"remove its '{section}' section") as refused:
+        check_deepspeed_config({section: {"type": "AdamW"}})
+    assert "\n" not in str(refused.value)

@@ -143,6 +143,7 @@ def route_deepspeed(accelerator, cfg) -> None:
     plugin = accelerator.state.deepspeed_plugin
     _check_stage(plugin.zero_stage)
     config = plugin.deepspeed_config
+    check_deepspeed_config(config)
     zero = config.setdefault("zero_optimization", {})
     for what in ("optimizer", "param"):
         _check_offload(what, (zero.get(f"offload_{what}") or {}).get("device"))
@@ -178,6 +179,18 @@ def route_deepspeed(accelerator, cfg) -> None:
     from deepspeed.utils import logger as deepspeed_logger  # made (at INFO) on first import
 
     deepspeed_logger.setLevel(logging.ERROR)
+
+
+def check_deepspeed_config(config: dict) -> None:
+    """What a DeepSpeed config file may not hold: sdtune builds the optimizer and its schedule
+    from `train.*` (Accelerate would refuse one given twice, with a traceback)."""
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise UserError(
+                f"DeepSpeed config: remove its '{section}' section; sdtune builds the "
+                f"{section} from the run's config (train.optimizer, train.learning_rate, "
+                "train.lr_schedule)"
+            )
 
 
 def _without_shm_op() -> None:
