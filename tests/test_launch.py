@@ -124,7 +124,7 @@ def test_a_deepspeed_write_that_fails_is_held_until_the_save_returns():
     ("deepspeed", "processes", "stage", "saved", "said"),
     [
         (False, 1, None, {"by": "deepspeed", "processes": 2}, "--num_processes 2"),
-        (True, 4, 2, {"by": "deepspeed", "processes": 2}, "--num_processes 2"),
+        (True, 4, 3, {"by": "deepspeed", "processes": 2}, "resume it with zero_stage: 2"),
         (True, 2, 2, {"by": "fsdp", "processes": 2}, "not saved by a DeepSpeed run"),
         (True, 2, 3, {"by": "deepspeed", "processes": 2}, "resume it with zero_stage: 2"),
         (True, 2, 2, {"by": "deepspeed", "processes": 2, "zero_stage": 3}, "zero_stage: 3"),
@@ -134,7 +134,9 @@ def test_a_deepspeed_checkpoint_resumes_only_as_it_was_trained(
     deepspeed, processes, stage, saved, said
 ):
     """Each process holds its own partition of the optimizer state (ZeRO-3: of the weights
-    too), laid out by the stage: another launch is refused in one line naming the one to use."""
+    too), laid out by the stage: a launch without DeepSpeed or with another stage is refused
+    in one line naming the one to use (another number of processes is read through
+    DeepSpeed's universal checkpoint: tests/e2e/test_deepspeed.py)."""
     from pathlib import Path
     from types import SimpleNamespace
 

@@ -179,6 +179,53 @@ def test_zero2_killed_in_a_step_and_in_a_save_resumes_exactly(zero2, tmp_path):
     _assert_same(_state(reference, 10), _state(tmp_path / "b", 10))
 
 
+def _universal(ckpt: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every trained weight's float32 master and Adam moments, whole, as DeepSpeed's own
+    universal conversion reads them from a checkpoint's partitions."""
+    from sdtune.checkpoint.state import deepspeed_universal
+
+    folder = deepspeed_universal(ckpt, out) / "deepspeed" / "zero"
+
+    def read(file: Path) -> torch.Tensor:
+        saved = torch.load(file, weights_only=False)
+        return saved["param"] if isinstance(saved, dict) else saved  # ZeRO-2's, ZeRO-3's
+
+    kinds = ("fp32", "exp_avg", "exp_avg_sq")
+    return {d.name: {k: read(d / f"{k}.pt") for k in kinds} for d in folder.iterdir() if d.is_dir()}
+
+
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_deepspeed_resumes_on_another_number_of_processes(request, tmp_path, stage):
+    """Saved by 2 processes, resumed by 3 through DeepSpeed's universal checkpoint: each reads
+    its new partition of Adam's moments (carried over, not restarted; under ZeRO-3 of the
+    weights and of EMA's average too); the next checkpoint is the 3 processes'."""
+    config, reference, _ = request.getfixturevalue(f"zero{stage}")
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    more = ("--resume", "latest", "--set", "train.max_steps=11")
+    resumed = launcher(stage)(config, run, *more, processes=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = resumed.stdout
+    assert "saved by DeepSpeed on 2 processes; reading it on 3" in said
+    assert "resumed from" in said and "step-0000010" in said and "trained to step 11" in said
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    ckpt = run / "checkpoints" / "step-0000011"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["sharded"] == {"processes": 3, "by": "deepspeed", "zero_stage": stage}
+    before = _universal(reference / "checkpoints" / "step-0000010", tmp_path / "u10")
+    after = _universal(ckpt, tmp_path / "u11")
+    assert before.keys() == after.keys() and len(before) == 208
+    for name, b in before.items():
+        # one Adam step on: v' = 0.999 v + 0.001 g^2 >= 0.999 v, were v carried over
+        a = after[name]
+        assert (a["exp_avg_sq"] >= 0.999 * b["exp_avg_sq"] * (1 - 1e-5)).all(), name
+        assert (a["fp32"] - b["fp32"]).abs().max() < 1e-2, name  # one small step
+    # the whole EMA average was split among 3 and gathered back, one small step on
+    ema10 = load_file(str(reference / "checkpoints" / "step-0000010" / "ema.safetensors"))
+    ema11 = load_file(str(ckpt / "ema.safetensors"))
+    assert max((ema11[k] - ema10[k]).abs().max().item() for k in ema10) < 1e-3
+
+
 def test_deepspeed_corrupt_partition_is_named_by_inspect(zero2, tmp_path):
     _, reference, _ = zero2
     run = tmp_path / "c"

@@ -460,22 +460,58 @@ def _failures_held(checkpoint_engine):
             setattr(checkpoint_engine, name, write)
 
 
-def load_deepspeed_state(path: Path, objects, engine, ranks: Ranks, parts=None) -> TrainingProgress:
+def deepspeed_universal(path: Path, out: Path) -> Path:
+    """DeepSpeed's universal checkpoint of checkpoint `path`'s DeepSpeed folder, written into
+    `out` (DeepSpeed's ds_to_universal, in this process): every weight's float32 master and
+    optimizer moments whole, which DeepSpeed partitions anew for any number of processes.
+    Returns the folder to load with the tag `DEEPSPEED_TAG`."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(path / DEEPSPEED_TAG),
+        output_folder=str(out / DEEPSPEED_TAG),
+        num_extract_workers=1,  # in this process: no pool forked from a training process
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # what Megatron records and a diffusion model has not
+    )
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        ds_to_universal.main(args)
+    return out
+
+
+def load_deepspeed_state(
+    path: Path, objects, engine, ranks: Ranks, parts=None, universal: Path | None = None
+) -> TrainingProgress:
     """Restore what `save_deepspeed_state` wrote, on as many processes as wrote it (each
     process reads its own optimizer partition, and under ZeRO-3, `parts`, its partition of
-    EMA's average; every process calls it)."""
+    EMA's average; every process calls it), or on any number from its `universal` checkpoint
+    (`deepspeed_universal`)."""
     check_architecture(json.loads((path / ARCH_KEY).read_text()), objects.architecture, path)
     if objects.ema is not None and not (path / EMA_KEY).is_file():
         raise CheckpointError(f"{path}: has no EMA weights but train.ema is on")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch.load's weights_only
-        loaded, _ = engine.load_checkpoint(
-            str(path),
-            tag=DEEPSPEED_TAG,
-            load_module_strict=False,  # the frozen weights were left out
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,  # sdtune's schedule, below
-        )
+        # the engine reads its universal-checkpoint setting at each load (a rollback in the
+        # same run loads its own checkpoints as they are)
+        config, before = engine._config, engine._config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal is not None
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(universal or path),
+                tag=DEEPSPEED_TAG,
+                load_module_strict=False,  # the frozen weights were left out
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,  # sdtune's schedule, below
+            )
+        finally:
+            config.load_universal_checkpoint = before
     if loaded is None:
         raise CheckpointError(f"{path}: DeepSpeed could not read its folder {DEEPSPEED_TAG}/")
     objects.lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))

@@ -4,6 +4,7 @@ cache), the live training objects, the step's context, and the state to start fr
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -150,19 +151,22 @@ class Run:
         return load_training_state(path, self.objects, rank)
 
     def _restore_deepspeed(self, path: Path, saved: dict | None) -> TrainingProgress:
-        """A DeepSpeed checkpoint resumes under DeepSpeed on as many processes as wrote it
-        (each reads its own optimizer partition); DeepSpeed resumes only from its own."""
+        """A DeepSpeed checkpoint resumes under DeepSpeed with the ZeRO stage that wrote it:
+        on as many processes as wrote it, each reading its own optimizer partition, or on
+        another number through DeepSpeed's universal checkpoint; DeepSpeed resumes only from
+        its own."""
         world = self.accelerator.num_processes
         if saved is None or saved.get("by") != "deepspeed":
             raise CheckpointError(
                 f"{path}: not saved by a DeepSpeed run; resume it as it was trained (DeepSpeed "
                 "reads only its own checkpoints)"
             )
-        if not self.deepspeed or saved.get("processes") != world:
+        processes = saved.get("processes")
+        if not self.deepspeed:
             raise CheckpointError(
-                f"{path}: saved by DeepSpeed on {saved.get('processes')} processes, each with "
-                f"its part of the optimizer state; resume it with the same DeepSpeed launch "
-                f"and --num_processes {saved.get('processes')}"
+                f"{path}: saved by DeepSpeed on {processes} processes, each with its part of "
+                "the optimizer state; resume it with the same DeepSpeed launch (e.g. "
+                f"--num_processes {processes})"
             )
         stage = saved.get("zero_stage", 2)  # the first DeepSpeed checkpoints: ZeRO-2 only
         if stage != self.zero_stage:
@@ -170,7 +174,45 @@ class Run:
                 f"{path}: saved by DeepSpeed ZeRO stage {stage}, which partitions the state "
                 f"otherwise than stage {self.zero_stage}; resume it with zero_stage: {stage}"
             )
-        return load_deepspeed_state(path, self.objects, self.ctx.engine, self.ranks, self.parts)
+        if processes == world:
+            return load_deepspeed_state(path, self.objects, self.ctx.engine, self.ranks, self.parts)
+        return self._restore_universal(path, processes)
+
+    def _restore_universal(self, path: Path, processes: int) -> TrainingProgress:
+        """Checkpoint `path`, saved by DeepSpeed on `processes` processes, on this run's
+        number: the main process converts it to DeepSpeed's universal checkpoint (a
+        temporary sibling, removed after), which every process then reads its part of."""
+        from sdtune.checkpoint.state import deepspeed_universal
+
+        world, out = self.accelerator.num_processes, path.parent / f".tmp-universal-{path.name}"
+        self.say(
+            f"resume: {path.name} was saved by DeepSpeed on {processes} processes; reading it "
+            f"on {world} through DeepSpeed's universal checkpoint (a correct continuation, not "
+            "a bit-identical one: the global batch and each process's noise change)"
+        )
+        failed = None
+        if self.main:
+            try:
+                shutil.rmtree(out, ignore_errors=True)
+                deepspeed_universal(path, out)
+            except Exception as exc:  # noqa: BLE001 - told to every process, below
+                failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        said = self.ranks.broadcast(failed)
+        if said is not None:
+            if self.main:
+                shutil.rmtree(out, ignore_errors=True)
+            raise CheckpointError(
+                f"{path}: DeepSpeed could not convert it to its universal checkpoint for "
+                f"{world} processes ({said}); resume it with --num_processes {processes}"
+            )
+        try:
+            return load_deepspeed_state(
+                path, self.objects, self.ctx.engine, self.ranks, self.parts, universal=out
+            )
+        finally:
+            self.ranks.broadcast(None)  # every process has read its part
+            if self.main:
+                shutil.rmtree(out, ignore_errors=True)
 
     @property
     def parts(self):
