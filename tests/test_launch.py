@@ -159,3 +159,35 @@ def test_a_deepspeed_config_with_its_own_optimizer_is_one_line(section):
     with pytest.raises(UserError, match=f"remove its '{section}' section") as refused:
         check_deepspeed_config({section: {"type": "AdamW"}})
     assert "\n" not in str(refused.value)
+
+
+def test_after_a_universal_load_each_group_and_state_is_its_own():
+    """DeepSpeed 0.19's ZeRO-3 universal load gives every param group the first group's
+    settings and one step tensor to all of a process's sub-groups: sdtune puts each group's
+    own back (the rate from its schedule) and gives each state its own counter."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdtune.checkpoint.state import after_universal_load
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW(
+        [{"params": [a], "lr": 1e-4, "weight_decay": 0.01}, {"params": [b], "lr": 5e-5}]
+    )
+    (a.sum() + b.sum()).backward()
+    optimizer.step()
+    groups = [dict(g) for g in optimizer.param_groups]
+    for group in optimizer.param_groups:  # what the load leaves
+        group.update(lr=1.0, weight_decay=0.01)
+    shared = torch.tensor(10.0)
+    for state in optimizer.state.values():
+        state["step"] = shared
+    engine = SimpleNamespace(optimizer=SimpleNamespace(optimizer=optimizer))  # ZeRO's, torch's
+    after_universal_load(engine, optimizer, groups, [2e-4, 3e-5])
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 3e-5]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, groups[1]["weight_decay"]]
+    steps = [s["step"] for s in optimizer.state.values()]
+    assert steps[0] is not steps[1] and all(float(s) == 10.0 for s in steps)
+    optimizer.step()  # each counts its own step once
+    assert [float(s["step"]) for s in optimizer.state.values()] == [11.0, 11.0]

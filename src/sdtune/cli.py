@@ -840,9 +840,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def _has_gpu() -> bool:
+    """Any accelerator torch sees (CUDA, ROCm, XPU, ...), which DeepSpeed then detects."""
     import torch
 
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
     return torch.cuda.is_available()
 
 
@@ -866,7 +876,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # DeepSpeed, when installed, is imported by every transformers save_pretrained (to unwrap
     # its engine) and warns then that, finding no GPU, it runs on the CPU
-    if "DS_ACCELERATOR" not in os.environ and not _has_gpu():
+    if "DS_ACCELERATOR" not in os.environ and _has_deepspeed() and not _has_gpu():
         os.environ["DS_ACCELERATOR"] = "cpu"
     # their errors too: sdtune says what failed in its own one line
     dlog.set_verbosity(dlog.CRITICAL)

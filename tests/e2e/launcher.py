@@ -48,7 +48,10 @@ def _serve() -> None:  # the zygote's loop: one request per line on stdin
 
     for name in PRELOAD:
         importlib.import_module(name)
-    if importlib.util.find_spec("deepspeed") is not None and not Path("/dev/nvidiactl").exists():
+    gpu_devices = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL2
+    if importlib.util.find_spec("deepspeed") is not None and not any(
+        Path(d).exists() for d in gpu_devices
+    ):
         # installed (the dev extra), DeepSpeed is imported by every transformers save_pretrained
         # (a run's final model): once here, not in every run. Told the CPU, as sdtune's CLI
         # tells it without a GPU, it runs no torch operation and says nothing on this pipe.
@@ -93,6 +96,10 @@ def _serve() -> None:  # the zygote's loop: one request per line on stdin
                 try:
                     sys.stdout.flush()
                     sys.stderr.flush()
+                    # what wrote through the zygote's streams (a library's log handler made
+                    # at its import here) goes to this child's files too
+                    sys.__stdout__.flush()
+                    sys.__stderr__.flush()
                 finally:
                     os._exit(code)
         out.write(json.dumps({"pid": pid}) + "\n")

@@ -33,7 +33,8 @@ def _describe(path: Path, fast: bool) -> bool:
             n, stage = sharded.get("processes"), sharded.get("zero_stage", 2)
             print(
                 f"  sharded (deepspeed ZeRO-{stage}) by {n} processes; DeepSpeed ZeRO-{stage} "
-                f"on {n} processes resumes it, and sdtune export reads it"
+                "resumes it (on another number of processes through its universal "
+                "checkpoint), and sdtune export reads it"
             )
         elif sharded:  # torch.distributed.checkpoint files: .metadata and one shard per process
             print(

@@ -486,6 +486,22 @@ def deepspeed_universal(path: Path, out: Path) -> Path:
     return out
 
 
+def after_universal_load(engine, optimizer, groups: list[dict], lrs: list[float]) -> None:
+    """What DeepSpeed 0.19's universal load leaves to its caller under ZeRO-3: each param
+    group's own settings (it gives every group the first group's; `groups` as they were
+    before the load, `lrs` the schedule's last rates), and one step counter per optimizer
+    state (it shares one tensor among a process's sub-groups, which Adam would then count
+    once per sub-group at every step)."""
+    for group, before, lr in zip(optimizer.param_groups, groups, lrs, strict=True):
+        group.update({k: v for k, v in before.items() if k != "params"})
+        group["lr"] = lr
+    base = getattr(engine.optimizer, "optimizer", None)
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.clone()
+
+
 def load_deepspeed_state(
     path: Path, objects, engine, ranks: Ranks, parts=None, universal: Path | None = None
 ) -> TrainingProgress:
@@ -502,6 +518,7 @@ def load_deepspeed_state(
         # same run loads its own checkpoints as they are)
         config, before = engine._config, engine._config.load_universal_checkpoint
         config.load_universal_checkpoint = universal is not None
+        groups = [dict(g) for g in objects.optimizer.param_groups]
         try:
             loaded, _ = engine.load_checkpoint(
                 str(universal or path),
@@ -515,6 +532,8 @@ def load_deepspeed_state(
     if loaded is None:
         raise CheckpointError(f"{path}: DeepSpeed could not read its folder {DEEPSPEED_TAG}/")
     objects.lr_scheduler.load_state_dict(torch.load(path / LR_KEY, weights_only=True))
+    if universal is not None:
+        after_universal_load(engine, objects.optimizer, groups, objects.lr_scheduler.get_last_lr())
     progress = TrainingProgress.from_dict(json.loads((path / PROGRESS_KEY).read_text()))
     _load_ema(path, objects, progress, parts)
     _load_rng(path, ranks.rank)

@@ -209,6 +209,14 @@ class Run:
             return load_deepspeed_state(
                 path, self.objects, self.ctx.engine, self.ranks, self.parts, universal=out
             )
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed's own, as one line
+            first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise CheckpointError(
+                f"{path}: DeepSpeed could not read its universal checkpoint on {world} "
+                f"processes ({first}); resume it with --num_processes {processes}"
+            ) from exc
         finally:
             self.ranks.broadcast(None)  # every process has read its part
             if self.main:
