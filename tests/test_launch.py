@@ -45,7 +45,7 @@ def test_deepspeed_offload_is_refused_in_one_line(monkeypatch, what):
         check_launch()
 
 
-def test_zero3_parts_split_and_gather_back_to_the_whole_weight():
+def test_zero3_parts_split_and_gather_back_to_the_whole_weight(monkeypatch):
     """ZeRO-3's layout as sdtune reads it (a weight flattened, padded, cut into one equal
     partition per process): each process's part of a whole value, gathered, is that value.
     Here with one process and the other process's partition laid out by hand."""
@@ -62,24 +62,20 @@ def test_zero3_parts_split_and_gather_back_to_the_whole_weight():
     param = Param()
     param.ds_tensor = torch.tensor([4.0, 5.0, 6.0, float("nan")])  # padded with garbage
     param.ds_tensor.ds_numel = 4
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(dist, "get_rank", lambda group=None: 1)
-    monkey.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
 
     def all_gather(parts, part, group=None):  # process 0 holds 0..3
         parts[0].copy_(torch.arange(4.0))
         parts[1].copy_(part)
 
-    monkey.setattr(dist, "all_gather", all_gather)
-    try:
-        assert torch.equal(Zero3Parts.part(param), torch.tensor([4.0, 5.0, 6.0]))  # no padding
-        assert torch.equal(Zero3Parts.split(param, weight), torch.tensor([4.0, 5.0, 6.0]))
-        assert torch.equal(Zero3Parts.whole(param, Zero3Parts.part(param)), weight)
-        param.ds_numel, param.ds_shape = 3, (3,)  # a weight shorter than one partition:
-        assert Zero3Parts.part(param).numel() == 0  # process 1 holds only padding
-        assert Zero3Parts.split(param, torch.zeros(3)).numel() == 0
-    finally:
-        monkey.undo()
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    assert torch.equal(Zero3Parts.part(param), torch.tensor([4.0, 5.0, 6.0]))  # no padding
+    assert torch.equal(Zero3Parts.split(param, weight), torch.tensor([4.0, 5.0, 6.0]))
+    assert torch.equal(Zero3Parts.whole(param, Zero3Parts.part(param)), weight)
+    param.ds_numel, param.ds_shape = 3, (3,)  # a weight shorter than one partition:
+    assert Zero3Parts.part(param).numel() == 0  # process 1 holds only padding
+    assert Zero3Parts.split(param, torch.zeros(3)).numel() == 0
 
 
 def test_fsdp1_is_refused(monkeypatch):

@@ -417,7 +417,7 @@ def _whole_weights(objects, parts, main: bool):
             value = param.detach()
             average = ema.shadow_params[i] if ema is not None else None
         else:
-            value = parts.whole(param, parts.part(param).detach())
+            value = parts.whole_weight(param)
             average = parts.whole(param, ema.shadow_params[i]) if ema is not None else None
         if not main or failed is not None:
             continue

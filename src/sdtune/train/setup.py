@@ -281,7 +281,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume_from: Path | None, say) -> Run:
             objects.ema,
             cfg.train.ema_decay,
             run.ranks,
-            zero3=run.zero_stage == 3,
+            run.parts,
         )
     if resume_from is not None:
         run.state = run.restore(resume_from)

@@ -277,6 +277,11 @@ class Zero3Parts:
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
     @classmethod
+    def whole_weight(cls, param) -> torch.Tensor:
+        """The weight itself, whole (a collective)."""
+        return cls.whole(param, cls.part(param).detach())
+
+    @classmethod
     def split(cls, param, value: torch.Tensor) -> torch.Tensor:
         start, _, valid = cls._layout(param)
         return value.reshape(-1).narrow(0, start, valid) if valid else value.reshape(-1)[:0]
@@ -377,17 +382,13 @@ class Gathered:
     shards. It costs the main process one more float32 copy of the denoiser, on the host
     between reads and on the device while it is read (`on`)."""
 
-    def __init__(self, build, live, trainable: dict, ema, decay: float, ranks, zero3=False) -> None:
+    def __init__(self, build, live, trainable: dict, ema, decay: float, ranks, parts=None) -> None:
         self.build, self.live, self.trainable, self.ema, self.decay, self.ranks = (
             build, live, trainable, ema, decay, ranks
         )  # fmt: skip
-        # the whole value of a weight's shard, or of EMA's kept like it (collectives)
-        if zero3:
-            self.whole = Zero3Parts.whole
-            self.whole_weight = lambda param: Zero3Parts.whole(param, Zero3Parts.part(param))
-        else:
-            self.whole = lambda param, shard: whole(shard)
-            self.whole_weight = lambda param: whole(param.detach())
+        # the whole value of a weight, or of EMA's average kept like it (collectives): ZeRO-3's
+        # partitions (`parts`: Zero3Parts), else FSDP's DTensor shards
+        self.parts = parts
         self.bundle = None
         self.copy_ema = None
         self._params: dict[str, torch.nn.Parameter] = {}
@@ -424,11 +425,12 @@ class Gathered:
             raise UserError(f"sharded: the main process could not build the whole model: {said}")
         with torch.no_grad():
             for i, (name, param) in enumerate(self.trainable.items()):
-                full = self.whole_weight(param)
+                full = self.parts.whole_weight(param) if self.parts else whole(param.detach())
                 if self.ranks.main:
                     self._params[name].copy_(full.to("cpu"))
                 if self.ema is not None:
-                    shadow = self.whole(param, self.ema.shadow_params[i])
+                    mine = self.ema.shadow_params[i]
+                    shadow = self.parts.whole(param, mine) if self.parts else whole(mine)
                     if self.ranks.main:
                         self.copy_ema.shadow_params[i].copy_(shadow.to("cpu"))
 
